@@ -1,0 +1,426 @@
+"""A thin asyncio layer over :class:`~.protocol.AmqpProtocol`: it moves bytes and resolves futures.
+
+- Writes are coalesced: whatever a loop iteration queues goes out in one ``write()``.
+- Requests on a channel are sent one at a time, in order, each resolving its own future;
+  a refused request fails alone and the channel is reopened for the next ones.
+- Publishes on a confirming channel get one future each, resolved by the broker's
+  ``basic.ack``/``basic.nack`` (``multiple`` included); no lock is held while waiting.
+- Deliveries go straight to a callback from ``data_received``: no task per message.
+- Heartbeats are sent when the connection is otherwise quiet, and a broker that stays
+  silent for two intervals is taken as gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from pamqp import commands
+
+from ..exceptions import BrokerConnectionError, BrokerRefusedError
+from . import protocol as amqp
+from .protocol import AmqpProtocol, Credentials
+
+logger = logging.getLogger(__name__)
+
+DeliveryHandler = Callable[[amqp.Delivery | amqp.UndecodableDelivery], None]
+
+_REPLY_CODE_NAMES = {
+    320: "CONNECTION_FORCED",
+    402: "INVALID_PATH",
+    403: "ACCESS_REFUSED",
+    404: "NOT_FOUND",
+    405: "RESOURCE_LOCKED",
+    406: "PRECONDITION_FAILED",
+    501: "FRAME_ERROR",
+    505: "UNEXPECTED_FRAME",
+    530: "NOT_ALLOWED",
+    541: "INTERNAL_ERROR",
+}
+
+
+class AmqpConnection(asyncio.Protocol):
+    """One open AMQP connection. Build it with :meth:`connect`."""
+
+    def __init__(
+        self,
+        machine: AmqpProtocol,
+        description: str,
+        *,
+        on_delivery: DeliveryHandler,
+        on_deliveries_done: Callable[[], None],
+        on_lost: Callable[[BrokerConnectionError], None],
+    ) -> None:
+        self.machine = machine
+        self.description = description  # the broker address, without password
+        self._loop = asyncio.get_running_loop()
+        self._on_delivery = on_delivery
+        self._on_deliveries_done = on_deliveries_done
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._flush_scheduled = False
+        self._calls: dict[int, deque[tuple[Any, asyncio.Future[Any]]]] = {}
+        self._channel_setup: dict[int, list[Any]] = {}
+        self._unconfirmed: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
+        self._error: BrokerConnectionError | None = None  # why the connection ended, once it has
+        self._closing = False
+        self._last_received = self._loop.time()
+        self._sent_since_tick = False
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self.blocked_reason: str | None = None
+
+    # Opening --------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        credentials: Credentials,
+        virtual_host: str,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        timeout: float,
+        heartbeat: int,
+        client_properties: dict[str, Any],
+        description: str,
+        on_delivery: DeliveryHandler,
+        on_deliveries_done: Callable[[], None],
+        on_lost: Callable[[BrokerConnectionError], None],
+    ) -> AmqpConnection:
+        """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`."""
+        machine = AmqpProtocol(
+            credentials, virtual_host, heartbeat=heartbeat, client_properties=client_properties
+        )
+        loop = asyncio.get_running_loop()
+        connection = cls(
+            machine,
+            description,
+            on_delivery=on_delivery,
+            on_deliveries_done=on_deliveries_done,
+            on_lost=on_lost,
+        )
+
+        async def open_and_handshake() -> None:
+            await loop.create_connection(
+                lambda: connection,
+                host,
+                port,
+                ssl=ssl_context,
+                server_hostname=host if ssl_context is not None else None,
+            )
+            await connection._opened
+
+        try:
+            await asyncio.wait_for(open_and_handshake(), timeout)
+        except asyncio.TimeoutError:
+            connection._abort()
+            raise BrokerConnectionError(
+                f"no AMQP answer from {description} within connect_timeout={timeout:g}s"
+            ) from None
+        except ssl.SSLCertVerificationError as error:
+            raise BrokerConnectionError(
+                f"TLS: the certificate of {description} was not accepted: {error.verify_message}"
+            ) from None
+        except ssl.SSLError as error:
+            raise BrokerConnectionError(f"TLS handshake with {description} failed: {error.reason}") from None
+        except BrokerConnectionError:
+            connection._abort()
+            raise
+        except OSError as error:
+            reason = error.strerror or str(error) or type(error).__name__
+            raise BrokerConnectionError(f"cannot connect to {description}: {reason}") from None
+        except BaseException:
+            connection._abort()
+            raise
+        return connection
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_received = self._loop.time()
+        try:
+            events = self.machine.receive_data(data)
+        except amqp.ProtocolError as error:
+            logger.error("AMQP protocol error from %s: %s; dropping the connection", self.description, error)
+            self._fail(BrokerConnectionError(f"AMQP protocol error from {self.description}: {error}"))
+            return
+        delivered = False
+        for event in events:
+            if type(event) is amqp.Delivery or type(event) is amqp.UndecodableDelivery:
+                delivered = True
+                try:
+                    self._on_delivery(event)
+                except Exception:
+                    logger.exception("dropped a delivery that could not be routed")
+            elif type(event) is amqp.PublishConfirmed:
+                self._on_confirm(event)
+            else:
+                self._on_event(event)
+        if delivered:
+            self._on_deliveries_done()
+        if self.machine.has_outgoing:
+            self._schedule_flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+        if self._error is None:
+            if self._closing:
+                self._error = BrokerConnectionError(f"the connection to {self.description} was closed")
+            else:
+                reason = f": {exc}" if exc else ""
+                self._error = BrokerConnectionError(f"the connection to {self.description} was lost{reason}")
+        error = self._error
+        if not self._opened.done():
+            self._opened.set_exception(error)
+            self._opened.exception()  # retrieved: connect() re-raises it
+        self._fail_pending(error)
+        if not self._closed.done():
+            self._closed.set_result(None)
+        if not self._closing and self._opened.done() and not self._opened.exception():
+            self._on_lost(error)
+
+    # Requests -----------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._transport is not None and self._error is None and not self._closing
+
+    def call(self, channel_id: int, method: Any) -> asyncio.Future[Any]:
+        """Send a request on a channel; the future gets the reply or a broker error."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if not self.is_open:
+            future.set_exception(self._error or BrokerConnectionError(f"not connected to {self.description}"))
+            return future
+        queue = self._calls.setdefault(channel_id, deque())
+        queue.append((method, future))
+        if len(queue) == 1:
+            self._send_request(channel_id, method)
+        return future
+
+    async def open_channel(self, channel_id: int, setup: list[Any]) -> None:
+        """Open a channel and run ``setup`` on it; a channel the broker closes is reopened the same way."""
+        self._channel_setup[channel_id] = setup
+        for method in [commands.Channel.Open(), *setup]:
+            future = self.call(channel_id, method)
+        await future
+        if any(isinstance(method, commands.Confirm.Select) for method in setup):
+            self._unconfirmed.setdefault(channel_id, OrderedDict())
+
+    def publish(
+        self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+    ) -> asyncio.Future[bool]:
+        """Publish on a confirming channel; the future is True (ack) or False (nack)."""
+        if not self.is_open:
+            raise self._error or BrokerConnectionError(f"not connected to {self.description}")
+        tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
+        future: asyncio.Future[bool] = self._loop.create_future()
+        self._unconfirmed[channel_id][tag] = future
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return future
+
+    def ack(self, channel_id: int, delivery_tag: int) -> None:
+        """Acknowledge every delivery on the channel up to ``delivery_tag``."""
+        if self.is_open:
+            self.machine.ack(channel_id, delivery_tag, multiple=True)
+            self._schedule_flush()
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close gracefully (connection.close, then wait for close-ok), or abort after ``timeout``."""
+        if self._transport is None:
+            return
+        self._closing = True
+        self.machine.close()
+        self._flush()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout)
+        except asyncio.TimeoutError:
+            self._abort()
+
+    # Internals -----------------------------------------------------------------------------
+
+    def _send_request(self, channel_id: int, method: Any) -> None:
+        self.machine.send_method(channel_id, method)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        data = self.machine.take_outgoing()
+        if data and self._transport is not None:
+            self._transport.write(data)
+            self._sent_since_tick = True
+
+    def _on_confirm(self, event: amqp.PublishConfirmed) -> None:
+        pending = self._unconfirmed.get(event.channel_id)
+        if not pending:
+            return
+        if event.multiple:
+            while pending:
+                tag = next(iter(pending))
+                if tag > event.delivery_tag:
+                    break
+                future = pending.pop(tag)
+                if not future.done():
+                    future.set_result(event.accepted)
+        else:
+            future = pending.pop(event.delivery_tag, None)
+            if future is not None and not future.done():
+                future.set_result(event.accepted)
+
+    def _on_event(self, event: amqp.Event) -> None:
+        if isinstance(event, amqp.MethodReceived):
+            self._on_method(event)
+        elif isinstance(event, amqp.ConnectionOpened):
+            self._start_heartbeats(event.heartbeat)
+            if not self._opened.done():
+                self._opened.set_result(event)
+        elif isinstance(event, amqp.ChannelClosed):
+            self._on_channel_closed(event)
+        elif isinstance(event, amqp.ConnectionClosed):
+            if not event.by_us:
+                self._error = self._describe_close(event)
+                if self._opened.done():
+                    logger.warning("%s", self._error)
+            self._flush()
+            if self._transport is not None:
+                self._transport.close()
+        elif isinstance(event, amqp.ConnectionBlocked):
+            self.blocked_reason = event.reason or "blocked"
+            logger.warning("RabbitMQ blocked publishing on %s: %s", self.description, self.blocked_reason)
+        elif isinstance(event, amqp.ConnectionUnblocked):
+            self.blocked_reason = None
+            logger.info("RabbitMQ unblocked publishing on %s", self.description)
+
+    def _on_method(self, event: amqp.MethodReceived) -> None:
+        method = event.method
+        if isinstance(method, commands.Basic.Cancel):
+            self._fail(BrokerConnectionError(f"RabbitMQ cancelled our consumer on {self.description}"))
+            return
+        if isinstance(method, commands.Channel.Flow):
+            self._send_request(event.channel_id, commands.Channel.FlowOk(method.active))
+            return
+        if isinstance(method, commands.Basic.Return):
+            return
+        queue = self._calls.get(event.channel_id)
+        if not queue:
+            logger.debug("unexpected %s on channel %d", method.name, event.channel_id)
+            return
+        _request, future = queue.popleft()
+        if not future.done():
+            future.set_result(method)
+        if queue:
+            self._send_request(event.channel_id, queue[0][0])
+
+    def _on_channel_closed(self, event: amqp.ChannelClosed) -> None:
+        queue = self._calls.get(event.channel_id, deque())
+        request = queue.popleft() if queue else None
+        request_name = request[0].name if request is not None else ""
+        error = BrokerRefusedError(event.reply_code, event.reply_text, request_name)
+        if request is not None and not request[1].done():
+            request[1].set_exception(error)
+        pending = self._unconfirmed.get(event.channel_id)
+        if pending:
+            lost = BrokerConnectionError(
+                f"RabbitMQ closed the publishing channel before confirming ({event.reply_code} {event.reply_text})"
+            )
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(lost)
+            pending.clear()
+        if self._closing or self._error is not None:
+            return
+        # Reopen the channel, set it up again, then go on with the requests still queued.
+        reopen = [commands.Channel.Open(), *self._channel_setup.get(event.channel_id, [])]
+        for method in reversed(reopen):
+            future = self._loop.create_future()
+            future.add_done_callback(_log_failed_reopen)
+            queue.appendleft((method, future))
+        self._calls[event.channel_id] = queue
+        self._send_request(event.channel_id, queue[0][0])
+
+    def _describe_close(self, event: amqp.ConnectionClosed) -> BrokerConnectionError:
+        code = f"{event.reply_code} {_REPLY_CODE_NAMES.get(event.reply_code, '')}".strip()
+        if not self._opened.done():
+            if event.reply_code == 403:
+                return BrokerConnectionError(
+                    f"RabbitMQ refused the login of {self.description}: wrong username or password ({code})"
+                )
+            if event.reply_code == 530:
+                return BrokerConnectionError(
+                    f"RabbitMQ refused the vhost of {self.description}: it does not exist "
+                    f"or the user may not use it ({event.reply_text})"
+                )
+        return BrokerConnectionError(f"RabbitMQ closed the connection to {self.description}: {event.reply_text}")
+
+    def _start_heartbeats(self, interval: int) -> None:
+        if interval > 0:
+            self._heartbeat_timer = self._loop.call_later(interval / 2, self._heartbeat_tick, interval)
+
+    def _heartbeat_tick(self, interval: int) -> None:
+        if self._transport is None:
+            return
+        if self._loop.time() - self._last_received > 2 * interval:
+            self._fail(
+                BrokerConnectionError(f"{self.description} missed heartbeats: nothing heard for {2 * interval}s")
+            )
+            return
+        if not self._sent_since_tick:
+            self.machine.heartbeat_frame()
+            self._flush()
+        self._sent_since_tick = False
+        self._heartbeat_timer = self._loop.call_later(interval / 2, self._heartbeat_tick, interval)
+
+    def _fail(self, error: BrokerConnectionError) -> None:
+        """End the connection now because of ``error``."""
+        if self._error is None:
+            self._error = error
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _fail_pending(self, error: BrokerConnectionError) -> None:
+        for queue in self._calls.values():
+            for _method, future in queue:
+                if not future.done():
+                    future.set_exception(error)
+            queue.clear()
+        for pending in self._unconfirmed.values():
+            if pending:
+                lost = BrokerConnectionError(
+                    f"{error}; the broker had not confirmed the message: it may or may not have been delivered"
+                )
+                for future in pending.values():
+                    if not future.done():
+                        future.set_exception(lost)
+                pending.clear()
+
+
+def _log_failed_reopen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.error("could not reopen an AMQP channel: %s", future.exception())

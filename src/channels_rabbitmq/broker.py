@@ -1,0 +1,320 @@
+"""The broker link: this layer's one connection, its exclusive queue and its consumer.
+
+The link connects on first need (a new channel, a receive, a send, a group call),
+declares the groups exchange and the process's exclusive queue, consumes from it and
+hands every delivery to the :class:`~.routing.LocalRouter`. When the connection drops,
+it reconnects in the background with capped exponential backoff and jitter,
+re-declares the queue under the same name, re-binds every group that still has local
+members and consumes again.
+
+AMQP channels: 1 publishes (confirm mode), 2 consumes, 3 runs declarations and
+bindings, so a refused request never disturbs publishing or consuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+from pamqp import commands
+
+from . import __version__
+from .amqp.connection import AmqpConnection
+from .amqp.protocol import Credentials, Delivery, UndecodableDelivery
+from .config import LayerConfig
+from .exceptions import BrokerConnectionError, BrokerRefusedError, ChannelLayerClosedError
+from .logs import RateLimitedLogger
+from .routing import LocalRouter
+from .wire import CHANNEL_HEADER, MalformedMessage, decode_message
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_CHANNEL = 1
+CONSUME_CHANNEL = 2
+CONTROL_CHANNEL = 3
+
+RESOURCE_LOCKED = 405
+RECONNECT_DELAY_MIN = 0.1
+RECONNECT_DELAY_MAX = 10.0
+
+
+class BrokerLink:
+    """Connection, queue, consumer and bindings of one layer instance, on one event loop."""
+
+    def __init__(self, config: LayerConfig, queue_name: str, router: LocalRouter) -> None:
+        self.config = config
+        self.queue_name = queue_name
+        self.router = router
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._connection: AmqpConnection | None = None
+        self._connecting: asyncio.Future[AmqpConnection] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._groups_exchange = config.groups_exchange
+        self._channel_prefix = queue_name + "!"
+        self._last_delivery_tag = 0
+        self._acked_delivery_tag = 0
+        self._dropped_log = RateLimitedLogger(logger)
+        self._expired_log = RateLimitedLogger(logger)
+        router.on_room = self._ack_deliveries
+
+    # Connection -----------------------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    async def connection(self) -> AmqpConnection:
+        """The open connection; connects (or waits for a reconnection) when there is none."""
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            return connection
+        if self._closed:
+            raise ChannelLayerClosedError("the channel layer is closed")
+        self._check_loop()
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connect_done)
+        return await asyncio.shield(self._connecting)
+
+    def _check_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.loop is None or self.loop.is_closed():
+            self.loop = loop
+        elif loop is not self.loop:
+            raise RuntimeError(
+                "this channel layer is connected on another event loop; "
+                "use it from the loop it first connected on"
+            )
+
+    def _connect_done(self, future: asyncio.Future[AmqpConnection]) -> None:
+        self._connecting = None
+        if not future.cancelled():
+            future.exception()  # retrieved here; callers got it through shield()
+
+    async def _connect(self) -> AmqpConnection:
+        config = self.config
+        address = config.address
+        connection = await AmqpConnection.connect(
+            address.host,
+            address.port,
+            Credentials(address.username, address.password),
+            address.virtual_host,
+            ssl_context=config.ssl_context,
+            timeout=config.connect_timeout,
+            heartbeat=config.heartbeat,
+            client_properties={
+                "product": "channels_rabbitmq",
+                "version": __version__,
+                "connection_name": f"channels_rabbitmq {self.queue_name}",
+                "capabilities": {
+                    "publisher_confirms": True,
+                    "basic.nack": True,
+                    "consumer_cancel_notify": True,
+                    "connection.blocked": True,
+                    "authentication_failure_close": True,
+                },
+            },
+            description=str(address),
+            on_delivery=self._on_delivery,
+            on_deliveries_done=self._ack_deliveries,
+            on_lost=self._on_lost,
+        )
+        try:
+            await asyncio.wait_for(self._set_up(connection), config.connect_timeout)
+        except BaseException as error:
+            await connection.close()
+            if isinstance(error, asyncio.TimeoutError):
+                raise BrokerConnectionError(
+                    f"{address} did not finish declaring the queue within connect_timeout="
+                    f"{config.connect_timeout:g}s"
+                ) from None
+            raise
+        if self._closed:
+            await connection.close()
+            raise ChannelLayerClosedError("the channel layer was closed while connecting")
+        self._connection = connection
+        self._schedule_housekeeping()
+        self._ack_deliveries()  # what arrived while we were still setting up
+        return connection
+
+    async def _set_up(self, connection: AmqpConnection) -> None:
+        """Declare the exchange and queue, bind the groups with members, start consuming."""
+        config = self.config
+        self._last_delivery_tag = self._acked_delivery_tag = 0
+        await connection.open_channel(CONTROL_CHANNEL, [])
+        try:
+            await connection.call(
+                CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct")
+            )
+        except BrokerRefusedError as error:
+            if error.reply_code != 406:
+                raise
+            # Declared elsewhere with other flags (durable, say): use it as it is.
+            await connection.call(
+                CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, passive=True)
+            )
+        arguments = {
+            "x-max-length": config.remote_capacity,
+            "x-overflow": "reject-publish",
+            "x-message-ttl": int(config.expiry * 1000),
+        }
+        declare = commands.Queue.Declare(queue=self.queue_name, exclusive=True, arguments=arguments)
+        for attempt in range(50):
+            try:
+                await connection.call(CONTROL_CHANNEL, declare)
+                break
+            except BrokerRefusedError as error:
+                # The exclusive queue of our previous connection is still being deleted.
+                if error.reply_code != RESOURCE_LOCKED or attempt == 49:
+                    raise
+                await asyncio.sleep(0.1)
+        await asyncio.gather(*(self._bind_on(connection, group) for group in list(self.router.groups)))
+        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()])
+        await connection.open_channel(
+            CONSUME_CHANNEL,
+            [
+                commands.Basic.Qos(prefetch_count=config.prefetch_count),
+                commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
+            ],
+        )
+
+    def _on_lost(self, error: BrokerConnectionError) -> None:
+        self._connection = None
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self._closed:
+            return
+        logger.warning("%s; reconnecting", error)
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = RECONNECT_DELAY_MIN
+        started = time.monotonic()
+        while not self._closed:
+            try:
+                await self.connection()
+            except ChannelLayerClosedError:
+                return
+            except (BrokerConnectionError, BrokerRefusedError) as error:
+                logger.debug("reconnect failed: %s", error)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+                continue
+            logger.warning(
+                "reconnected to %s after %.1fs", self.config.address, time.monotonic() - started
+            )
+            return
+
+    # Deliveries -----------------------------------------------------------------------------
+
+    def _on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
+        self._last_delivery_tag = delivery.delivery_tag
+        if type(delivery) is UndecodableDelivery:
+            self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
+            return
+        try:
+            message = decode_message(delivery.body)
+        except MalformedMessage as error:
+            self._dropped_log.warning("dropped a message from the wire: %s", error)
+            return
+        now = time.monotonic()
+        if delivery.exchange == self._groups_exchange:
+            self.router.deliver_to_group(delivery.routing_key, message, delivery.body, now)
+            return
+        headers = delivery.headers
+        channel = headers.get(CHANNEL_HEADER) if headers else None
+        if type(channel) is not str or not channel.startswith(self._channel_prefix):
+            self._dropped_log.warning(
+                "dropped a message from the wire: no %s header naming a channel of queue %s",
+                CHANNEL_HEADER,
+                self.queue_name,
+            )
+            return
+        self.router.deliver(channel, message, now)
+
+    def _ack_deliveries(self) -> None:
+        """Acknowledge what arrived, unless the router is full (then RabbitMQ keeps the rest)."""
+        tag = self._last_delivery_tag
+        if tag > self._acked_delivery_tag and not self.router.is_full:
+            connection = self._connection
+            if connection is not None:
+                connection.ack(CONSUME_CHANNEL, tag)
+                self._acked_delivery_tag = tag
+
+    def _schedule_housekeeping(self) -> None:
+        interval = min(1.0, self.config.expiry / 4, self.config.group_expiry / 4)
+        loop = asyncio.get_running_loop()
+        self._housekeeping = loop.call_later(interval, self._housekeep, interval)
+
+    def _housekeep(self, interval: float) -> None:
+        """Expire buffered messages and memberships; unbind groups that lost every member."""
+        now = time.monotonic()
+        dropped = self.router.expire_messages(now)
+        if dropped:
+            self._expired_log.warning(
+                "dropped %d message(s) nobody read within expiry=%gs", dropped, self.config.expiry
+            )
+        for group in self.router.expire_memberships(now):
+            future = asyncio.ensure_future(self.unbind(group))
+            future.add_done_callback(_log_failure)
+        if self._connection is not None and not self._closed:
+            self._housekeeping = asyncio.get_running_loop().call_later(interval, self._housekeep, interval)
+
+    # Requests -------------------------------------------------------------------------------
+
+    async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
+        """Publish and wait for the broker's confirm: True when accepted, False when refused."""
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            connection = await self.connection()
+        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+
+    async def bind(self, group: str) -> None:
+        await self._bind_on(await self.connection(), group)
+
+    async def _bind_on(self, connection: AmqpConnection, group: str) -> None:
+        await connection.call(
+            CONTROL_CHANNEL,
+            commands.Queue.Bind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
+        )
+
+    async def unbind(self, group: str) -> None:
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return  # the binding went with the connection
+        await connection.call(
+            CONTROL_CHANNEL,
+            commands.Queue.Unbind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
+        )
+
+    async def purge(self) -> None:
+        connection = await self.connection()
+        await connection.call(CONTROL_CHANNEL, commands.Queue.Purge(queue=self.queue_name))
+
+    async def close(self) -> None:
+        """Stop consuming and close the connection. Idempotent."""
+        self._closed = True
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self._reconnecting is not None and not self._reconnecting.done():
+            self._reconnecting.cancel()
+        connecting = self._connecting
+        if connecting is not None:
+            try:
+                await asyncio.shield(connecting)
+            except BaseException:
+                pass
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.close()
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("could not unbind an expired group: %s", future.exception())

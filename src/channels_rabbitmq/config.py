@@ -1,0 +1,159 @@
+"""The layer's settings: CONFIG keys checked at construction, AMQP URLs parsed.
+
+Nothing here does I/O or needs an event loop: Channels builds the layer lazily, often
+from sync code.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+DEFAULT_HOST = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+_EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{1,127}$")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where and how to connect, from one AMQP URL. ``repr`` and ``str`` hide the password."""
+
+    scheme: str
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    virtual_host: str
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.scheme == "amqps"
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        vhost = "%2F" if self.virtual_host == "/" else self.virtual_host
+        return f"{self.scheme}://{self.username}@{host}:{self.port}/{vhost}"
+
+
+def parse_amqp_url(url: str) -> BrokerAddress:
+    """Parse ``amqp://user:password@host:port/vhost``; the vhost path is URL-encoded.
+
+    ``/asgi`` is the vhost ``asgi``; ``/%2F``, ``/`` or no path is the vhost ``/``.
+    Errors never quote the password.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"host must be an AMQP URL string, got {type(url).__name__}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"host is not a valid AMQP URL: {_without_password(url)} ({error})") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "amqps"):
+        raise ValueError(f"host must start with amqp:// or amqps://, got {_without_password(url)}")
+    if not parts.hostname:
+        raise ValueError(f"host names no broker: {_without_password(url)}")
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"host takes no query string or fragment ({_without_password(url)}): "
+            "set heartbeat, connect_timeout and the rest as CONFIG keys"
+        )
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if "/" in path:
+        raise ValueError(f"host: the vhost must be URL-encoded (%2F for '/'): {_without_password(url)}")
+    virtual_host = unquote(path) if path else "/"
+    return BrokerAddress(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port or (5671 if scheme == "amqps" else 5672),
+        username=unquote(parts.username) if parts.username is not None else "guest",
+        password=unquote(parts.password) if parts.password is not None else "guest",
+        virtual_host=virtual_host,
+    )
+
+
+def _without_password(url: str) -> str:
+    """The URL with any password replaced, for error messages."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Every CONFIG key of the layer, checked. See the README for what each one means."""
+
+    address: BrokerAddress
+    expiry: float
+    group_expiry: float
+    local_capacity: int
+    remote_capacity: int
+    prefetch_count: int
+    groups_exchange: str
+    ssl_context: ssl.SSLContext | None
+    connect_timeout: float
+    heartbeat: int
+    max_message_size: int
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        host: str,
+        expiry: float,
+        group_expiry: float,
+        local_capacity: int,
+        remote_capacity: int,
+        prefetch_count: int,
+        groups_exchange: str,
+        ssl_context: ssl.SSLContext | None,
+        connect_timeout: float,
+        heartbeat: int,
+        max_message_size: int,
+    ) -> LayerConfig:
+        address = parse_amqp_url(host)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError(f"ssl_context must be an ssl.SSLContext or None, got {type(ssl_context).__name__}")
+        if address.uses_tls and ssl_context is None:
+            raise ValueError(
+                "host is amqps:// but ssl_context is None: pass an ssl.SSLContext "
+                "(ssl.create_default_context(cafile=...) verifies the broker)"
+            )
+        if not address.uses_tls and ssl_context is not None:
+            raise ValueError("ssl_context is set but host is amqp://: use amqps:// to connect with TLS")
+        if not isinstance(groups_exchange, str) or not _EXCHANGE_NAME.match(groups_exchange):
+            raise ValueError(
+                f"groups_exchange must be 1-127 characters of letters, digits, '-', '_', '.', ':'; "
+                f"got {groups_exchange!r}"
+            )
+        if groups_exchange.startswith("amq."):
+            raise ValueError(f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}")
+        return cls(
+            address=address,
+            expiry=_number("expiry", expiry, minimum=0.001),
+            group_expiry=_number("group_expiry", group_expiry, minimum=0.001),
+            local_capacity=_integer("local_capacity", local_capacity, 1, 10_000_000),
+            remote_capacity=_integer("remote_capacity", remote_capacity, 1, 2**31 - 1),
+            prefetch_count=_integer("prefetch_count", prefetch_count, 1, 65535),
+            groups_exchange=groups_exchange,
+            ssl_context=ssl_context,
+            connect_timeout=_number("connect_timeout", connect_timeout, minimum=0.001),
+            heartbeat=_integer("heartbeat", heartbeat, 0, 65535),
+            max_message_size=_integer("max_message_size", max_message_size, 1, 128 * 1024 * 1024),
+        )
+
+
+def _number(key: str, value: object, *, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of seconds, got {type(value).__name__}")
+    if not value >= minimum or value == float("inf"):
+        raise ValueError(f"{key} must be a finite number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _integer(key: str, value: object, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an integer, got {type(value).__name__}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{key} must be between {minimum} and {maximum}, got {value}")
+    return value

@@ -1,0 +1,275 @@
+"""Local routing: this process's inboxes, group memberships, expiry and capacity.
+
+A plain data structure with no I/O and no clock of its own (callers pass ``now``),
+so every rule is a unit test without a broker.
+
+- Each channel with something to read or someone waiting has an *inbox*: buffered
+  messages (FIFO) and waiting ``receive()`` futures. A message for a channel with a
+  waiter is handed over at once; otherwise it is buffered until read or expired.
+  Inboxes with nothing in them and nobody waiting are deleted, so channels whose
+  readers vanished cost nothing once their messages expire.
+- ``held`` counts the deliveries from RabbitMQ still waiting in inboxes; a group message
+  counts once, however many local members hold a copy. When ``held`` reaches
+  ``capacity`` the broker link stops acknowledging (so RabbitMQ stops delivering), and
+  ``on_room`` tells it when to go on.
+- Group memberships expire ``group_expiry`` seconds after their last ``group_add``.
+- Every member of a group gets its own copy: the first buffered or handed-over copy
+  is the decoded message, the others are decoded again from the body when read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .wire import decode_message
+
+Message = dict[str, Any]
+
+EMPTY: Any = object()  # what take() returns when there is nothing to read
+
+
+class _Inbox:
+    __slots__ = ("entries", "waiters")
+
+    def __init__(self) -> None:
+        # (expires_at, message or body bytes, shared copy counter of a group message or None)
+        self.entries: deque[tuple[float, Any, list[int] | None]] = deque()
+        self.waiters: deque[asyncio.Future[Message]] = deque()
+
+
+class LocalRouter:
+    """Inboxes and group memberships of the channels of one layer instance."""
+
+    def __init__(self, *, capacity: int, expiry: float, group_expiry: float) -> None:
+        self.capacity = capacity
+        self.expiry = expiry
+        self.group_expiry = group_expiry
+        self.held = 0
+        self.on_room: Callable[[], None] | None = None
+        self._inboxes: dict[str, _Inbox] = {}
+        self._groups: dict[str, set[str]] = {}
+        self._membership_expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    # Reading ----------------------------------------------------------------------------------
+
+    @property
+    def is_full(self) -> bool:
+        return self.held >= self.capacity
+
+    def take(self, channel: str, now: float) -> Message:
+        """Return the oldest unexpired message for ``channel``, or :data:`EMPTY`."""
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            return EMPTY
+        entries = inbox.entries
+        while entries:
+            expires_at, payload, copies = entries.popleft()
+            self._release(copies)
+            if expires_at > now:
+                if not entries and not inbox.waiters:
+                    del self._inboxes[channel]
+                return payload if type(payload) is dict else decode_message(payload)
+        if not inbox.waiters:
+            del self._inboxes[channel]
+        return EMPTY
+
+    def add_waiter(self, channel: str, waiter: asyncio.Future[Message]) -> None:
+        """Register a ``receive()`` waiting for ``channel``; the next message resolves it."""
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = _Inbox()
+        inbox.waiters.append(waiter)
+
+    def remove_waiter(self, channel: str, waiter: asyncio.Future[Message]) -> None:
+        """Forget a waiter that was cancelled before it got a message."""
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            return
+        try:
+            inbox.waiters.remove(waiter)
+        except ValueError:
+            pass
+        if not inbox.waiters and not inbox.entries:
+            del self._inboxes[channel]
+
+    def put_back(self, channel: str, message: Message, now: float) -> None:
+        """Return a handed-over message whose ``receive()`` was cancelled: it is read next."""
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = _Inbox()
+        while inbox.waiters:  # another receive() of the same channel may be waiting
+            waiter = inbox.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(message)
+                return
+        inbox.entries.appendleft((now + self.expiry, message, None))
+        self.held += 1
+
+    # Delivering -------------------------------------------------------------------------------
+
+    def deliver(self, channel: str, message: Message, now: float) -> None:
+        """Hand ``message`` to a waiting ``receive()`` of ``channel``, or buffer it."""
+        inbox = self._inboxes.get(channel)
+        if inbox is None:
+            inbox = self._inboxes[channel] = _Inbox()
+        else:
+            waiters = inbox.waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(message)
+                    if not waiters and not inbox.entries:
+                        del self._inboxes[channel]
+                    return
+        inbox.entries.append((now + self.expiry, message, None))
+        self.held += 1
+
+    def deliver_to_group(self, group: str, message: Message, body: bytes, now: float) -> int:
+        """Give every local member of ``group`` its own copy; return how many members there were."""
+        members = self._groups.get(group)
+        if not members:
+            return 0
+        copies = [0]
+        expires_at = now + self.expiry
+        payload: Any = message  # the first copy is the decoded message itself
+        for channel in members:
+            inbox = self._inboxes.get(channel)
+            if inbox is None:
+                inbox = self._inboxes[channel] = _Inbox()
+            else:
+                handed = False
+                waiters = inbox.waiters
+                while waiters:
+                    waiter = waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(payload if type(payload) is dict else decode_message(payload))
+                        handed = True
+                        break
+                if handed:
+                    payload = body
+                    if not waiters and not inbox.entries:
+                        del self._inboxes[channel]
+                    continue
+            inbox.entries.append((expires_at, payload, copies))
+            copies[0] += 1
+            payload = body
+        if copies[0]:
+            self.held += 1
+        return len(members)
+
+    def _release(self, copies: list[int] | None) -> None:
+        """One buffered copy was read or dropped."""
+        if copies is not None:
+            copies[0] -= 1
+            if copies[0]:
+                return
+        self.held -= 1
+        if self.held == self.capacity - 1 and self.on_room is not None:
+            self.on_room()
+
+    # Expiry -----------------------------------------------------------------------------------
+
+    def expire_messages(self, now: float) -> int:
+        """Drop buffered messages older than ``expiry``; return how many copies were dropped."""
+        if not self.held:
+            return 0
+        dropped = 0
+        held_before = self.held
+        on_room, self.on_room = self.on_room, None  # one notification after the sweep
+        try:
+            for channel, inbox in list(self._inboxes.items()):
+                entries = inbox.entries
+                while entries and entries[0][0] <= now:
+                    self._release(entries.popleft()[2])
+                    dropped += 1
+                if not entries and not inbox.waiters:
+                    del self._inboxes[channel]
+        finally:
+            self.on_room = on_room
+        if held_before >= self.capacity > self.held and on_room is not None:
+            on_room()
+        return dropped
+
+    @property
+    def inbox_count(self) -> int:
+        return len(self._inboxes)
+
+    # Groups -----------------------------------------------------------------------------------
+
+    def add_membership(self, group: str, channel: str, now: float) -> bool:
+        """Add or refresh a membership; True when it is the group's first local member."""
+        key = (group, channel)
+        self._membership_expiry.pop(key, None)
+        self._membership_expiry[key] = now + self.group_expiry
+        members = self._groups.get(group)
+        if members is None:
+            self._groups[group] = {channel}
+            return True
+        members.add(channel)
+        return False
+
+    def discard_membership(self, group: str, channel: str) -> bool:
+        """Remove a membership if there is one; True when the group lost its last local member."""
+        members = self._groups.get(group)
+        if members is None or channel not in members:
+            return False
+        self._membership_expiry.pop((group, channel), None)
+        members.discard(channel)
+        if members:
+            return False
+        del self._groups[group]
+        return True
+
+    def expire_memberships(self, now: float) -> list[str]:
+        """Drop memberships past ``group_expiry``; return the groups left with no local member."""
+        emptied = []
+        expiry = self._membership_expiry
+        while expiry:
+            (group, channel), expires_at = next(iter(expiry.items()))
+            if expires_at > now:
+                break
+            if self.discard_membership(group, channel):
+                emptied.append(group)
+        return emptied
+
+    def has_members(self, group: str) -> bool:
+        return group in self._groups
+
+    def is_member(self, group: str, channel: str) -> bool:
+        return channel in self._groups.get(group, ())
+
+    @property
+    def groups(self) -> Iterable[str]:
+        """The groups with at least one local member."""
+        return self._groups.keys()
+
+    # Whole-layer operations -------------------------------------------------------------------
+
+    def flush(self) -> list[str]:
+        """Drop every buffered message and membership; return the groups that had members."""
+        groups = list(self._groups)
+        self._groups.clear()
+        self._membership_expiry.clear()
+        was_full = self.is_full
+        for channel, inbox in list(self._inboxes.items()):
+            inbox.entries.clear()
+            if not inbox.waiters:
+                del self._inboxes[channel]
+        self.held = 0
+        if was_full and self.on_room is not None:
+            self.on_room()
+        return groups
+
+    def close(self, error_factory: Callable[[], BaseException]) -> None:
+        """Fail every waiting ``receive()`` with a fresh error, and drop everything."""
+        for inbox in self._inboxes.values():
+            for waiter in inbox.waiters:
+                if not waiter.done():
+                    waiter.set_exception(error_factory())
+        self._inboxes.clear()
+        self._groups.clear()
+        self._membership_expiry.clear()
+        self.held = 0

@@ -1,0 +1,63 @@
+"""The wire format: how a message and its target travel through RabbitMQ.
+
+- The body is the message dict packed with msgpack (``use_bin_type``: bytes stay bytes,
+  str stays str). No key is added to the message.
+- ``send(channel)`` publishes to the default exchange with routing key = the queue name
+  (the part of the channel name before ``!``) and the full channel name in the
+  ``asgi_channel`` header (a long string).
+- ``group_send(group)`` publishes to the groups exchange (``groups`` by default, direct)
+  with routing key = the group name and no header: any AMQP client can publish to a
+  group by doing the same.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+from channels.exceptions import MessageTooLarge
+
+from .amqp.frames import HEADERS_FLAG
+
+CHANNEL_HEADER = "asgi_channel"
+NO_PROPERTIES = b"\x00\x00"
+
+_header_start = struct.pack(">H", HEADERS_FLAG)
+_channel_key = bytes((len(CHANNEL_HEADER),)) + CHANNEL_HEADER.encode() + b"S"
+_uint32 = struct.Struct(">I")
+
+
+class MalformedMessage(ValueError):
+    """A body from the wire that is not a msgpack-encoded dict."""
+
+
+def encode_message(message: Any, max_size: int) -> bytes:
+    """Pack a message, or raise ``TypeError`` (not a dict, not encodable) or ``MessageTooLarge``."""
+    if type(message) is not dict and not isinstance(message, dict):
+        raise TypeError(f"a message must be a dict, got {type(message).__name__}")
+    try:
+        body = msgpack.packb(message, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise TypeError(f"message cannot be encoded with msgpack: {error}") from None
+    if len(body) > max_size:
+        raise MessageTooLarge(f"message is {len(body)} bytes encoded; max_message_size is {max_size}")
+    return body
+
+
+def decode_message(body: bytes) -> dict[str, Any]:
+    """Unpack a body from the wire, or raise :class:`MalformedMessage`."""
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as error:  # msgpack raises many kinds on hostile input
+        raise MalformedMessage(f"body is not msgpack: {type(error).__name__}: {error}") from None
+    if type(message) is not dict:
+        raise MalformedMessage(f"body is msgpack {type(message).__name__}, not a map")
+    return message
+
+
+def channel_properties(channel: str) -> bytes:
+    """The basic properties of a ``send()``: a headers table naming the target channel."""
+    raw = channel.encode()
+    entry = _channel_key + _uint32.pack(len(raw)) + raw
+    return _header_start + _uint32.pack(len(entry)) + entry
