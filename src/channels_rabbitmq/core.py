@@ -213,6 +213,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         if self._link.is_closed:
             return
         await self._link.purge()
+        self._router.flush()  # what RabbitMQ had already handed over before the purge
         await asyncio.gather(*(self._link.unbind(group) for group in groups))
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ NO_PROPERTIES = b"\x00\x00"
 _header_start = struct.pack(">H", HEADERS_FLAG)
 _channel_key = bytes((len(CHANNEL_HEADER),)) + CHANNEL_HEADER.encode() + b"S"
 _uint32 = struct.Struct(">I")
+_packers = threading.local()  # a msgpack Packer is not thread-safe: one per thread
 
 
 class MalformedMessage(ValueError):
@@ -37,7 +39,11 @@ def encode_message(message: Any, max_size: int) -> bytes:
     if type(message) is not dict and not isinstance(message, dict):
         raise TypeError(f"a message must be a dict, got {type(message).__name__}")
     try:
-        body = msgpack.packb(message, use_bin_type=True)
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+    try:
+        body = pack(message)
     except (TypeError, ValueError, OverflowError) as error:
         raise TypeError(f"message cannot be encoded with msgpack: {error}") from None
     if len(body) > max_size:

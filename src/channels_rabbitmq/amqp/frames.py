@@ -118,7 +118,7 @@ def decode_headers(properties: memoryview) -> dict[str, Any] | None:
     if flags == 0:
         return None
     if flags == HEADERS_FLAG:
-        table = _decode_string_table(properties, 2)
+        table = decode_string_table(properties, 2, len(properties))
         if table is not None:
             return table
     content_header = pamqp_header.ContentHeader()
@@ -126,24 +126,24 @@ def decode_headers(properties: memoryview) -> dict[str, Any] | None:
     return content_header.properties.headers
 
 
-def _decode_string_table(data: memoryview, offset: int) -> dict[str, Any] | None:
-    """Parse a field table of string values; None when it holds anything else."""
+def decode_string_table(data: bytes | memoryview, offset: int, limit: int) -> dict[str, Any] | None:
+    """Parse a field table of string values at ``offset``; None when it holds anything else."""
     (size,) = _uint32.unpack_from(data, offset)
     offset += 4
     end = offset + size
-    if end > len(data):
+    if end > limit:
         raise FrameError("field table overruns its content header")
     table: dict[str, Any] = {}
     while offset < end:
-        key_size = data[offset]
-        key = bytes(data[offset + 1 : offset + 1 + key_size]).decode("utf-8", "replace")
-        offset += 1 + key_size
-        if data[offset] != 0x53:  # "S": anything but a long string takes the slow path
+        key_end = offset + 1 + data[offset]
+        key = bytes(data[offset + 1 : key_end]).decode("utf-8", "replace")
+        if data[key_end] != 0x53:  # "S": anything but a long string takes the slow path
             return None
-        (value_size,) = _uint32.unpack_from(data, offset + 1)
-        offset += 5
-        table[key] = bytes(data[offset : offset + value_size]).decode("utf-8", "replace")
-        offset += value_size
+        (value_size,) = _uint32.unpack_from(data, key_end + 1)
+        offset = key_end + 5 + value_size
+        if offset > end:
+            raise FrameError("field table entry overruns its table")
+        table[key] = bytes(data[key_end + 5 : offset]).decode("utf-8", "replace")
     return table
 
 

@@ -19,6 +19,8 @@ from . import frames
 
 _frame_head = struct.Struct(">BHI")
 _method_index = struct.Struct(">I")
+_deliver_tail = struct.Struct(">QB")  # delivery tag, redelivered
+_content_frame_head = struct.Struct(">BHIHHQH")  # frame head, class, weight, body size, property flags
 
 _BASIC_DELIVER = (frames.BASIC_CLASS << 16) | frames.BASIC_DELIVER
 _BASIC_ACK = (frames.BASIC_CLASS << 16) | frames.BASIC_ACK
@@ -255,6 +257,14 @@ class AmqpProtocol:
                     break
                 if view[frame_end] != frames.FRAME_END:
                     raise ProtocolError("frame does not end with 0xCE")
+                if (
+                    frame_type == frames.FRAME_METHOD
+                    and _method_index.unpack_from(data, offset + 7)[0] == _BASIC_DELIVER
+                ):
+                    complete = self._whole_delivery(data, offset, frame_end, channel_id, events)
+                    if complete:
+                        offset = complete
+                        continue
                 payload = view[offset + 7 : frame_end]
                 offset = frame_end + 1
                 if frame_type == frames.FRAME_METHOD:
@@ -268,6 +278,67 @@ class AmqpProtocol:
         finally:
             self._leftover = data[offset:] if offset < end else b""
         return events
+
+    def _whole_delivery(
+        self, data: bytes, offset: int, method_end: int, channel_id: int, events: list[Event]
+    ) -> int:
+        """The fast path: a delivery whose three frames are all in ``data``, with a plain
+        properties layout and a single body frame. Returns the offset after it, or 0 to
+        let the frame-by-frame path handle it."""
+        end = len(data)
+        position = offset + 11  # frame head (7) and method index (4)
+        position += 1 + data[position]  # consumer tag
+        delivery_tag, redelivered = _deliver_tail.unpack_from(data, position)
+        position += 9
+        exchange_end = position + 1 + data[position]
+        exchange = data[position + 1 : exchange_end].decode()
+        routing_key = data[exchange_end + 1 : exchange_end + 1 + data[exchange_end]].decode()
+        header = method_end + 1
+        if end - header < 21:
+            return 0
+        frame_type, header_channel, size, class_id, _weight, body_size, flags = _content_frame_head.unpack_from(
+            data, header
+        )
+        header_end = header + 7 + size
+        if frame_type != frames.FRAME_HEADER or header_channel != channel_id or header_end >= end:
+            return 0
+        if data[header_end] != frames.FRAME_END or class_id != frames.BASIC_CLASS:
+            return 0
+        if flags == 0:
+            headers = None
+        elif flags == frames.HEADERS_FLAG:
+            try:
+                headers = frames.decode_string_table(data, header + 21, header_end)
+            except (ValueError, IndexError, struct.error):
+                return 0
+            if headers is None:
+                return 0
+        else:
+            return 0
+        if body_size == 0:
+            events.append(Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered)))
+            return header_end + 1
+        body_start = header_end + 1
+        if end - body_start < 7:
+            return 0
+        frame_type, body_channel, size = _frame_head.unpack_from(data, body_start)
+        body_end = body_start + 7 + size
+        if frame_type != frames.FRAME_BODY or body_channel != channel_id or size != body_size:
+            return 0
+        if body_end >= end or data[body_end] != frames.FRAME_END:
+            return 0
+        events.append(
+            Delivery(
+                channel_id,
+                delivery_tag,
+                exchange,
+                routing_key,
+                headers,
+                data[body_start + 7 : body_end],
+                bool(redelivered),
+            )
+        )
+        return body_end + 1
 
     def _on_method(self, channel_id: int, payload: memoryview, events: list[Event]) -> None:
         (index,) = _method_index.unpack_from(payload)

@@ -1,0 +1,88 @@
+"""Hostile bytes from the wire and bad connection settings, against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import msgpack
+import pytest
+
+from channels_rabbitmq.broker import PUBLISH_CHANNEL
+from channels_rabbitmq.core import RabbitmqChannelLayer
+from channels_rabbitmq.exceptions import BrokerConnectionError
+from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
+from tests.conftest import Broker, LayerFactory
+
+
+async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on(
+    make_layer: LayerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver, producer = make_layer(), make_layer()
+    channel = await receiver.new_channel()
+    await receiver.group_add("room", channel)
+    connection = await producer._link.connection()
+    queue = receiver.queue_name.encode()
+    hostile = [
+        (b"", queue, channel_properties(channel), b"\xc1 not msgpack"),
+        (b"", queue, channel_properties(channel), msgpack.packb([1, 2, 3])),  # not a map
+        (b"", queue, channel_properties(channel), msgpack.packb({"a": 1}) + b"extra"),
+        (b"", queue, channel_properties(channel), b""),
+        (b"", queue, NO_PROPERTIES, msgpack.packb({"type": "no target"})),
+        (b"", queue, channel_properties("channels.other!x"), msgpack.packb({"type": "wrong queue"})),
+        (b"groups", b"room", NO_PROPERTIES, b"\xff\xff"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
+        for exchange, routing_key, properties, body in hostile:
+            assert await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        await producer.send(channel, {"type": "good"})
+        await producer.group_send("room", {"type": "good.group"})
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"type": "good"}
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"type": "good.group"}
+    dropped = [record for record in caplog.records if "dropped a message from the wire" in record.getMessage()]
+    assert 1 <= len(dropped) <= 2  # logged, and rate-limited
+
+
+async def test_wrong_password_raises_a_clear_error_without_the_password(broker: Broker) -> None:
+    secret = "s3cret-Passw0rd"
+    layer = RabbitmqChannelLayer(host=broker.url_for(password=secret), connect_timeout=5)
+    with pytest.raises(BrokerConnectionError) as caught:
+        await layer.new_channel()
+    assert "password" in str(caught.value)
+    assert secret not in str(caught.value)
+    assert secret not in repr(layer)
+    await layer.close()
+
+
+async def test_unknown_vhost_raises_a_clear_error(broker: Broker) -> None:
+    layer = RabbitmqChannelLayer(host=broker.url_for(vhost="no-such-vhost"), connect_timeout=5)
+    with pytest.raises(BrokerConnectionError, match="vhost"):
+        await layer.send(f"{layer.queue_name}!x", {"type": "m"})
+    await layer.close()
+
+
+async def test_nothing_listening_raises_at_once() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    layer = RabbitmqChannelLayer(host=f"amqp://guest:guest@127.0.0.1:{port}/%2F", connect_timeout=5)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match="cannot connect"):
+        await layer.new_channel()
+    assert time.monotonic() - started < 2
+    await layer.close()
+
+
+async def test_a_silent_server_raises_within_connect_timeout() -> None:
+    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    layer = RabbitmqChannelLayer(host=f"amqp://guest:guest@127.0.0.1:{port}/%2F", connect_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match="connect_timeout"):
+        await layer.new_channel()
+    assert time.monotonic() - started < 2
+    await layer.close()
+    server.close()
+    await server.wait_closed()
