@@ -40,7 +40,9 @@ class Broker:
         self.url = url
         self.vhost = vhost
 
-    def url_for(self, *, username: str | None = None, password: str | None = None, vhost: str | None = None) -> str:
+    def url_for(
+        self, *, username: str | None = None, password: str | None = None, vhost: str | None = None
+    ) -> str:
         parts = urlsplit(self.url)
         user = username if username is not None else parts.username or "guest"
         secret = password if password is not None else parts.password or "guest"

@@ -149,7 +149,8 @@ class BrokerLink:
         await connection.open_channel(CONTROL_CHANNEL, [])
         try:
             await connection.call(
-                CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct")
+                CONTROL_CHANNEL,
+                commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct"),
             )
         except BrokerRefusedError as error:
             if error.reply_code != 406:
@@ -206,9 +207,7 @@ class BrokerLink:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_DELAY_MAX)
                 continue
-            logger.warning(
-                "reconnected to %s after %.1fs", self.config.address, time.monotonic() - started
-            )
+            logger.warning("reconnected to %s after %.1fs", self.config.address, time.monotonic() - started)
             return
 
     # Deliveries -----------------------------------------------------------------------------

@@ -113,7 +113,9 @@ class LayerConfig:
     ) -> LayerConfig:
         address = parse_amqp_url(host)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise TypeError(f"ssl_context must be an ssl.SSLContext or None, got {type(ssl_context).__name__}")
+            raise TypeError(
+                f"ssl_context must be an ssl.SSLContext or None, got {type(ssl_context).__name__}"
+            )
         if address.uses_tls and ssl_context is None:
             raise ValueError(
                 "host is amqps:// but ssl_context is None: pass an ssl.SSLContext "
@@ -127,7 +129,9 @@ class LayerConfig:
                 f"got {groups_exchange!r}"
             )
         if groups_exchange.startswith("amq."):
-            raise ValueError(f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}")
+            raise ValueError(
+                f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}"
+            )
         return cls(
             address=address,
             expiry=_number("expiry", expiry, minimum=0.001),

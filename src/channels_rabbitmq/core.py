@@ -179,7 +179,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         accepted = await self._link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)
         if not accepted:
             self._full_group_log.warning(
-                "group_send to %r: a member process's queue is at remote_capacity; its members miss the message",
+                "group_send to %r: a member process's queue is at remote_capacity; "
+                "its members miss the message",
                 group,
             )
 

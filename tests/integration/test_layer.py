@@ -9,7 +9,6 @@ import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-
 from tests.conftest import Broker, LayerFactory
 
 
@@ -90,7 +89,9 @@ async def test_one_megabyte_message_round_trips(make_layer: LayerFactory) -> Non
 
 
 @pytest.mark.parametrize("name", ["", "has space", "x" * 100, "bad!!bang", "ünïcode", 42, None])
-async def test_bad_channel_names_raise_type_error_and_send_nothing(make_layer: LayerFactory, name: object) -> None:
+async def test_bad_channel_names_raise_type_error_and_send_nothing(
+    make_layer: LayerFactory, name: object
+) -> None:
     sender, receiver = make_layer(), make_layer()
     channel = await receiver.new_channel()
     with pytest.raises(TypeError):
@@ -186,7 +187,9 @@ async def test_group_members_each_get_their_own_copy(make_layer: LayerFactory) -
     assert await receive(receiver, two) == {"type": "m", "items": [1]}
 
 
-async def test_queue_is_bound_on_first_member_and_unbound_on_last(make_layer: LayerFactory, broker: Broker) -> None:
+async def test_queue_is_bound_on_first_member_and_unbound_on_last(
+    make_layer: LayerFactory, broker: Broker
+) -> None:
     layer = make_layer()
     one, two = await layer.new_channel(), await layer.new_channel()
     await layer.group_add("room", one)
@@ -264,22 +267,34 @@ async def test_queue_is_declared_with_capacity_and_ttl(make_layer: LayerFactory,
     await layer.new_channel()
     queue = broker.queue(layer.queue_name)
     assert queue["exclusive"] is True
-    assert {name: value for name, _type, value in queue["arguments"]} == {"x-max-length": 7, "x-overflow": "reject-publish", "x-message-ttl": 30000}
+    assert {name: value for name, _type, value in queue["arguments"]} == {
+        "x-max-length": 7,
+        "x-overflow": "reject-publish",
+        "x-message-ttl": 30000,
+    }
 
 
-async def test_send_raises_channel_full_when_the_receiver_is_at_remote_capacity(make_layer: LayerFactory) -> None:
+async def test_send_raises_channel_full_when_the_receiver_is_at_remote_capacity(
+    make_layer: LayerFactory,
+) -> None:
     sender = make_layer()
     receiver = make_layer(remote_capacity=5, local_capacity=1, prefetch_count=1)
     channel = await receiver.new_channel()
-    sent = 0
+    accepted = 0
+
+    async def send_until_full() -> None:
+        nonlocal accepted
+        for i in range(1, 50):
+            await sender.send(channel, {"type": "m", "i": i})
+            accepted = i
+
     with pytest.raises(ChannelFull):
-        for sent in range(1, 50):  # noqa: B007
-            await sender.send(channel, {"type": "m", "i": sent})
+        await send_until_full()
     # local (1) + prefetched (1) + remote_capacity (5), give or take the one in flight
-    assert 5 <= sent - 1 <= 8
+    assert 5 <= accepted <= 8
     # every send that returned was accepted: all of them are delivered, in order
-    received = [(await receive(receiver, channel))["i"] for _ in range(sent - 1)]
-    assert received == list(range(1, sent))
+    received = [(await receive(receiver, channel))["i"] for _ in range(accepted)]
+    assert received == list(range(1, accepted + 1))
 
 
 async def test_group_send_never_raises_channel_full_but_warns(
@@ -292,7 +307,9 @@ async def test_group_send_never_raises_channel_full_but_warns(
     with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
         for i in range(20):
             await sender.group_send("busy", {"type": "m", "i": i})
-    warnings = [r for r in caplog.records if "'busy'" in r.getMessage() and "remote_capacity" in r.getMessage()]
+    warnings = [
+        r for r in caplog.records if "'busy'" in r.getMessage() and "remote_capacity" in r.getMessage()
+    ]
     assert len(warnings) == 1  # rate-limited
 
 

@@ -41,7 +41,9 @@ async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on
         await producer.group_send("room", {"type": "good.group"})
         assert await asyncio.wait_for(receiver.receive(channel), 5) == {"type": "good"}
         assert await asyncio.wait_for(receiver.receive(channel), 5) == {"type": "good.group"}
-    dropped = [record for record in caplog.records if "dropped a message from the wire" in record.getMessage()]
+    dropped = [
+        record for record in caplog.records if "dropped a message from the wire" in record.getMessage()
+    ]
     assert 1 <= len(dropped) <= 2  # logged, and rate-limited
 
 
@@ -76,7 +78,15 @@ async def test_nothing_listening_raises_at_once() -> None:
 
 
 async def test_a_silent_server_raises_within_connect_timeout() -> None:
-    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    handlers_done = asyncio.Event()
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up
+        writer.close()
+        await writer.wait_closed()
+        handlers_done.set()
+
+    server = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     layer = RabbitmqChannelLayer(host=f"amqp://guest:guest@127.0.0.1:{port}/%2F", connect_timeout=0.5)
     started = time.monotonic()
@@ -84,5 +94,6 @@ async def test_a_silent_server_raises_within_connect_timeout() -> None:
         await layer.new_channel()
     assert time.monotonic() - started < 2
     await layer.close()
+    await asyncio.wait_for(handlers_done.wait(), 5)
     server.close()
     await server.wait_closed()

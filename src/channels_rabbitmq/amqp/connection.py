@@ -345,7 +345,8 @@ class AmqpConnection(asyncio.Protocol):
         pending = self._unconfirmed.get(event.channel_id)
         if pending:
             lost = BrokerConnectionError(
-                f"RabbitMQ closed the publishing channel before confirming ({event.reply_code} {event.reply_text})"
+                "RabbitMQ closed the publishing channel before confirming "
+                f"({event.reply_code} {event.reply_text})"
             )
             for future in pending.values():
                 if not future.done():
@@ -374,7 +375,9 @@ class AmqpConnection(asyncio.Protocol):
                     f"RabbitMQ refused the vhost of {self.description}: it does not exist "
                     f"or the user may not use it ({event.reply_text})"
                 )
-        return BrokerConnectionError(f"RabbitMQ closed the connection to {self.description}: {event.reply_text}")
+        return BrokerConnectionError(
+            f"RabbitMQ closed the connection to {self.description}: {event.reply_text}"
+        )
 
     def _start_heartbeats(self, interval: int) -> None:
         if interval > 0:
@@ -385,7 +388,9 @@ class AmqpConnection(asyncio.Protocol):
             return
         if self._loop.time() - self._last_received > 2 * interval:
             self._fail(
-                BrokerConnectionError(f"{self.description} missed heartbeats: nothing heard for {2 * interval}s")
+                BrokerConnectionError(
+                    f"{self.description} missed heartbeats: nothing heard for {2 * interval}s"
+                )
             )
             return
         if not self._sent_since_tick:
@@ -413,7 +418,8 @@ class AmqpConnection(asyncio.Protocol):
         for pending in self._unconfirmed.values():
             if pending:
                 lost = BrokerConnectionError(
-                    f"{error}; the broker had not confirmed the message: it may or may not have been delivered"
+                    f"{error}; the broker had not confirmed the message: "
+                    "it may or may not have been delivered"
                 )
                 for future in pending.values():
                     if not future.done():

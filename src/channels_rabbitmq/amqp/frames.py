@@ -89,7 +89,10 @@ def encode_publish(
 
 def encode_ack(channel_id: int, delivery_tag: int, multiple: bool) -> bytes:
     """Return one ``basic.ack`` frame."""
-    return _ack.pack(FRAME_METHOD, channel_id, 13, BASIC_CLASS, BASIC_ACK, delivery_tag, multiple) + FRAME_END_BYTE
+    return (
+        _ack.pack(FRAME_METHOD, channel_id, 13, BASIC_CLASS, BASIC_ACK, delivery_tag, multiple)
+        + FRAME_END_BYTE
+    )
 
 
 def encode_method(channel_id: int, method: Any) -> bytes:
@@ -201,4 +204,3 @@ def decode_content_header(payload: memoryview) -> tuple[int, memoryview]:
     if class_id != BASIC_CLASS:
         raise FrameError(f"content header of class {class_id}")
     return body_size, payload[12:]
-

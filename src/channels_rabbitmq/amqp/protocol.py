@@ -210,7 +210,9 @@ class AmqpProtocol:
             self._incoming.pop(channel_id, None)
         self._outgoing.append(frames.encode_method(channel_id, method))
 
-    def publish(self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> int:
+    def publish(
+        self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+    ) -> int:
         """Queue one message; return its publish tag (0 unless the channel confirms)."""
         self._outgoing.append(
             frames.encode_publish(channel_id, exchange, routing_key, properties, body, self.frame_max)
@@ -235,7 +237,9 @@ class AmqpProtocol:
             self.state = State.CLOSED
             return
         self.state = State.CLOSING
-        self._outgoing.append(frames.encode_method(0, commands.Connection.Close(reply_code, reply_text, 0, 0)))
+        self._outgoing.append(
+            frames.encode_method(0, commands.Connection.Close(reply_code, reply_text, 0, 0))
+        )
 
     # Input ------------------------------------------------------------------------------------
 
@@ -296,8 +300,8 @@ class AmqpProtocol:
         header = method_end + 1
         if end - header < 21:
             return 0
-        frame_type, header_channel, size, class_id, _weight, body_size, flags = _content_frame_head.unpack_from(
-            data, header
+        frame_type, header_channel, size, class_id, _weight, body_size, flags = (
+            _content_frame_head.unpack_from(data, header)
         )
         header_end = header + 7 + size
         if frame_type != frames.FRAME_HEADER or header_channel != channel_id or header_end >= end:
@@ -316,7 +320,9 @@ class AmqpProtocol:
         else:
             return 0
         if body_size == 0:
-            events.append(Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered)))
+            events.append(
+                Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered))
+            )
             return header_end + 1
         body_start = header_end + 1
         if end - body_start < 7:
@@ -345,7 +351,7 @@ class AmqpProtocol:
         if index == _BASIC_DELIVER:
             self._incoming[channel_id] = _IncomingContent(frames.decode_deliver(payload[4:]))
             return
-        if index == _BASIC_ACK or index == _BASIC_NACK:
+        if index in (_BASIC_ACK, _BASIC_NACK):
             tag, multiple = frames.decode_confirm(payload[4:])
             events.append(PublishConfirmed(channel_id, tag, multiple, index == _BASIC_ACK))
             return
@@ -360,7 +366,9 @@ class AmqpProtocol:
             self._incoming.pop(channel_id, None)
             self._outgoing.append(frames.encode_method(channel_id, commands.Channel.CloseOk()))
             events.append(
-                ChannelClosed(channel_id, method.reply_code, method.reply_text, method.class_id, method.method_id)
+                ChannelClosed(
+                    channel_id, method.reply_code, method.reply_text, method.class_id, method.method_id
+                )
             )
         else:
             events.append(MethodReceived(channel_id, method))
@@ -389,9 +397,13 @@ class AmqpProtocol:
                 raise ProtocolError("unexpected connection.tune")
             self.channel_max = _negotiate(self.wanted_channel_max, method.channel_max)
             self.frame_max = _negotiate(self.wanted_frame_max, method.frame_max)
-            self.heartbeat = _negotiate(self.wanted_heartbeat, method.heartbeat) if self.wanted_heartbeat else 0
+            self.heartbeat = (
+                _negotiate(self.wanted_heartbeat, method.heartbeat) if self.wanted_heartbeat else 0
+            )
             self._outgoing.append(
-                frames.encode_method(0, commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat))
+                frames.encode_method(
+                    0, commands.Connection.TuneOk(self.channel_max, self.frame_max, self.heartbeat)
+                )
             )
             self._outgoing.append(frames.encode_method(0, commands.Connection.Open(self.virtual_host)))
             self.state = State.AWAIT_OPEN_OK
