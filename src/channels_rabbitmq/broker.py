@@ -17,6 +17,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from pamqp import commands
@@ -243,7 +244,11 @@ class BrokerLink:
         if tag > self._acked_delivery_tag and not self.router.is_full:
             connection = self._connection
             if connection is not None:
-                connection.ack(CONSUME_CHANNEL, tag)
+                # RabbitMQ sends no more than prefetch_count unacknowledged messages: once
+                # half of them await an ack, write it at once, or delivery stalls; below
+                # that, it goes out with the iteration's other writes.
+                unacked = tag - self._acked_delivery_tag
+                connection.ack(CONSUME_CHANNEL, tag, now=unacked * 2 >= self.config.prefetch_count)
                 self._acked_delivery_tag = tag
 
     def _schedule_housekeeping(self) -> None:
@@ -267,12 +272,23 @@ class BrokerLink:
 
     # Requests -------------------------------------------------------------------------------
 
-    async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
-        """Publish and wait for the broker's confirm: True when accepted, False when refused."""
+    def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> Awaitable[bool]:
+        """Publish; await the result for the broker's confirm: True when accepted, False when refused."""
         connection = self._connection
-        if connection is None or not connection.is_open:
-            connection = await self.connection()
+        if connection is not None and connection.is_open:
+            return connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        return self._publish_when_connected(exchange, routing_key, properties, body)
+
+    async def _publish_when_connected(
+        self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+    ) -> bool:
+        connection = await self.connection()
         return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+
+    @property
+    def is_connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.is_open
 
     async def bind(self, group: str) -> None:
         await self._bind_on(await self.connection(), group)

@@ -128,9 +128,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):
                 f"cannot receive on {channel!r}: only channels from this layer's new_channel() "
                 f"(starting with {self._channel_prefix!r}) can be received here"
             )
-        if self._link.is_closed:
-            raise StopConsumer()
-        await self._link.connection()
+        if not self._link.is_connected:
+            if self._link.is_closed:
+                raise StopConsumer()
+            await self._link.connection()
         router = self._router
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:

@@ -103,7 +103,9 @@ def test_publish_of_empty_body_has_no_body_frame():
 
 @pytest.mark.parametrize("frame_max", [4096, 10000, 131072])
 @pytest.mark.parametrize("extra", [-1, 0, 1, 4096, 300_000])
-def test_publish_splits_bodies_larger_than_frame_max_into_frames_that_concatenate_to_the_body(frame_max, extra):
+def test_publish_splits_bodies_larger_than_frame_max_into_frames_that_concatenate_to_the_body(
+    frame_max, extra
+):
     chunk = frame_max - frames.FRAME_OVERHEAD
     size = max(1, chunk + extra)
     payload = bytes(i % 251 for i in range(size))

@@ -234,15 +234,24 @@ class AmqpConnection(asyncio.Protocol):
         future: asyncio.Future[bool] = self._loop.create_future()
         self._unconfirmed[channel_id][tag] = future
         if not self._flush_scheduled:
+            # The first publish of a loop iteration goes out at once (latency); the rest of
+            # the iteration's publishes go out together in the flush scheduled here (throughput).
+            self._flush()
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         return future
 
-    def ack(self, channel_id: int, delivery_tag: int) -> None:
-        """Acknowledge every delivery on the channel up to ``delivery_tag``."""
+    def ack(self, channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
+        """Acknowledge every delivery on the channel up to ``delivery_tag``.
+
+        ``now`` writes it at once rather than with the loop iteration's other writes.
+        """
         if self.is_open:
             self.machine.ack(channel_id, delivery_tag, multiple=True)
-            self._schedule_flush()
+            if now:
+                self._flush()
+            else:
+                self._schedule_flush()
 
     async def close(self, timeout: float = 2.0) -> None:
         """Close gracefully (connection.close, then wait for close-ok), or abort after ``timeout``."""
