@@ -45,11 +45,18 @@ def parse_amqp_url(url: str) -> BrokerAddress:
     """
     if not isinstance(url, str):
         raise TypeError(f"host must be an AMQP URL string, got {type(url).__name__}")
+    # Split the credentials off first, at the last "@": a password may hold "/", "#" or "?"
+    # that were not percent-encoded, and must then neither break parsing nor leak into errors.
+    scheme_part, separator, rest = url.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    if not separator:
+        userinfo, at, location = "", "", url
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(f"{scheme_part}{separator}{location}")
         port = parts.port
-    except ValueError as error:
-        raise ValueError(f"host is not a valid AMQP URL: {_without_password(url)} ({error})") from None
+    except ValueError:
+        raise ValueError(f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}") from None
+    username, colon, password = userinfo.partition(":")
     scheme = parts.scheme.lower()
     if scheme not in ("amqp", "amqps"):
         raise ValueError(f"host must start with amqp:// or amqps://, got {_without_password(url)}")
@@ -68,15 +75,19 @@ def parse_amqp_url(url: str) -> BrokerAddress:
         scheme=scheme,
         host=parts.hostname,
         port=port or (5671 if scheme == "amqps" else 5672),
-        username=unquote(parts.username) if parts.username is not None else "guest",
-        password=unquote(parts.password) if parts.password is not None else "guest",
+        username=unquote(username) if at else "guest",
+        password=unquote(password) if colon else "guest",
         virtual_host=virtual_host,
     )
 
 
 def _without_password(url: str) -> str:
     """The URL with any password replaced, for error messages."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, location = rest.rpartition("@")
+    if not separator or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{location}"
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,9 @@ class LayerConfig:
             )
         if not address.uses_tls and ssl_context is not None:
             raise ValueError("ssl_context is set but host is amqp://: use amqps:// to connect with TLS")
-        if not isinstance(groups_exchange, str) or not _EXCHANGE_NAME.match(groups_exchange):
+        if not isinstance(groups_exchange, str):
+            raise TypeError(f"groups_exchange must be a string, got {type(groups_exchange).__name__}")
+        if not _EXCHANGE_NAME.match(groups_exchange):
             raise ValueError(
                 f"groups_exchange must be 1-127 characters of letters, digits, '-', '_', '.', ':'; "
                 f"got {groups_exchange!r}"

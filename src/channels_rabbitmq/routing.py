@@ -104,6 +104,8 @@ class LocalRouter:
             waiter = inbox.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(message)
+                if not inbox.waiters and not inbox.entries:
+                    del self._inboxes[channel]
                 return
         inbox.entries.appendleft((now + self.expiry, message, None))
         self.held += 1
@@ -231,6 +233,7 @@ class LocalRouter:
             (group, channel), expires_at = next(iter(expiry.items()))
             if expires_at > now:
                 break
+            del expiry[(group, channel)]
             if self.discard_membership(group, channel):
                 emptied.append(group)
         return emptied

@@ -328,19 +328,23 @@ def test_invalid_urls_raise_value_error_without_the_password(url, match):
     assert PASSWORD not in str(caught_by_layer.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG: a password with an unencoded '/', '#' or '?' makes urlsplit end the netloc inside the "
-        "password; the error then quotes it (the redaction regex stops at '/', and urlsplit's own "
-        "'Port could not be cast to integer value as ...' message quotes the password prefix)"
-    ),
-)
+@pytest.mark.parametrize("password", ["ab/cd" + PASSWORD, PASSWORD + "#x", PASSWORD + "?x", "a@" + PASSWORD])
+def test_passwords_with_unencoded_url_delimiters_are_read_whole(password):
+    address = parse_amqp_url(f"amqp://user:{password}@host:5672/v")
+    assert (address.username, address.password, address.host, address.port) == (
+        "user",
+        password,
+        "host",
+        5672,
+    )
+    assert address.virtual_host == "v"
+    assert PASSWORD not in str(address)
+
+
 @pytest.mark.parametrize("password", ["ab/cd" + PASSWORD, PASSWORD + "#x", PASSWORD + "?x"])
-def test_errors_for_passwords_with_unencoded_url_delimiters_never_contain_the_password(password):
+def test_errors_for_urls_with_unencoded_delimiters_never_contain_the_password(password):
     with pytest.raises(ValueError, match=r"^host") as caught:
-        parse_amqp_url(f"amqp://user:{password}@host:5672/v")
+        parse_amqp_url(f"amqp://user:{password}@host:notaport/v")
     message = str(caught.value)
     assert PASSWORD not in message
     assert "ab/cd" not in message

@@ -263,14 +263,6 @@ def test_whole_handshake_in_one_buffer_ends_with_connection_opened():
     assert protocol.state is State.OPEN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG: ConnectionOpened.server_properties is always {}: "
-        "the server_properties of connection.start are dropped"
-    ),
-)
 def test_connection_opened_carries_the_server_properties_of_connection_start():
     protocol = new_protocol()
     protocol.receive_data(server(commands.Connection.Start(server_properties={"product": "RabbitMQ"})))
@@ -834,14 +826,6 @@ TRUNCATED_METHODS = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(struct.error, IndexError),
-    reason=(
-        "BUG: a method frame too short for its arguments (or for the 4-byte class/method ids) makes "
-        "receive_data raise struct.error/IndexError instead of ProtocolError"
-    ),
-)
 @pytest.mark.parametrize("data", TRUNCATED_METHODS.values(), ids=TRUNCATED_METHODS.keys())
 def test_truncated_method_frame_raises_protocol_error(data):
     with pytest.raises(ProtocolError):

@@ -186,14 +186,6 @@ async def test_put_back_hands_the_message_to_another_waiting_receive():
     assert router.held == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG: put_back() handing the message to another waiter leaves an inbox with no entries and "
-        "no waiters behind (routing.py docstring: such inboxes are deleted)"
-    ),
-)
 async def test_put_back_handed_to_another_waiter_leaves_no_empty_inbox():
     router = make_router()
     first, second = new_future(), new_future()

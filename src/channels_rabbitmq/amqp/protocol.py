@@ -182,6 +182,7 @@ class AmqpProtocol:
         self.frame_max = 4096  # the spec's minimum, until tuned
         self.heartbeat = 0
         self.channel_max = channel_max
+        self.server_properties: dict[str, Any] = {}
         self._leftover = b""  # the start of a frame whose end has not arrived
         self._outgoing: list[bytes] = [frames.PROTOCOL_HEADER]
         self._incoming: dict[int, _IncomingContent] = {}
@@ -261,6 +262,8 @@ class AmqpProtocol:
                     break
                 if view[frame_end] != frames.FRAME_END:
                     raise ProtocolError("frame does not end with 0xCE")
+                if frame_type == frames.FRAME_METHOD and size < 4:
+                    raise ProtocolError(f"method frame of {size} bytes")
                 if (
                     frame_type == frames.FRAME_METHOD
                     and _method_index.unpack_from(data, offset + 7)[0] == _BASIC_DELIVER
@@ -279,6 +282,8 @@ class AmqpProtocol:
                     self._on_body(channel_id, payload, events)
                 elif frame_type != frames.FRAME_HEARTBEAT:
                     raise ProtocolError(f"unknown frame type {frame_type}")
+        except (struct.error, IndexError, UnicodeDecodeError) as error:
+            raise ProtocolError(f"truncated or malformed frame: {error}") from None
         finally:
             self._leftover = data[offset:] if offset < end else b""
         return events
@@ -296,7 +301,10 @@ class AmqpProtocol:
         position += 9
         exchange_end = position + 1 + data[position]
         exchange = data[position + 1 : exchange_end].decode()
-        routing_key = data[exchange_end + 1 : exchange_end + 1 + data[exchange_end]].decode()
+        routing_key_end = exchange_end + 1 + data[exchange_end]
+        if routing_key_end > method_end:
+            raise ProtocolError("basic.deliver arguments overrun their frame")
+        routing_key = data[exchange_end + 1 : routing_key_end].decode()
         header = method_end + 1
         if end - header < 21:
             return 0
@@ -377,6 +385,7 @@ class AmqpProtocol:
         if isinstance(method, commands.Connection.Start):
             if self.state is not State.AWAIT_START:
                 raise ProtocolError("unexpected connection.start")
+            self.server_properties = dict(method.server_properties or {})
             mechanisms = (method.mechanisms or "").split()
             if "PLAIN" not in mechanisms:
                 raise ProtocolError(f"broker offers no PLAIN authentication (offers: {method.mechanisms})")
@@ -409,7 +418,9 @@ class AmqpProtocol:
             self.state = State.AWAIT_OPEN_OK
         elif isinstance(method, commands.Connection.OpenOk):
             self.state = State.OPEN
-            events.append(ConnectionOpened(self.frame_max, self.channel_max, self.heartbeat, {}))
+            events.append(
+                ConnectionOpened(self.frame_max, self.channel_max, self.heartbeat, self.server_properties)
+            )
         elif isinstance(method, commands.Connection.Close):
             if self.state is not State.CLOSED:
                 self._outgoing.append(frames.encode_method(0, commands.Connection.CloseOk()))
