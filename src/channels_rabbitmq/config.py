@@ -55,7 +55,9 @@ def parse_amqp_url(url: str) -> BrokerAddress:
         parts = urlsplit(f"{scheme_part}{separator}{location}")
         port = parts.port
     except ValueError:
-        raise ValueError(f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}") from None
+        raise ValueError(
+            f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}"
+        ) from None
     username, colon, password = userinfo.partition(":")
     scheme = parts.scheme.lower()
     if scheme not in ("amqp", "amqps"):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from channels_rabbitmq.routing import EMPTY, LocalRouter
 from channels_rabbitmq.wire import decode_message, encode_message
 
