@@ -7,6 +7,7 @@ the run leaves no queue, exchange or binding behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -18,6 +19,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
+from channels_rabbitmq.broker import BrokerLink
 from channels_rabbitmq.core import RabbitmqChannelLayer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -94,6 +96,11 @@ def broker() -> Iterator[Broker]:
 
 
 LayerFactory = Callable[..., RabbitmqChannelLayer]
+
+
+def link_of(layer: RabbitmqChannelLayer) -> BrokerLink:
+    """The layer's link for the running loop (made by its first new_channel() on this loop)."""
+    return layer._loop_links[asyncio.get_running_loop()]
 
 
 @pytest.fixture

@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
+import string
 import time
 from collections.abc import Awaitable
 from typing import Any
 
+from channels.exceptions import StopConsumer
 from pamqp import commands
 
 from . import __version__
@@ -28,7 +31,7 @@ from .amqp.protocol import Credentials, Delivery, UndecodableDelivery
 from .config import LayerConfig
 from .exceptions import BrokerConnectionError, BrokerRefusedError, ChannelLayerClosedError
 from .logs import RateLimitedLogger
-from .routing import LocalRouter
+from .routing import EMPTY, LocalRouter
 from .wire import CHANNEL_HEADER, MalformedMessage, decode_message
 
 logger = logging.getLogger(__name__)
@@ -37,26 +40,36 @@ PUBLISH_CHANNEL = 1
 CONSUME_CHANNEL = 2
 CONTROL_CHANNEL = 3
 
+_ALPHABET = string.ascii_letters + string.digits
+
 RESOURCE_LOCKED = 405
 RECONNECT_DELAY_MIN = 0.1
 RECONNECT_DELAY_MAX = 10.0
 
 
 class BrokerLink:
-    """Connection, queue, consumer and bindings of one layer instance, on one event loop."""
+    """One event loop's connection, exclusive queue, consumer, inboxes and group bindings.
 
-    def __init__(self, config: LayerConfig, queue_name: str, router: LocalRouter) -> None:
+    Every method runs on ``loop``; :mod:`.core` sends calls from other loops here.
+    """
+
+    def __init__(self, config: LayerConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
-        self.queue_name = queue_name
-        self.router = router
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop = loop
+        #: The queue of this link; every channel it receives on starts with it and ``!``.
+        self.queue_name = f"channels.{random_name(12)}"
+        self.router = router = LocalRouter(
+            capacity=config.local_capacity, expiry=config.expiry, group_expiry=config.group_expiry
+        )
+        self._group_changes: dict[str, asyncio.Future[None]] = {}
+        self.loop_watcher: Any = None  # see core.RabbitmqChannelLayer._close_with_loop
         self._connection: AmqpConnection | None = None
         self._connecting: asyncio.Future[AmqpConnection] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
         self._closed = False
         self._groups_exchange = config.groups_exchange
-        self._channel_prefix = queue_name + "!"
+        self._channel_prefix = self.queue_name + "!"
         self._last_delivery_tag = 0
         self._acked_delivery_tag = 0
         self._dropped_log = RateLimitedLogger(logger)
@@ -76,21 +89,10 @@ class BrokerLink:
             return connection
         if self._closed:
             raise ChannelLayerClosedError("the channel layer is closed")
-        self._check_loop()
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
             self._connecting.add_done_callback(self._connect_done)
         return await asyncio.shield(self._connecting)
-
-    def _check_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self.loop is None or self.loop.is_closed():
-            self.loop = loop
-        elif loop is not self.loop:
-            raise RuntimeError(
-                "this channel layer is connected on another event loop; "
-                "use it from the loop it first connected on"
-            )
 
     def _connect_done(self, future: asyncio.Future[AmqpConnection]) -> None:
         self._connecting = None
@@ -270,6 +272,97 @@ class BrokerLink:
         if self._connection is not None and not self._closed:
             self._housekeeping = asyncio.get_running_loop().call_later(interval, self._housekeep, interval)
 
+    # The layer's operations, on this link's loop ------------------------------------------------
+
+    async def new_channel(self) -> str:
+        if not self.is_connected:
+            await self.connection()  # the queue must exist before anyone sends to the channel
+        return f"{self._channel_prefix}{random_name(12)}"
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        if not self.is_connected:
+            if self._closed:
+                raise StopConsumer()
+            await self.connection()
+        router = self.router
+        message = router.take(channel, time.monotonic())
+        if message is not EMPTY:
+            return message
+        waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        router.add_waiter(channel, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                router.put_back(channel, waiter.result(), time.monotonic())
+            else:
+                router.remove_waiter(channel, waiter)
+            raise
+
+    async def receive_for(
+        self, channel: str, caller: asyncio.AbstractEventLoop, result: asyncio.Future[Any]
+    ) -> None:
+        """Receive here on behalf of a ``receive()`` running on another loop.
+
+        The message travels to ``result`` on ``caller``; if that receive() was cancelled
+        meanwhile, or its loop is gone, the message is put back for the next receive().
+        """
+        try:
+            message = await self.receive(channel)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:
+            _call_on(caller, _settle_exception, result, error)
+            return
+
+        def settle() -> None:
+            if result.done():
+                _call_on(self.loop, self._put_back, channel, message)
+            else:
+                result.set_result(message)
+
+        if not _call_on(caller, settle):
+            self._put_back(channel, message)
+
+    def _put_back(self, channel: str, message: dict[str, Any]) -> None:
+        self.router.put_back(channel, message, time.monotonic())
+
+    async def group_add(self, group: str, channel: str) -> None:
+        if not self.is_connected:
+            await self.connection()
+        if self.router.add_membership(group, channel, time.monotonic()):
+            try:
+                await self._change_binding(group, self.bind)
+            except BaseException:
+                self.router.discard_membership(group, channel)
+                raise
+        else:
+            pending = self._group_changes.get(group)
+            if pending is not None:  # another group_add is still binding this group
+                await asyncio.shield(pending)
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        if self.router.discard_membership(group, channel):
+            await self._change_binding(group, self.unbind)
+
+    async def _change_binding(self, group: str, change: Any) -> None:
+        """Bind or unbind; later group calls for the same group wait for it."""
+        future = asyncio.ensure_future(change(group))
+        self._group_changes[group] = future
+        try:
+            await asyncio.shield(future)
+        finally:
+            if self._group_changes.get(group) is future:
+                del self._group_changes[group]
+
+    async def flush(self) -> None:
+        groups = self.router.flush()
+        if self._closed:
+            return
+        await self.purge()
+        self.router.flush()  # what RabbitMQ had already handed over before the purge
+        await asyncio.gather(*(self.unbind(group) for group in groups))
+
     # Requests -------------------------------------------------------------------------------
 
     def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> Awaitable[bool]:
@@ -313,8 +406,9 @@ class BrokerLink:
         await connection.call(CONTROL_CHANNEL, commands.Queue.Purge(queue=self.queue_name))
 
     async def close(self) -> None:
-        """Stop consuming and close the connection. Idempotent."""
+        """Stop consuming and close the connection; waiting receives raise StopConsumer. Idempotent."""
         self._closed = True
+        self.router.close(StopConsumer)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._reconnecting is not None and not self._reconnecting.done():
@@ -328,6 +422,24 @@ class BrokerLink:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+
+
+def random_name(length: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool:
+    """Run ``callback`` on ``loop`` from any thread; False when that loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _settle_exception(result: asyncio.Future[Any], error: BaseException) -> None:
+    if not result.done():
+        result.set_exception(error)
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

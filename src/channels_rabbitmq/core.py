@@ -1,45 +1,52 @@
 """``RabbitmqChannelLayer``: the Django Channels layer API on RabbitMQ.
 
-Each layer instance (one per server process) owns one exclusive RabbitMQ queue. A
-channel name is ``<queue>!<local part>``: ``send()`` publishes to that queue and the
-owning process routes the message to the channel's inbox. A group is a routing key on
-one direct exchange: the process binds its queue when the group's first local member
-joins and unbinds when the last leaves; ``group_send()`` is one publish that each
-process fans out to its local members.
+Each server process owns one exclusive RabbitMQ queue. A channel name is
+``<queue>!<local part>``: ``send()`` publishes to that queue and the owning process
+routes the message to the channel's inbox. A group is a routing key on one direct
+exchange: a queue is bound when the group's first local member joins and unbound when
+the last leaves; ``group_send()`` is one publish that each process fans out to its
+local members.
+
+One layer object serves every event loop and thread of the process:
+
+- a loop running in the main thread (the ASGI server's, ``asyncio.run()``) gets a
+  :class:`~.broker.BrokerLink` of its own: its connection and queue, used directly;
+  when that loop shuts down, its link is closed with it;
+- every other caller (``async_to_sync`` in Celery tasks, management commands and
+  plain threads, each call on a new short-lived loop) uses one shared link on the
+  layer's own I/O thread (:mod:`.background`);
+- a channel is received by the link that made it; ``receive()`` and group calls for
+  it from another loop are carried to that link's loop.
 
 The methods below read like the Channels spec; the mechanisms live in
-:mod:`.broker` (connection, queue, consumer), :mod:`.routing` (inboxes, groups,
-expiry, capacity) and :mod:`.wire` (the message format).
+:mod:`.broker`, :mod:`.routing` and :mod:`.wire`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
 import ssl
-import string
-import time
-from typing import Any
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from channels.exceptions import ChannelFull, StopConsumer
 from channels.layers import BaseChannelLayer
 
+from .background import BackgroundLoop
 from .broker import BrokerLink
 from .config import DEFAULT_HOST, LayerConfig
+from .exceptions import ChannelLayerClosedError
 from .logs import RateLimitedLogger
-from .routing import EMPTY, LocalRouter
 from .wire import NO_PROPERTIES, channel_properties, encode_message
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 
-_ALPHABET = string.ascii_letters + string.digits
-
-
-def _random_name(length: int) -> str:
-    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+T = TypeVar("T")
 
 
 class RabbitmqChannelLayer(BaseChannelLayer):
@@ -77,28 +84,33 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         )
         super().__init__(expiry=int(expiry), capacity=remote_capacity)
         self.group_expiry = group_expiry
-        #: This process's queue; every channel from new_channel() starts with it.
-        self.queue_name = f"channels.{_random_name(12)}"
-        self._channel_prefix = self.queue_name + "!"
-        self._router = LocalRouter(capacity=local_capacity, expiry=expiry, group_expiry=group_expiry)
-        self._link = BrokerLink(self.config, self.queue_name, self._router)
         self._groups_exchange = groups_exchange.encode()
-        self._group_changes: dict[str, asyncio.Future[None]] = {}
         self._full_group_log = RateLimitedLogger(logger)
+        self._closed = False
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every link (at construction, and in a child process after fork)."""
+        self._pid = os.getpid()
+        self._loop_links: dict[asyncio.AbstractEventLoop, BrokerLink] = {}  # main-thread loops
+        self._links_by_queue: dict[str, BrokerLink] = {}  # every live link, by queue name
+        self._background: BackgroundLoop | None = None
+        self._background_link: BrokerLink | None = None
 
     def __repr__(self) -> str:
-        return f"<RabbitmqChannelLayer {self.config.address} queue={self.queue_name}>"
+        return f"<RabbitmqChannelLayer {self.config.address}>"
 
     # Channels -----------------------------------------------------------------------------------
 
     async def new_channel(self, prefix: str = "specific.") -> str:
         """Return a new channel name that this process receives on.
 
-        The name is ``<queue>!<random>``; ``prefix`` is not used. The first call connects,
-        so that messages sent to the channel have a queue to go to.
+        The name is ``<queue>!<random>``; ``prefix`` is not used. The first call on a
+        loop connects, so that messages sent to the channel have a queue to go to.
         """
-        await self._link.connection()
-        return f"{self._channel_prefix}{_random_name(12)}"
+        link = await self._link_for_this_loop()
+        return await self._on(link, link.new_channel)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send a message to a channel; returns once RabbitMQ has accepted it.
@@ -113,7 +125,13 @@ class RabbitmqChannelLayer(BaseChannelLayer):
                 f"cannot send to {channel!r}: normal channels (names without '!') are not supported yet"
             )
         body = encode_message(message, self.config.max_message_size)
-        accepted = await self._link.publish(b"", queue.encode(), channel_properties(channel), body)
+        properties = channel_properties(channel)
+        link = self._loop_links.get(asyncio.get_running_loop())
+        if link is not None:  # the fast path: this loop's own link
+            accepted = await link.publish(b"", queue.encode(), properties, body)
+        else:
+            link = await self._link_for_this_loop()
+            accepted = await self._on(link, link.publish, b"", queue.encode(), properties, body)
         if not accepted:
             raise ChannelFull(f"RabbitMQ refused the message: queue {queue} is at remote_capacity")
 
@@ -123,28 +141,19 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         A cancelled ``receive()`` loses nothing. After ``close()`` it raises ``StopConsumer``.
         """
         self.require_valid_channel_name(channel)
-        if not channel.startswith(self._channel_prefix):
-            raise ValueError(
-                f"cannot receive on {channel!r}: only channels from this layer's new_channel() "
-                f"(starting with {self._channel_prefix!r}) can be received here"
-            )
-        if not self._link.is_connected:
-            if self._link.is_closed:
-                raise StopConsumer()
-            await self._link.connection()
-        router = self._router
-        message = router.take(channel, time.monotonic())
-        if message is not EMPTY:
-            return message
-        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        router.add_waiter(channel, waiter)
+        link = self._owner(channel, "receive on")
+        if link.loop is asyncio.get_running_loop():
+            return await link.receive(channel)
+        caller = asyncio.get_running_loop()
+        result: asyncio.Future[dict[str, Any]] = caller.create_future()
         try:
-            return await waiter
+            task = asyncio.run_coroutine_threadsafe(link.receive_for(channel, caller, result), link.loop)
+        except RuntimeError:
+            raise StopConsumer() from None  # the channel's loop is gone
+        try:
+            return await result
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                router.put_back(channel, waiter.result(), time.monotonic())
-            else:
-                router.remove_waiter(channel, waiter)
+            task.cancel()
             raise
 
     # Groups ---------------------------------------------------------------------------------------
@@ -152,32 +161,29 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     async def group_add(self, group: str, channel: str) -> None:
         """Add a channel of this process to a group (again: refreshes ``group_expiry``)."""
         self.require_valid_group_name(group)
-        self._require_own_channel(channel, "group_add")
-        await self._link.connection()
-        if self._router.add_membership(group, channel, time.monotonic()):
-            try:
-                await self._change_binding(group, self._link.bind)
-            except BaseException:
-                if self._router.discard_membership(group, channel):
-                    pass  # never bound: nothing to undo on the broker
-                raise
-        else:
-            pending = self._group_changes.get(group)
-            if pending is not None:  # another group_add is still binding this group
-                await asyncio.shield(pending)
+        self.require_valid_channel_name(channel)
+        link = self._owner(channel, "group_add")
+        await self._on(link, link.group_add, group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove a channel from a group; no error if it was not a member."""
         self.require_valid_group_name(group)
-        self._require_own_channel(channel, "group_discard")
-        if self._router.discard_membership(group, channel):
-            await self._change_binding(group, self._link.unbind)
+        self.require_valid_channel_name(channel)
+        link = self._owner(channel, "group_discard")
+        await self._on(link, link.group_discard, group, channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""
         self.require_valid_group_name(group)
         body = encode_message(message, self.config.max_message_size)
-        accepted = await self._link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)
+        link = self._loop_links.get(asyncio.get_running_loop())
+        if link is not None:
+            accepted = await link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)
+        else:
+            link = await self._link_for_this_loop()
+            accepted = await self._on(
+                link, link.publish, self._groups_exchange, group.encode(), NO_PROPERTIES, body
+            )
         if not accepted:
             self._full_group_log.warning(
                 "group_send to %r: a member process's queue is at remote_capacity; "
@@ -185,40 +191,103 @@ class RabbitmqChannelLayer(BaseChannelLayer):
                 group,
             )
 
-    async def _change_binding(self, group: str, change: Any) -> None:
-        """Bind or unbind; later group calls for the same group wait for it."""
-        future = asyncio.ensure_future(change(group))
-        self._group_changes[group] = future
-        try:
-            await asyncio.shield(future)
-        finally:
-            if self._group_changes.get(group) is future:
-                del self._group_changes[group]
-
-    def _require_own_channel(self, channel: str, operation: str) -> None:
-        self.require_valid_channel_name(channel)
-        if not channel.startswith(self._channel_prefix):
-            raise ValueError(
-                f"{operation}: {channel!r} is not a channel of this process; "
-                "groups take channels from this layer's new_channel()"
-            )
-
     # Flush and close ----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Empty this layer instance: buffered messages, its queue, its memberships and bindings.
+        """Empty this layer: buffered messages, its queues, its memberships and bindings.
 
         Other processes' queues and memberships are untouched: RabbitMQ has no global
         view of them, and each process flushes its own.
         """
-        groups = self._router.flush()
-        if self._link.is_closed:
-            return
-        await self._link.purge()
-        self._router.flush()  # what RabbitMQ had already handed over before the purge
-        await asyncio.gather(*(self._link.unbind(group) for group in groups))
+        for link in list(self._links_by_queue.values()):
+            await self._on(link, link.flush)
 
     async def close(self) -> None:
-        """Stop consuming and close the connection; ``receive()`` then raises ``StopConsumer``."""
-        self._router.close(StopConsumer)
-        await self._link.close()
+        """Close every connection and the I/O thread; ``receive()`` then raises ``StopConsumer``.
+
+        Works from any loop or thread (through ``async_to_sync``); idempotent.
+        """
+        self._closed = True
+        with self._lock:
+            links = list(self._links_by_queue.values())
+            self._links_by_queue.clear()
+            self._loop_links.clear()
+            background, self._background = self._background, None
+            self._background_link = None
+        for link in links:
+            if link.loop.is_closed():
+                continue
+            try:
+                await self._on(link, link.close)
+            except RuntimeError:  # its loop stopped meanwhile
+                pass
+        if background is not None:
+            await background.stop()
+
+    # Which link serves whom ----------------------------------------------------------------------
+
+    def _owner(self, channel: str, operation: str) -> BrokerLink:
+        """The link that receives ``channel``."""
+        if self._closed:
+            if operation == "receive on":
+                raise StopConsumer()
+            raise ChannelLayerClosedError("the channel layer is closed")
+        link = self._links_by_queue.get(channel.partition("!")[0])
+        if link is None:
+            raise ValueError(
+                f"cannot {operation} {channel!r}: it is not a channel of this process "
+                "(only names from this layer's new_channel() are), or the event loop that "
+                "made it has ended"
+            )
+        return link
+
+    async def _link_for_this_loop(self) -> BrokerLink:
+        """This loop's own link (main thread), or the I/O thread's shared link."""
+        if self._closed:
+            raise ChannelLayerClosedError("the channel layer is closed")
+        if self._pid != os.getpid():
+            self._reset()  # a forked child: the parent's connections are not ours
+        loop = asyncio.get_running_loop()
+        link = self._loop_links.get(loop)
+        if link is not None:
+            return link
+        if threading.current_thread() is not threading.main_thread():
+            return self._shared_link()
+        link = BrokerLink(self.config, loop)
+        with self._lock:
+            self._loop_links[loop] = link
+            self._links_by_queue[link.queue_name] = link
+        watcher = self._close_with_loop(link)
+        link.loop_watcher = watcher  # the loop keeps async generators by weak reference
+        await watcher.__anext__()
+        return link
+
+    async def _close_with_loop(self, link: BrokerLink) -> AsyncIterator[None]:
+        """An async generator the loop finalizes at shutdown (``shutdown_asyncgens()``):
+        the link's connection closes while the loop can still run it."""
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._loop_links.pop(link.loop, None)
+                self._links_by_queue.pop(link.queue_name, None)
+            await link.close()
+
+    def _shared_link(self) -> BrokerLink:
+        with self._lock:
+            if self._background_link is None:
+                self._background = BackgroundLoop(name=f"channels_rabbitmq {self.config.address}")
+                link = BrokerLink(self.config, self._background.loop)
+                self._background_link = link
+                self._links_by_queue[link.queue_name] = link
+            return self._background_link
+
+    async def _on(self, link: BrokerLink, method: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``method(*args)`` on the link's loop, from whichever loop we are on."""
+        if link.loop is asyncio.get_running_loop():
+            return await method(*args)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(method, *args), link.loop))
+
+
+async def _call(method: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await method(*args)

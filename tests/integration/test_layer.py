@@ -9,7 +9,7 @@ import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker, LayerFactory
+from tests.conftest import Broker, LayerFactory, link_of
 
 
 async def receive(layer: RabbitmqChannelLayer, channel: str, timeout: float = 5) -> dict:
@@ -73,7 +73,7 @@ async def test_new_channel_names_are_unique_and_of_this_process(make_layer: Laye
     layer = make_layer()
     names = {await layer.new_channel() for _ in range(1000)}
     assert len(names) == 1000
-    assert all(name.startswith(layer.queue_name + "!") for name in names)
+    assert all(name.startswith(link_of(layer).queue_name + "!") for name in names)
     assert all(len(name) < 100 for name in names)
 
 
@@ -194,13 +194,13 @@ async def test_queue_is_bound_on_first_member_and_unbound_on_last(
     one, two = await layer.new_channel(), await layer.new_channel()
     await layer.group_add("room", one)
     await layer.group_add("room", two)
-    assert (layer.queue_name, "room") in broker.bindings()
+    assert (link_of(layer).queue_name, "room") in broker.bindings()
     await layer.group_discard("room", one)
-    assert (layer.queue_name, "room") in broker.bindings()
+    assert (link_of(layer).queue_name, "room") in broker.bindings()
     await layer.group_discard("room", two)
     await layer.group_discard("room", two)  # not a member any more: no error
     await layer.group_discard("never-joined", one)
-    assert (layer.queue_name, "room") not in broker.bindings()
+    assert (link_of(layer).queue_name, "room") not in broker.bindings()
 
 
 async def test_discarded_member_gets_no_more_group_messages(make_layer: LayerFactory) -> None:
@@ -228,7 +228,7 @@ async def test_group_membership_expires_after_group_expiry(make_layer: LayerFact
     channel = await receiver.new_channel()
     await receiver.group_add("short", channel)
     await asyncio.sleep(2.5)
-    assert (receiver.queue_name, "short") not in broker.bindings()
+    assert (link_of(receiver).queue_name, "short") not in broker.bindings()
     await sender.group_send("short", {"type": "m"})
     await assert_nothing_arrives(receiver, channel, 0.3)
 
@@ -253,7 +253,8 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
     receiver, producer = make_layer(), make_layer()
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
-    connection = await producer._link.connection()
+    await producer.new_channel()
+    connection = await link_of(producer).connection()
     body = msgpack.packb({"type": "from.elsewhere", "n": 1})
     assert await connection.publish(PUBLISH_CHANNEL, b"groups", b"room", b"\x00\x00", body)
     assert await receive(receiver, channel) == {"type": "from.elsewhere", "n": 1}
@@ -265,7 +266,7 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
 async def test_queue_is_declared_with_capacity_and_ttl(make_layer: LayerFactory, broker: Broker) -> None:
     layer = make_layer(remote_capacity=7, expiry=30)
     await layer.new_channel()
-    queue = broker.queue(layer.queue_name)
+    queue = broker.queue(link_of(layer).queue_name)
     assert queue["exclusive"] is True
     assert {name: value for name, _type, value in queue["arguments"]} == {
         "x-max-length": 7,
@@ -320,8 +321,8 @@ async def test_local_capacity_bounds_what_the_process_holds(make_layer: LayerFac
     for i in range(50):
         await sender.send(channel, {"type": "m", "i": i})
     await asyncio.sleep(0.5)
-    assert receiver._router.held <= 3 + 2
-    assert broker.queue(receiver.queue_name)["messages"] >= 50 - 5
+    assert link_of(receiver).router.held <= 3 + 2
+    assert broker.queue(link_of(receiver).queue_name)["messages"] >= 50 - 5
     assert [(await receive(receiver, channel))["i"] for _ in range(50)] == list(range(50))
 
 
@@ -343,10 +344,10 @@ async def test_buffers_of_channels_nobody_reads_are_freed(make_layer: LayerFacto
     for channel in channels:
         await sender.send(channel, {"type": "unread"})
     await asyncio.sleep(0.3)
-    assert receiver._router.inbox_count > 0
+    assert link_of(receiver).router.inbox_count > 0
     await asyncio.sleep(2.5)
-    assert receiver._router.inbox_count == 0
-    assert receiver._router.held == 0
+    assert link_of(receiver).router.inbox_count == 0
+    assert link_of(receiver).router.held == 0
 
 
 # Flush, close, cancellation ---------------------------------------------------------------------
@@ -361,8 +362,8 @@ async def test_flush_empties_buffers_queue_and_groups(make_layer: LayerFactory, 
     await asyncio.sleep(0.3)
     assert "flush" in receiver.extensions
     await receiver.flush()
-    assert broker.queue(receiver.queue_name)["messages"] == 0
-    assert (receiver.queue_name, "room") not in broker.bindings()
+    assert broker.queue(link_of(receiver).queue_name)["messages"] == 0
+    assert (link_of(receiver).queue_name, "room") not in broker.bindings()
     await sender.group_send("room", {"type": "group"})
     await sender.send(channel, {"type": "after"})
     assert await receive(receiver, channel) == {"type": "after"}
@@ -373,6 +374,7 @@ async def test_close_makes_pending_and_later_receives_raise_stop_consumer(
 ) -> None:
     layer = make_layer()
     channel = await layer.new_channel()
+    queue_name = link_of(layer).queue_name
     pending = asyncio.ensure_future(layer.receive(channel))
     await asyncio.sleep(0.1)
     await layer.close()
@@ -381,7 +383,7 @@ async def test_close_makes_pending_and_later_receives_raise_stop_consumer(
     with pytest.raises(StopConsumer):
         await layer.receive(channel)
     await layer.close()  # idempotent
-    assert all(queue["name"] != layer.queue_name for queue in broker.queues())
+    assert all(queue["name"] != queue_name for queue in broker.queues())
 
 
 async def test_cancelled_receive_loses_nothing(make_layer: LayerFactory) -> None:
@@ -416,6 +418,7 @@ async def test_nothing_is_left_on_the_broker_after_close(make_layer: LayerFactor
     layer = make_layer()
     channel = await layer.new_channel()
     await layer.group_add("room", channel)
+    queue_name = link_of(layer).queue_name
     await layer.close()
-    assert all(queue["name"] != layer.queue_name for queue in broker.queues())
-    assert not {binding for binding in broker.bindings() if binding[0] == layer.queue_name}
+    assert all(queue["name"] != queue_name for queue in broker.queues())
+    assert not {binding for binding in broker.bindings() if binding[0] == queue_name}

@@ -14,7 +14,7 @@ from channels_rabbitmq.broker import PUBLISH_CHANNEL
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
-from tests.conftest import Broker, LayerFactory
+from tests.conftest import Broker, LayerFactory, link_of
 
 
 async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on(
@@ -23,8 +23,9 @@ async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on
     receiver, producer = make_layer(), make_layer()
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
-    connection = await producer._link.connection()
-    queue = receiver.queue_name.encode()
+    await producer.new_channel()
+    connection = await link_of(producer).connection()
+    queue = link_of(receiver).queue_name.encode()
     hostile = [
         (b"", queue, channel_properties(channel), b"\xc1 not msgpack"),
         (b"", queue, channel_properties(channel), msgpack.packb([1, 2, 3])),  # not a map
@@ -61,7 +62,7 @@ async def test_wrong_password_raises_a_clear_error_without_the_password(broker: 
 async def test_unknown_vhost_raises_a_clear_error(broker: Broker) -> None:
     layer = RabbitmqChannelLayer(host=broker.url_for(vhost="no-such-vhost"), connect_timeout=5)
     with pytest.raises(BrokerConnectionError, match="vhost"):
-        await layer.send(f"{layer.queue_name}!x", {"type": "m"})
+        await layer.send("channels.elsewhere!x", {"type": "m"})
     await layer.close()
 
 

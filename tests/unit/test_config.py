@@ -9,6 +9,7 @@ import ssl
 
 import pytest
 
+from channels_rabbitmq.broker import BrokerLink
 from channels_rabbitmq.config import DEFAULT_HOST, BrokerAddress, LayerConfig, parse_amqp_url
 from channels_rabbitmq.core import DEFAULT_MAX_MESSAGE_SIZE, RabbitmqChannelLayer
 
@@ -99,8 +100,12 @@ def test_layer_keeps_the_given_values():
     assert layer.capacity == 8
 
 
-def test_each_layer_has_its_own_queue_name():
-    first, second = RabbitmqChannelLayer(), RabbitmqChannelLayer()
+async def test_each_link_has_its_own_queue_name():
+    loop = asyncio.get_running_loop()
+    first, second = (
+        BrokerLink(RabbitmqChannelLayer().config, loop),
+        BrokerLink(RabbitmqChannelLayer().config, loop),
+    )
     assert first.queue_name.startswith("channels.")
     assert len(first.queue_name) == len("channels.") + 12
     assert first.queue_name != second.queue_name
@@ -380,7 +385,7 @@ def test_layer_repr_and_config_repr_never_contain_the_password():
     assert PASSWORD not in repr(layer)
     assert PASSWORD not in str(layer)
     assert PASSWORD not in repr(layer.config)
-    assert layer.queue_name in repr(layer)
+    assert "amqp://user@host:5672/asgi" in repr(layer)
 
 
 def test_tls_address_uses_tls():
