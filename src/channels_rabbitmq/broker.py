@@ -62,6 +62,7 @@ class BrokerLink:
             capacity=config.local_capacity, expiry=config.expiry, group_expiry=config.group_expiry
         )
         self._group_changes: dict[str, asyncio.Future[None]] = {}
+        self._bridged: dict[str, asyncio.Future[None]] = {}  # see receive_for()
         self.loop_watcher: Any = None  # see core.RabbitmqChannelLayer._close_with_loop
         self._connection: AmqpConnection | None = None
         self._connecting: asyncio.Future[AmqpConnection] | None = None
@@ -102,6 +103,7 @@ class BrokerLink:
     async def _connect(self) -> AmqpConnection:
         config = self.config
         address = config.address
+        started = time.monotonic()
         connection = await AmqpConnection.connect(
             address.host,
             address.port,
@@ -127,8 +129,9 @@ class BrokerLink:
             on_deliveries_done=self._ack_deliveries,
             on_lost=self._on_lost,
         )
+        remaining = max(0.1, config.connect_timeout - (time.monotonic() - started))
         try:
-            await asyncio.wait_for(self._set_up(connection), config.connect_timeout)
+            await asyncio.wait_for(self._set_up(connection), remaining)
         except BaseException as error:
             await connection.close()
             if isinstance(error, asyncio.TimeoutError):
@@ -178,13 +181,14 @@ class BrokerLink:
                     raise
                 await asyncio.sleep(0.1)
         await asyncio.gather(*(self._bind_on(connection, group) for group in list(self.router.groups)))
-        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()])
+        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()], essential=True)
         await connection.open_channel(
             CONSUME_CHANNEL,
             [
                 commands.Basic.Qos(prefetch_count=config.prefetch_count),
                 commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
             ],
+            essential=True,
         )
 
     def _on_lost(self, error: BrokerConnectionError) -> None:
@@ -280,14 +284,14 @@ class BrokerLink:
         return f"{self._channel_prefix}{random_name(12)}"
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        if not self.is_connected:
-            if self._closed:
-                raise StopConsumer()
-            await self.connection()
         router = self.router
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
             return message
+        if not self.is_connected:
+            if self._closed:
+                raise StopConsumer()
+            await self.connection()
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
         try:
@@ -306,26 +310,55 @@ class BrokerLink:
 
         The message travels to ``result`` on ``caller``; if that receive() was cancelled
         meanwhile, or its loop is gone, the message is put back for the next receive().
+        Such receives of one channel take their turns: the next one starts only once the
+        previous message has reached its caller or is back in the inbox, so that a
+        cancelled receive never lets a later message overtake an earlier one.
         """
+        previous = self._bridged.get(channel)
+        settled: asyncio.Future[None] = self.loop.create_future()
+        self._bridged[channel] = settled
+
+        def finish() -> None:
+            if not settled.done():
+                settled.set_result(None)
+            if self._bridged.get(channel) is settled:
+                del self._bridged[channel]
+
         try:
+            if previous is not None:
+                await asyncio.shield(previous)
             message = await self.receive(channel)
         except asyncio.CancelledError:
+            finish()
             raise
         except BaseException as error:
             _call_on(caller, _settle_exception, result, error)
+            finish()
             return
 
-        def settle() -> None:
-            if result.done():
-                _call_on(self.loop, self._put_back, channel, message)
+        def put_back_and_finish() -> None:
+            self._put_back(channel, message)
+            finish()
+
+        def settle() -> None:  # on the caller's loop
+            if result.done():  # that receive() was cancelled meanwhile
+                _call_on(self.loop, put_back_and_finish)
             else:
                 result.set_result(message)
+                _call_on(self.loop, finish)
 
-        if not _call_on(caller, settle):
-            self._put_back(channel, message)
+        def watch_caller() -> None:  # a loop closed with our callback pending never runs it
+            if settled.done():
+                return
+            if caller.is_closed():
+                put_back_and_finish()
+            else:
+                self.loop.call_later(0.5, watch_caller)
 
-    def _put_back(self, channel: str, message: dict[str, Any]) -> None:
-        self.router.put_back(channel, message, time.monotonic())
+        if _call_on(caller, settle):
+            self.loop.call_later(0.5, watch_caller)
+        else:
+            put_back_and_finish()
 
     async def group_add(self, group: str, channel: str) -> None:
         if not self.is_connected:
@@ -339,7 +372,11 @@ class BrokerLink:
         else:
             pending = self._group_changes.get(group)
             if pending is not None:  # another group_add is still binding this group
-                await asyncio.shield(pending)
+                try:
+                    await asyncio.shield(pending)
+                except BaseException:
+                    self.router.discard_membership(group, channel)
+                    raise
 
     async def group_discard(self, group: str, channel: str) -> None:
         if self.router.discard_membership(group, channel):

@@ -9,12 +9,12 @@ local members.
 
 One layer object serves every event loop and thread of the process:
 
-- a loop running in the main thread (the ASGI server's, ``asyncio.run()``) gets a
-  :class:`~.broker.BrokerLink` of its own: its connection and queue, used directly;
-  when that loop shuts down, its link is closed with it;
+- a loop running in the main thread that makes channels (the ASGI server's, where
+  consumers live) gets a :class:`~.broker.BrokerLink` of its own: its connection and
+  queue, used directly; when that loop shuts down, its link is closed with it;
 - every other caller (``async_to_sync`` in Celery tasks, management commands and
-  plain threads, each call on a new short-lived loop) uses one shared link on the
-  layer's own I/O thread (:mod:`.background`);
+  plain threads, each call on a new short-lived loop; scripts that only send) uses
+  one shared link on the layer's own I/O thread (:mod:`.background`);
 - a channel is received by the link that made it; ``receive()`` and group calls for
   it from another loop are carried to that link's loop.
 
@@ -82,7 +82,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             heartbeat=heartbeat,
             max_message_size=max_message_size,
         )
-        super().__init__(expiry=int(expiry), capacity=remote_capacity)
+        super().__init__(expiry=expiry, capacity=remote_capacity)  # type: ignore[arg-type]
         self.group_expiry = group_expiry
         self._groups_exchange = groups_exchange.encode()
         self._full_group_log = RateLimitedLogger(logger)
@@ -109,7 +109,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         The name is ``<queue>!<random>``; ``prefix`` is not used. The first call on a
         loop connects, so that messages sent to the channel have a queue to go to.
         """
-        link = await self._link_for_this_loop()
+        link = await self._link_for_this_loop(receiving=True)
         return await self._on(link, link.new_channel)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
@@ -241,8 +241,15 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             )
         return link
 
-    async def _link_for_this_loop(self) -> BrokerLink:
-        """This loop's own link (main thread), or the I/O thread's shared link."""
+    async def _link_for_this_loop(self, receiving: bool = False) -> BrokerLink:
+        """This loop's own link, or the I/O thread's shared link.
+
+        A loop of the main thread gets a link of its own when it makes a channel
+        (``receiving``): that is the ASGI server's loop, where consumers live. Loops that
+        only send, and loops of other threads, share the I/O thread's link, so that a
+        script or task calling ``asyncio.run()`` or ``async_to_sync`` again and again
+        does not open a connection per call.
+        """
         if self._closed:
             raise ChannelLayerClosedError("the channel layer is closed")
         if self._pid != os.getpid():
@@ -251,7 +258,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         link = self._loop_links.get(loop)
         if link is not None:
             return link
-        if threading.current_thread() is not threading.main_thread():
+        if not receiving or threading.current_thread() is not threading.main_thread():
             return self._shared_link()
         link = BrokerLink(self.config, loop)
         with self._lock:

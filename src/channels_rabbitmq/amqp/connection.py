@@ -68,6 +68,7 @@ class AmqpConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._calls: dict[int, deque[tuple[Any, asyncio.Future[Any]]]] = {}
         self._channel_setup: dict[int, list[Any]] = {}
+        self._essential_channels: set[int] = set()
         self._unconfirmed: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
         self._error: BrokerConnectionError | None = None  # why the connection ended, once it has
         self._closing = False
@@ -215,8 +216,15 @@ class AmqpConnection(asyncio.Protocol):
             self._send_request(channel_id, method)
         return future
 
-    async def open_channel(self, channel_id: int, setup: list[Any]) -> None:
-        """Open a channel and run ``setup`` on it; a channel the broker closes is reopened the same way."""
+    async def open_channel(self, channel_id: int, setup: list[Any], *, essential: bool = False) -> None:
+        """Open a channel and run ``setup`` on it.
+
+        When the broker closes the channel, it is reopened and set up the same way; or,
+        for an ``essential`` channel (publishing, consuming), the whole connection is
+        dropped, so that its owner reconnects with every counter and tag fresh.
+        """
+        if essential:
+            self._essential_channels.add(channel_id)
         self._channel_setup[channel_id] = setup
         for method in [commands.Channel.Open(), *setup]:
             future = self.call(channel_id, method)
@@ -230,9 +238,12 @@ class AmqpConnection(asyncio.Protocol):
         """Publish on a confirming channel; the future is True (ack) or False (nack)."""
         if not self.is_open:
             raise self._error or BrokerConnectionError(f"not connected to {self.description}")
+        unconfirmed = self._unconfirmed.get(channel_id)
+        if unconfirmed is None:
+            raise BrokerConnectionError(f"AMQP channel {channel_id} is not (yet) in confirm mode")
         tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
         future: asyncio.Future[bool] = self._loop.create_future()
-        self._unconfirmed[channel_id][tag] = future
+        unconfirmed[tag] = future
         if not self._flush_scheduled:
             # The first publish of a loop iteration goes out at once (latency); the rest of
             # the iteration's publishes go out together in the flush scheduled here (throughput).
@@ -362,6 +373,14 @@ class AmqpConnection(asyncio.Protocol):
                     future.set_exception(lost)
             pending.clear()
         if self._closing or self._error is not None:
+            return
+        if event.channel_id in self._essential_channels:
+            self._fail(
+                BrokerConnectionError(
+                    f"RabbitMQ closed AMQP channel {event.channel_id} on {self.description}: "
+                    f"{event.reply_code} {event.reply_text}"
+                )
+            )
             return
         # Reopen the channel, set it up again, then go on with the requests still queued.
         reopen = [commands.Channel.Open(), *self._channel_setup.get(event.channel_id, [])]
