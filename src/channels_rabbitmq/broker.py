@@ -394,8 +394,8 @@ class BrokerLink:
 
     async def flush(self) -> None:
         groups = self.router.flush()
-        if self._closed:
-            return
+        if self._closed or not self.is_connected:
+            return  # no queue to purge; the bindings went with the connection
         await self.purge()
         self.router.flush()  # what RabbitMQ had already handed over before the purge
         await asyncio.gather(*(self.unbind(group) for group in groups))
