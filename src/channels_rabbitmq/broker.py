@@ -17,22 +17,25 @@ import asyncio
 import logging
 import random
 import secrets
+import socket
 import string
 import time
 from collections.abc import Awaitable
 from typing import Any
 
+import msgpack
 from channels.exceptions import StopConsumer
 from pamqp import commands
 
 from . import __version__
 from .amqp.connection import AmqpConnection
 from .amqp.protocol import Credentials, Delivery, UndecodableDelivery
-from .config import LayerConfig
+from .config import BrokerAddress, LayerConfig
+from .encryption import BodyCipher
 from .exceptions import BrokerConnectionError, BrokerRefusedError, ChannelLayerClosedError
 from .logs import RateLimitedLogger
 from .routing import EMPTY, LocalRouter
-from .wire import CHANNEL_HEADER, MalformedMessage, decode_message
+from .wire import CHANNEL_HEADER, MalformedMessage, channel_properties, decode_message
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +46,7 @@ CONTROL_CHANNEL = 3
 _ALPHABET = string.ascii_letters + string.digits
 
 RESOURCE_LOCKED = 405
-RECONNECT_DELAY_MIN = 0.1
-RECONNECT_DELAY_MAX = 10.0
+PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
 
 class BrokerLink:
@@ -63,6 +65,11 @@ class BrokerLink:
         )
         self._group_changes: dict[str, asyncio.Future[None]] = {}
         self._bridged: dict[str, asyncio.Future[None]] = {}  # see receive_for()
+        self._ever_connected = False
+        self._up = asyncio.Event()  # set while connected
+        self._last_error: BrokerConnectionError | None = None
+        self._probe: tuple[str, asyncio.Future[None]] | None = None
+        self._cipher = BodyCipher(config.encryption_keys) if config.encryption_keys else None
         self.loop_watcher: Any = None  # see core.RabbitmqChannelLayer._close_with_loop
         self._connection: AmqpConnection | None = None
         self._connecting: asyncio.Future[AmqpConnection] | None = None
@@ -84,33 +91,116 @@ class BrokerLink:
         return self._closed
 
     async def connection(self) -> AmqpConnection:
-        """The open connection; connects (or waits for a reconnection) when there is none."""
+        """The open connection.
+
+        The first time, connect now and raise at once if that fails (a wrong URL,
+        password or vhost must not make callers wait). After an outage began, wait for
+        the background reconnection at most ``connection_wait`` seconds, then raise
+        :class:`BrokerConnectionError`.
+        """
         connection = self._connection
         if connection is not None and connection.is_open:
             return connection
         if self._closed:
             raise ChannelLayerClosedError("the channel layer is closed")
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._connect())
-            self._connecting.add_done_callback(self._connect_done)
-        return await asyncio.shield(self._connecting)
+        if not self._ever_connected:
+            if self._connecting is None:
+                self._connecting = asyncio.ensure_future(self._connect_first())
+                self._connecting.add_done_callback(self._connect_done)
+            return await asyncio.shield(self._connecting)
+        self._start_reconnecting()
+        wait = self.config.connection_wait
+        try:
+            await asyncio.wait_for(self._up.wait(), wait)
+        except asyncio.TimeoutError:
+            raise BrokerConnectionError(
+                f"RabbitMQ ({self.config.description}) has been unreachable for connection_wait={wait:g}s: "
+                f"{self._last_error}"
+            ) from None
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            raise self._last_error or BrokerConnectionError("the connection was lost again")
+        return connection
+
+    @property
+    def is_connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and connection.is_open
 
     def _connect_done(self, future: asyncio.Future[AmqpConnection]) -> None:
         self._connecting = None
         if not future.cancelled():
             future.exception()  # retrieved here; callers got it through shield()
 
-    async def _connect(self) -> AmqpConnection:
+    async def _connect_first(self) -> AmqpConnection:
+        connection = await self._connect_any()
+        self._install(connection)
+        return connection
+
+    def _install(self, connection: AmqpConnection) -> None:
+        self._connection = connection
+        self._ever_connected = True
+        self._last_error = None
+        self._up.set()
+        self._schedule_housekeeping()
+        self._ack_deliveries()  # what arrived while we were still setting up
+
+    async def _connect_any(self) -> AmqpConnection:
+        """Connect to the first node that answers: each URL in order, each of its addresses in turn.
+
+        Reconnections start at a random node, which spreads the processes of a cluster's
+        failed node over the others. The whole attempt takes at most ``connect_timeout``.
+        """
+        loop = asyncio.get_running_loop()
+        addresses = list(self.config.addresses)
+        if self._ever_connected and len(addresses) > 1:
+            start = random.randrange(len(addresses))
+            addresses = addresses[start:] + addresses[:start]
+        deadline = loop.time() + self.config.connect_timeout
+        targets: list[tuple[BrokerAddress, str]] = []
+        errors: list[str] = []
+        for address in addresses:
+            try:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM),
+                    max(0.001, deadline - loop.time()),
+                )
+            except (OSError, asyncio.TimeoutError) as error:
+                errors.append(f"cannot resolve {address.host} ({address}): {error or 'timed out'}")
+                continue
+            seen: list[str] = []
+            for *_, sockaddr in infos:
+                if sockaddr[0] not in seen:
+                    seen.append(sockaddr[0])
+            targets += [(address, ip) for ip in seen]
+        for index, (address, ip) in enumerate(targets):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                errors.append(f"connect_timeout={self.config.connect_timeout:g}s ran out")
+                break
+            if self._closed:
+                raise ChannelLayerClosedError("the channel layer was closed while connecting")
+            try:
+                return await self._connect(address, ip, remaining / (len(targets) - index))
+            except BrokerConnectionError as error:
+                errors.append(str(error))
+        if len(errors) == 1:
+            raise BrokerConnectionError(errors[0])
+        raise BrokerConnectionError("could not connect to any broker: " + "; ".join(errors))
+
+    async def _connect(self, address: BrokerAddress, ip: str, timeout: float) -> AmqpConnection:
+        """Connect to one node and set the link up there (queue, bindings, consumer, probe)."""
         config = self.config
-        address = config.address
         started = time.monotonic()
+        described = str(address) if ip == address.host else f"{address} ({ip})"
         connection = await AmqpConnection.connect(
-            address.host,
+            ip,
             address.port,
             Credentials(address.username, address.password),
             address.virtual_host,
             ssl_context=config.ssl_context,
-            timeout=config.connect_timeout,
+            server_hostname=address.host,
+            timeout=timeout,
             heartbeat=config.heartbeat,
             client_properties={
                 "product": "channels_rabbitmq",
@@ -124,28 +214,32 @@ class BrokerLink:
                     "authentication_failure_close": True,
                 },
             },
-            description=str(address),
+            description=described,
             on_delivery=self._on_delivery,
             on_deliveries_done=self._ack_deliveries,
             on_lost=self._on_lost,
         )
-        remaining = max(0.1, config.connect_timeout - (time.monotonic() - started))
+        remaining = max(0.1, timeout - (time.monotonic() - started))
         try:
             await asyncio.wait_for(self._set_up(connection), remaining)
         except BaseException as error:
+            self._probe = None
             await connection.close()
             if isinstance(error, asyncio.TimeoutError):
                 raise BrokerConnectionError(
-                    f"{address} did not finish declaring the queue within connect_timeout="
+                    f"{described} did not finish setting up the queue within connect_timeout="
                     f"{config.connect_timeout:g}s"
+                ) from None
+            if isinstance(error, BrokerRefusedError):
+                raise BrokerConnectionError(
+                    f"{described}: RabbitMQ refused {error.request} while setting up: "
+                    f"{error.reply_code} {error.reply_text} (the user needs configure, write and read "
+                    "permissions on the vhost)"
                 ) from None
             raise
         if self._closed:
             await connection.close()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
-        self._connection = connection
-        self._schedule_housekeeping()
-        self._ack_deliveries()  # what arrived while we were still setting up
         return connection
 
     async def _set_up(self, connection: AmqpConnection) -> None:
@@ -190,31 +284,55 @@ class BrokerLink:
             ],
             essential=True,
         )
+        # Never "open but deaf": a message to ourselves must come back before we say we are up.
+        probe = f"{self._channel_prefix}probe.{random_name(12)}"
+        self._probe = (probe, asyncio.get_running_loop().create_future())
+        accepted = await connection.publish(
+            PUBLISH_CHANNEL,
+            b"",
+            self.queue_name.encode(),
+            channel_properties(probe),
+            self._cipher.seal(PROBE_BODY) if self._cipher is not None else PROBE_BODY,
+        )
+        if not accepted:
+            raise BrokerConnectionError(f"{connection.description} refused the probe message")
+        await self._probe[1]
+        self._probe = None
 
     def _on_lost(self, error: BrokerConnectionError) -> None:
         self._connection = None
+        self._up.clear()
+        self._last_error = error
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self._closed:
             return
-        logger.warning("%s; reconnecting", error)
-        if self._reconnecting is None or self._reconnecting.done():
+        logger.warning("%s; reconnecting", error)  # one warning per outage
+        self._start_reconnecting()
+
+    def _start_reconnecting(self) -> None:
+        if not self._closed and (self._reconnecting is None or self._reconnecting.done()):
             self._reconnecting = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self) -> None:
-        delay = RECONNECT_DELAY_MIN
+        """Reconnect in the background: capped exponential backoff with jitter."""
+        delay = self.config.reconnect_delay_min
         started = time.monotonic()
         while not self._closed:
             try:
-                await self.connection()
+                connection = await self._connect_any()
             except ChannelLayerClosedError:
                 return
-            except (BrokerConnectionError, BrokerRefusedError) as error:
-                logger.debug("reconnect failed: %s", error)
+            except BrokerConnectionError as error:
+                self._last_error = error
+                logger.debug("reconnecting failed: %s", error)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, RECONNECT_DELAY_MAX)
+                delay = min(delay * 2, self.config.reconnect_delay_max)
                 continue
-            logger.warning("reconnected to %s after %.1fs", self.config.address, time.monotonic() - started)
+            self._install(connection)
+            logger.warning(
+                "reconnected to %s after %.1fs", connection.description, time.monotonic() - started
+            )
             return
 
     # Deliveries -----------------------------------------------------------------------------
@@ -224,14 +342,17 @@ class BrokerLink:
         if type(delivery) is UndecodableDelivery:
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
             return
+        body = delivery.body
         try:
-            message = decode_message(delivery.body)
+            if self._cipher is not None:
+                body = self._cipher.open(body)
+            message = decode_message(body)
         except MalformedMessage as error:
             self._dropped_log.warning("dropped a message from the wire: %s", error)
             return
         now = time.monotonic()
         if delivery.exchange == self._groups_exchange:
-            self.router.deliver_to_group(delivery.routing_key, message, delivery.body, now)
+            self.router.deliver_to_group(delivery.routing_key, message, body, now)
             return
         headers = delivery.headers
         channel = headers.get(CHANNEL_HEADER) if headers else None
@@ -241,6 +362,10 @@ class BrokerLink:
                 CHANNEL_HEADER,
                 self.queue_name,
             )
+            return
+        if self._probe is not None and channel == self._probe[0]:
+            if not self._probe[1].done():
+                self._probe[1].set_result(None)
             return
         self.router.deliver(channel, message, now)
 
@@ -279,7 +404,7 @@ class BrokerLink:
     # The layer's operations, on this link's loop ------------------------------------------------
 
     async def new_channel(self) -> str:
-        if not self.is_connected:
+        if not self._ever_connected:
             await self.connection()  # the queue must exist before anyone sends to the channel
         return f"{self._channel_prefix}{random_name(12)}"
 
@@ -288,10 +413,11 @@ class BrokerLink:
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
             return message
-        if not self.is_connected:
-            if self._closed:
-                raise StopConsumer()
+        if self._closed:
+            raise StopConsumer()
+        if not self._ever_connected:
             await self.connection()
+        # During an outage, keep waiting: the reconnection re-declares the queue.
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
         try:
@@ -361,11 +487,15 @@ class BrokerLink:
             put_back_and_finish()
 
     async def group_add(self, group: str, channel: str) -> None:
-        if not self.is_connected:
+        if not self._ever_connected:
             await self.connection()
         if self.router.add_membership(group, channel, time.monotonic()):
+            if not self.is_connected:
+                return  # an outage: the reconnection binds every group that has members
             try:
                 await self._change_binding(group, self.bind)
+            except BrokerConnectionError:
+                pass  # lost mid-way: the reconnection binds every group that has members
             except BaseException:
                 self.router.discard_membership(group, channel)
                 raise
@@ -374,6 +504,8 @@ class BrokerLink:
             if pending is not None:  # another group_add is still binding this group
                 try:
                     await asyncio.shield(pending)
+                except BrokerConnectionError:
+                    pass
                 except BaseException:
                     self.router.discard_membership(group, channel)
                     raise
@@ -414,11 +546,6 @@ class BrokerLink:
     ) -> bool:
         connection = await self.connection()
         return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
-
-    @property
-    def is_connected(self) -> bool:
-        connection = self._connection
-        return connection is not None and connection.is_open
 
     async def bind(self, group: str) -> None:
         await self._bind_on(await self.connection(), group)

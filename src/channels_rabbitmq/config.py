@@ -6,6 +6,7 @@ from sync code.
 
 from __future__ import annotations
 
+import base64
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ def _without_password(url: str) -> str:
 class LayerConfig:
     """Every CONFIG key of the layer, checked. See the README for what each one means."""
 
-    address: BrokerAddress
+    addresses: tuple[BrokerAddress, ...]  # cluster nodes, in the order given
     expiry: float
     group_expiry: float
     local_capacity: int
@@ -107,12 +108,26 @@ class LayerConfig:
     connect_timeout: float
     heartbeat: int
     max_message_size: int
+    connection_wait: float
+    reconnect_delay_min: float
+    reconnect_delay_max: float
+    encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The first broker address (the one named in logs when there is only one)."""
+        return self.addresses[0]
+
+    @property
+    def description(self) -> str:
+        """The broker address(es), without passwords."""
+        return ", ".join(str(address) for address in self.addresses)
 
     @classmethod
     def build(
         cls,
         *,
-        host: str,
+        host: str | list[str] | tuple[str, ...],
         expiry: float,
         group_expiry: float,
         local_capacity: int,
@@ -123,19 +138,37 @@ class LayerConfig:
         connect_timeout: float,
         heartbeat: int,
         max_message_size: int,
+        connection_wait: float = 10,
+        reconnect_delay_min: float = 0.1,
+        reconnect_delay_max: float = 10,
+        encryption_keys: list[str | bytes] | tuple[str | bytes, ...] | None = None,
     ) -> LayerConfig:
-        address = parse_amqp_url(host)
+        if isinstance(host, list | tuple):
+            if not host:
+                raise ValueError("host is an empty list: name at least one AMQP URL")
+            addresses = tuple(parse_amqp_url(url) for url in host)
+        else:
+            addresses = (parse_amqp_url(host),)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(
                 f"ssl_context must be an ssl.SSLContext or None, got {type(ssl_context).__name__}"
             )
-        if address.uses_tls and ssl_context is None:
+        for address in addresses:
+            if address.uses_tls and ssl_context is None:
+                raise ValueError(
+                    f"host {address} is amqps:// but ssl_context is None: pass an ssl.SSLContext "
+                    "(ssl.create_default_context(cafile=...) verifies the broker)"
+                )
+            if not address.uses_tls and ssl_context is not None:
+                raise ValueError(
+                    f"ssl_context is set but host {address} is amqp://: use amqps:// to connect with TLS"
+                )
+        delay_min = _number("reconnect_delay_min", reconnect_delay_min, minimum=0.001)
+        delay_max = _number("reconnect_delay_max", reconnect_delay_max, minimum=0.001)
+        if delay_max < delay_min:
             raise ValueError(
-                "host is amqps:// but ssl_context is None: pass an ssl.SSLContext "
-                "(ssl.create_default_context(cafile=...) verifies the broker)"
+                f"reconnect_delay_max ({delay_max:g}) must not be below reconnect_delay_min ({delay_min:g})"
             )
-        if not address.uses_tls and ssl_context is not None:
-            raise ValueError("ssl_context is set but host is amqp://: use amqps:// to connect with TLS")
         if not isinstance(groups_exchange, str):
             raise TypeError(f"groups_exchange must be a string, got {type(groups_exchange).__name__}")
         if not _EXCHANGE_NAME.match(groups_exchange):
@@ -148,7 +181,7 @@ class LayerConfig:
                 f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}"
             )
         return cls(
-            address=address,
+            addresses=addresses,
             expiry=_number("expiry", expiry, minimum=0.001),
             group_expiry=_number("group_expiry", group_expiry, minimum=0.001),
             local_capacity=_integer("local_capacity", local_capacity, 1, 10_000_000),
@@ -159,7 +192,37 @@ class LayerConfig:
             connect_timeout=_number("connect_timeout", connect_timeout, minimum=0.001),
             heartbeat=_integer("heartbeat", heartbeat, 0, 65535),
             max_message_size=_integer("max_message_size", max_message_size, 1, 128 * 1024 * 1024),
+            connection_wait=_number("connection_wait", connection_wait, minimum=0),
+            reconnect_delay_min=delay_min,
+            reconnect_delay_max=delay_max,
+            encryption_keys=_encryption_keys(encryption_keys),
         )
+
+
+def _encryption_keys(keys: object) -> tuple[bytes, ...]:
+    """Check the keys (Fernet keys: 32 bytes, URL-safe base64); () when encryption is off."""
+    if keys is None:
+        return ()
+    if isinstance(keys, str | bytes) or not isinstance(keys, list | tuple):
+        raise TypeError("encryption_keys must be a list of keys (the first encrypts, any decrypts)")
+    if not keys:
+        raise ValueError("encryption_keys is an empty list: give at least one key, or None to turn it off")
+    checked = []
+    for index, key in enumerate(keys):
+        raw = key.encode() if isinstance(key, str) else key
+        if not isinstance(raw, bytes):
+            raise TypeError(f"encryption_keys[{index}] must be str or bytes, got {type(key).__name__}")
+        try:
+            decoded = base64.urlsafe_b64decode(raw)
+        except ValueError:
+            decoded = b""
+        if len(decoded) != 32:
+            raise ValueError(
+                f"encryption_keys[{index}] is not a key: expected 32 bytes in URL-safe base64 "
+                "(make one with channels_rabbitmq.encryption.generate_key())"
+            )
+        checked.append(raw)
+    return tuple(checked)
 
 
 def _number(key: str, value: object, *, minimum: float) -> float:

@@ -32,12 +32,13 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from channels.exceptions import ChannelFull, StopConsumer
+from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 from channels.layers import BaseChannelLayer
 
 from .background import BackgroundLoop
 from .broker import BrokerLink
 from .config import DEFAULT_HOST, LayerConfig
+from .encryption import BodyCipher
 from .exceptions import ChannelLayerClosedError
 from .logs import RateLimitedLogger
 from .wire import NO_PROPERTIES, channel_properties, encode_message
@@ -56,7 +57,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
 
     def __init__(
         self,
-        host: str = DEFAULT_HOST,
+        host: str | list[str] = DEFAULT_HOST,
         *,
         expiry: float = 60,
         group_expiry: float = 86400,
@@ -68,6 +69,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         connect_timeout: float = 10,
         heartbeat: int = 60,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connection_wait: float = 10,
+        reconnect_delay_min: float = 0.1,
+        reconnect_delay_max: float = 10,
+        encryption_keys: list[str | bytes] | None = None,
     ) -> None:
         self.config = LayerConfig.build(
             host=host,
@@ -81,7 +86,12 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             connect_timeout=connect_timeout,
             heartbeat=heartbeat,
             max_message_size=max_message_size,
+            connection_wait=connection_wait,
+            reconnect_delay_min=reconnect_delay_min,
+            reconnect_delay_max=reconnect_delay_max,
+            encryption_keys=encryption_keys,
         )
+        self._cipher = BodyCipher(self.config.encryption_keys) if self.config.encryption_keys else None
         super().__init__(expiry=expiry, capacity=remote_capacity)  # type: ignore[arg-type]
         self.group_expiry = group_expiry
         self._groups_exchange = groups_exchange.encode()
@@ -99,7 +109,17 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         self._background_link: BrokerLink | None = None
 
     def __repr__(self) -> str:
-        return f"<RabbitmqChannelLayer {self.config.address}>"
+        return f"<RabbitmqChannelLayer {self.config.description}>"
+
+    def _encode(self, message: dict[str, Any]) -> bytes:
+        """The body to publish: msgpack, sealed when ``encryption_keys`` are set; size-checked."""
+        limit = self.config.max_message_size
+        body = encode_message(message, limit)
+        if self._cipher is not None:
+            body = self._cipher.seal(body)
+            if len(body) > limit:
+                raise MessageTooLarge(f"message is {len(body)} bytes encrypted; max_message_size is {limit}")
+        return body
 
     # Channels -----------------------------------------------------------------------------------
 
@@ -124,7 +144,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             raise NotImplementedError(
                 f"cannot send to {channel!r}: normal channels (names without '!') are not supported yet"
             )
-        body = encode_message(message, self.config.max_message_size)
+        body = self._encode(message)
         properties = channel_properties(channel)
         link = self._loop_links.get(asyncio.get_running_loop())
         if link is not None:  # the fast path: this loop's own link
@@ -175,7 +195,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""
         self.require_valid_group_name(group)
-        body = encode_message(message, self.config.max_message_size)
+        body = self._encode(message)
         link = self._loop_links.get(asyncio.get_running_loop())
         if link is not None:
             accepted = await link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)

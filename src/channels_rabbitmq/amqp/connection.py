@@ -88,6 +88,7 @@ class AmqpConnection(asyncio.Protocol):
         virtual_host: str,
         *,
         ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None = None,
         timeout: float,
         heartbeat: int,
         client_properties: dict[str, Any],
@@ -115,7 +116,7 @@ class AmqpConnection(asyncio.Protocol):
                 host,
                 port,
                 ssl=ssl_context,
-                server_hostname=host if ssl_context is not None else None,
+                server_hostname=(server_hostname or host) if ssl_context is not None else None,
             )
             await connection._opened
 
