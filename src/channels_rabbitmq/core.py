@@ -46,6 +46,7 @@ from .wire import NO_PROPERTIES, channel_properties, encode_message
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
+NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
 
 T = TypeVar("T")
 
@@ -63,7 +64,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         group_expiry: float = 86400,
         local_capacity: int = 100,
         remote_capacity: int = 100,
-        prefetch_count: int = 10,
+        prefetch_count: int = 100,
         groups_exchange: str = "groups",
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10,
@@ -98,6 +99,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         self._full_group_log = RateLimitedLogger(logger)
         self._closed = False
         self._lock = threading.Lock()
+        # Names already checked (the check is pure): channels received on; send targets.
+        self._valid_channels: set[str] = set()
+        self._send_targets: dict[str, tuple[bytes, bytes]] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -138,29 +142,45 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         Raises ``ChannelFull`` when the channel's process already has
         ``remote_capacity`` messages waiting in RabbitMQ.
         """
+        target = self._send_targets.get(channel)
+        if target is None:
+            target = self._send_target(channel)
+        routing_key, properties = target
+        body = self._encode(message)
+        link = self._loop_links.get(asyncio.get_running_loop())
+        if link is not None:  # the fast path: this loop's own link
+            accepted = await link.publish(b"", routing_key, properties, body)
+        else:
+            link = await self._link_for_this_loop()
+            accepted = await self._on(link, link.publish, b"", routing_key, properties, body)
+        if not accepted:
+            raise ChannelFull(
+                f"RabbitMQ refused the message: queue {routing_key.decode()} is at remote_capacity"
+            )
+
+    def _send_target(self, channel: str) -> tuple[bytes, bytes]:
+        """Check a channel name once; remember where its messages go (routing key, properties)."""
         self.require_valid_channel_name(channel)
         queue, bang, _local = channel.partition("!")
         if not bang:
             raise NotImplementedError(
                 f"cannot send to {channel!r}: normal channels (names without '!') are not supported yet"
             )
-        body = self._encode(message)
-        properties = channel_properties(channel)
-        link = self._loop_links.get(asyncio.get_running_loop())
-        if link is not None:  # the fast path: this loop's own link
-            accepted = await link.publish(b"", queue.encode(), properties, body)
-        else:
-            link = await self._link_for_this_loop()
-            accepted = await self._on(link, link.publish, b"", queue.encode(), properties, body)
-        if not accepted:
-            raise ChannelFull(f"RabbitMQ refused the message: queue {queue} is at remote_capacity")
+        if len(self._send_targets) >= NAME_CACHE_SIZE:
+            self._send_targets.clear()
+        target = self._send_targets[channel] = (queue.encode(), channel_properties(channel))
+        return target
 
     async def receive(self, channel: str) -> dict[str, Any]:
         """Return the next message for a channel of this process, waiting for one if needed.
 
         A cancelled ``receive()`` loses nothing. After ``close()`` it raises ``StopConsumer``.
         """
-        self.require_valid_channel_name(channel)
+        if channel not in self._valid_channels:
+            self.require_valid_channel_name(channel)
+            if len(self._valid_channels) >= NAME_CACHE_SIZE:
+                self._valid_channels.clear()
+            self._valid_channels.add(channel)
         link = self._owner(channel, "receive on")
         if link.loop is asyncio.get_running_loop():
             return await link.receive(channel)

@@ -21,7 +21,7 @@ DEFAULTS = {
     "group_expiry": 86400,
     "local_capacity": 100,
     "remote_capacity": 100,
-    "prefetch_count": 10,
+    "prefetch_count": 100,
     "groups_exchange": "groups",
     "ssl_context": None,
     "connect_timeout": 10,
@@ -63,7 +63,7 @@ def test_layer_defaults():
     assert config.group_expiry == 86400.0
     assert config.local_capacity == 100
     assert config.remote_capacity == 100
-    assert config.prefetch_count == 10
+    assert config.prefetch_count == 100
     assert config.groups_exchange == "groups"
     assert config.ssl_context is None
     assert config.connect_timeout == 10.0

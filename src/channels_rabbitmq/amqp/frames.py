@@ -8,6 +8,7 @@ else (handshake, declarations, errors) goes through pamqp.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -63,14 +64,8 @@ def encode_publish(
     ``properties`` is the encoded property flags and values (``b"\\x00\\x00"`` for none);
     ``exchange`` and ``routing_key`` are at most 255 bytes each.
     """
-    method_size = 9 + len(exchange) + len(routing_key)  # ids, ticket, 2 lengths, bits
     parts = [
-        _publish_start.pack(FRAME_METHOD, channel_id, method_size, BASIC_CLASS, BASIC_PUBLISH, 0),
-        bytes((len(exchange),)),
-        exchange,
-        bytes((len(routing_key),)),
-        routing_key,
-        b"\x00\xce",  # mandatory=False, immediate=False; frame end
+        encode_publish_method(channel_id, exchange, routing_key),
         _content_header.pack(FRAME_HEADER, channel_id, 12 + len(properties), BASIC_CLASS, 0, len(body)),
         properties,
         FRAME_END_BYTE,
@@ -85,6 +80,23 @@ def encode_publish(
             piece = view[start : start + chunk]
             parts += (_body_head.pack(FRAME_BODY, channel_id, len(piece)), piece, FRAME_END_BYTE)
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def encode_publish_method(channel_id: int, exchange: bytes, routing_key: bytes) -> bytes:
+    """The ``basic.publish`` method frame (mandatory and immediate off); the same for every
+    message to one destination, so it is made once."""
+    method_size = 9 + len(exchange) + len(routing_key)  # ids, ticket, 2 lengths, bits
+    return b"".join(
+        (
+            _publish_start.pack(FRAME_METHOD, channel_id, method_size, BASIC_CLASS, BASIC_PUBLISH, 0),
+            bytes((len(exchange),)),
+            exchange,
+            bytes((len(routing_key),)),
+            routing_key,
+            b"\x00\xce",
+        )
+    )
 
 
 def encode_ack(channel_id: int, delivery_tag: int, multiple: bool) -> bytes:
@@ -139,14 +151,14 @@ def decode_string_table(data: bytes | memoryview, offset: int, limit: int) -> di
     table: dict[str, Any] = {}
     while offset < end:
         key_end = offset + 1 + data[offset]
-        key = bytes(data[offset + 1 : key_end]).decode("utf-8", "replace")
+        key = str(data[offset + 1 : key_end], "utf-8", "replace")
         if data[key_end] != 0x53:  # "S": anything but a long string takes the slow path
             return None
         (value_size,) = _uint32.unpack_from(data, key_end + 1)
         offset = key_end + 5 + value_size
         if offset > end:
             raise FrameError("field table entry overruns its table")
-        table[key] = bytes(data[key_end + 5 : offset]).decode("utf-8", "replace")
+        table[key] = str(data[key_end + 5 : offset], "utf-8", "replace")
     return table
 
 
