@@ -98,3 +98,22 @@ async def test_a_silent_server_raises_within_connect_timeout() -> None:
     await asyncio.wait_for(handlers_done.wait(), 5)
     server.close()
     await server.wait_closed()
+
+
+async def test_missing_permissions_raise_a_clear_error(broker: Broker) -> None:
+    from tests.conftest import rabbitmqctl
+
+    user, secret = "channels_rabbitmq_test_noperm", "n0-Perm-pw"
+    rabbitmqctl("add_user", user, secret)
+    try:
+        rabbitmqctl(
+            "set_permissions", "-p", broker.vhost, user, "", "", ""
+        )  # may open the vhost, nothing else
+        layer = RabbitmqChannelLayer(host=broker.url_for(username=user, password=secret), connect_timeout=5)
+        with pytest.raises(BrokerConnectionError, match="ACCESS_REFUSED") as caught:
+            await layer.new_channel()
+        assert "permissions" in str(caught.value)
+        assert secret not in str(caught.value)
+        await layer.close()
+    finally:
+        rabbitmqctl("delete_user", user)
