@@ -36,6 +36,7 @@ class BackgroundLoop:
                 task.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())  # getaddrinfo's threads
         finally:
             asyncio.set_event_loop(None)
             loop.close()
