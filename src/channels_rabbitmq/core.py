@@ -155,7 +155,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             accepted = await self._on(link, link.publish, b"", routing_key, properties, body)
         if not accepted:
             raise ChannelFull(
-                f"RabbitMQ refused the message: queue {routing_key.decode()} is at remote_capacity"
+                f"RabbitMQ refused the message (basic.nack): queue {routing_key.decode()} is at "
+                "remote_capacity, or, rarely, its node is failing"
             )
 
     def _send_target(self, channel: str) -> tuple[bytes, bytes]:
@@ -226,7 +227,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             )
         if not accepted:
             self._full_group_log.warning(
-                "group_send to %r: a member process's queue is at remote_capacity; "
+                "group_send to %r: RabbitMQ refused it for a member process's queue (at remote_capacity, "
+                "or its node failing); "
                 "its members miss the message",
                 group,
             )

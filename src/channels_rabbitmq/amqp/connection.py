@@ -188,7 +188,8 @@ class AmqpConnection(asyncio.Protocol):
                 self._error = BrokerConnectionError(f"the connection to {self.description} was closed")
             else:
                 reason = f": {exc}" if exc else ""
-                self._error = BrokerConnectionError(f"the connection to {self.description} was lost{reason}")
+                what = "was lost" if self._opened.done() else "was closed during the handshake"
+                self._error = BrokerConnectionError(f"the connection to {self.description} {what}{reason}")
         error = self._error
         if not self._opened.done():
             self._opened.set_exception(error)
