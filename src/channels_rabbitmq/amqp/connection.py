@@ -194,10 +194,11 @@ class AmqpConnection(asyncio.Protocol):
         if not self._opened.done():
             self._opened.set_exception(error)
             self._opened.exception()  # retrieved: connect() re-raises it
+        opened = self._opened.done() and not self._opened.cancelled() and self._opened.exception() is None
         self._fail_pending(error)
         if not self._closed.done():
             self._closed.set_result(None)
-        if not self._closing and self._opened.done() and not self._opened.exception():
+        if not self._closing and opened:
             self._on_lost(error)
 
     # Requests -----------------------------------------------------------------------------

@@ -176,7 +176,7 @@ class Deliver:
 def decode_deliver(payload: memoryview) -> Deliver:
     """Parse the arguments of ``basic.deliver`` (the payload after class and method ids)."""
     tag_size = payload[0]
-    consumer_tag = bytes(payload[1 : 1 + tag_size]).decode()
+    consumer_tag = str(payload[1 : 1 + tag_size], "utf-8", "replace")
     offset = 1 + tag_size
     (delivery_tag,) = _delivery_tag.unpack_from(payload, offset)
     redelivered = bool(payload[offset + 8] & 1)
@@ -205,7 +205,7 @@ def decode_method(payload: memoryview) -> Any:
         raise FrameError(f"unknown AMQP method {method_index >> 16}.{method_index & 0xFFFF}") from None
     try:
         method.unmarshal(frame[4:])
-    except (struct.error, ValueError) as error:
+    except (struct.error, ValueError, RecursionError) as error:
         raise FrameError(f"malformed {method.name}: {error}") from None
     return method
 

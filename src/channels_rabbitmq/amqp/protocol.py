@@ -282,7 +282,7 @@ class AmqpProtocol:
                     self._on_body(channel_id, payload, events)
                 elif frame_type != frames.FRAME_HEARTBEAT:
                     raise ProtocolError(f"unknown frame type {frame_type}")
-        except (struct.error, IndexError, UnicodeDecodeError) as error:
+        except (struct.error, IndexError, UnicodeDecodeError, RecursionError) as error:
             raise ProtocolError(f"truncated or malformed frame: {error}") from None
         finally:
             self._leftover = data[offset:] if offset < end else b""
@@ -329,7 +329,7 @@ class AmqpProtocol:
             return 0
         if body_size == 0:
             events.append(
-                Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered))
+                Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered & 1))
             )
             return header_end + 1
         body_start = header_end + 1
@@ -349,7 +349,7 @@ class AmqpProtocol:
                 routing_key,
                 headers,
                 data[body_start + 7 : body_end],
-                bool(redelivered),
+                bool(redelivered & 1),
             )
         )
         return body_end + 1
