@@ -69,6 +69,8 @@ class BrokerLink:
         self._up = asyncio.Event()  # set while connected
         self._last_error: BrokerConnectionError | None = None
         self._probe: tuple[str, asyncio.Future[None]] | None = None
+        # A connection past its queue declaration, not yet installed: group calls bind on it.
+        self._setting_up: AmqpConnection | None = None
         self._cipher = BodyCipher(config.encryption_keys) if config.encryption_keys else None
         self.loop_watcher: Any = None  # see core.RabbitmqChannelLayer._close_with_loop
         self._connection: AmqpConnection | None = None
@@ -224,6 +226,7 @@ class BrokerLink:
             await asyncio.wait_for(self._set_up(connection), remaining)
         except BaseException as error:
             self._probe = None
+            self._setting_up = None
             await connection.close()
             if isinstance(error, asyncio.TimeoutError):
                 raise BrokerConnectionError(
@@ -237,6 +240,7 @@ class BrokerLink:
                     "permissions on the vhost)"
                 ) from None
             raise
+        self._setting_up = None
         if self._closed:
             await connection.close()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
@@ -274,6 +278,9 @@ class BrokerLink:
                 if error.reply_code != RESOURCE_LOCKED or attempt == 49:
                     raise
                 await asyncio.sleep(0.1)
+        # From here on, group_add() and group_discard() bind and unbind on this connection
+        # themselves, so the groups bound below plus theirs are every group with members.
+        self._setting_up = connection
         await asyncio.gather(*(self._bind_on(connection, group) for group in list(self.router.groups)))
         await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()], essential=True)
         await connection.open_channel(
@@ -287,19 +294,26 @@ class BrokerLink:
         # Never "open but deaf": a message to ourselves must come back before we say we are up.
         probe = f"{self._channel_prefix}probe.{random_name(12)}"
         self._probe = (probe, asyncio.get_running_loop().create_future())
-        accepted = await connection.publish(
-            PUBLISH_CHANNEL,
-            b"",
-            self.queue_name.encode(),
-            channel_properties(probe),
-            self._cipher.seal(PROBE_BODY) if self._cipher is not None else PROBE_BODY,
-        )
+        try:
+            accepted = await connection.publish(
+                PUBLISH_CHANNEL,
+                b"",
+                self.queue_name.encode(),
+                channel_properties(probe),
+                self._cipher.seal(PROBE_BODY) if self._cipher is not None else PROBE_BODY,
+            )
+        except BrokerConnectionError:
+            raise BrokerConnectionError(
+                f"the connection to {connection.description} was lost while checking that it receives"
+            ) from None
         if not accepted:
             raise BrokerConnectionError(f"{connection.description} refused the probe message")
         await self._probe[1]
         self._probe = None
 
-    def _on_lost(self, error: BrokerConnectionError) -> None:
+    def _on_lost(self, connection: AmqpConnection, error: BrokerConnectionError) -> None:
+        if connection is not self._connection:
+            return  # an attempt still setting up: it fails by itself, and its caller reports it
         self._connection = None
         self._up.clear()
         self._last_error = error
@@ -490,10 +504,11 @@ class BrokerLink:
         if not self._ever_connected:
             await self.connection()
         if self.router.add_membership(group, channel, time.monotonic()):
-            if not self.is_connected:
+            connection = self._connection if self.is_connected else self._setting_up
+            if connection is None or not connection.is_open:
                 return  # an outage: the reconnection binds every group that has members
             try:
-                await self._change_binding(group, self.bind)
+                await self._change_binding(group, lambda group: self._bind_on(connection, group))
             except BrokerConnectionError:
                 pass  # lost mid-way: the reconnection binds every group that has members
             except BaseException:
@@ -512,7 +527,10 @@ class BrokerLink:
 
     async def group_discard(self, group: str, channel: str) -> None:
         if self.router.discard_membership(group, channel):
-            await self._change_binding(group, self.unbind)
+            connection = self._connection if self.is_connected else self._setting_up
+            if connection is None or not connection.is_open:
+                return  # the binding went with the connection
+            await self._change_binding(group, lambda group: self._unbind_on(connection, group))
 
     async def _change_binding(self, group: str, change: Any) -> None:
         """Bind or unbind; later group calls for the same group wait for it."""
@@ -547,13 +565,16 @@ class BrokerLink:
         connection = await self.connection()
         return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
 
-    async def bind(self, group: str) -> None:
-        await self._bind_on(await self.connection(), group)
-
     async def _bind_on(self, connection: AmqpConnection, group: str) -> None:
         await connection.call(
             CONTROL_CHANNEL,
             commands.Queue.Bind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
+        )
+
+    async def _unbind_on(self, connection: AmqpConnection, group: str) -> None:
+        await connection.call(
+            CONTROL_CHANNEL,
+            commands.Queue.Unbind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
         )
 
     async def unbind(self, group: str) -> None:
@@ -608,4 +629,4 @@ def _settle_exception(result: asyncio.Future[Any], error: BaseException) -> None
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        logger.warning("could not unbind an expired group: %s", future.exception())
+        logger.warning("could not change a group binding: %s", future.exception())

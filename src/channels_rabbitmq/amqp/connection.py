@@ -54,7 +54,7 @@ class AmqpConnection(asyncio.Protocol):
         *,
         on_delivery: DeliveryHandler,
         on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[BrokerConnectionError], None],
+        on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
     ) -> None:
         self.machine = machine
         self.description = description  # the broker address, without password
@@ -95,7 +95,7 @@ class AmqpConnection(asyncio.Protocol):
         description: str,
         on_delivery: DeliveryHandler,
         on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[BrokerConnectionError], None],
+        on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
     ) -> AmqpConnection:
         """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`."""
         machine = AmqpProtocol(
@@ -199,7 +199,7 @@ class AmqpConnection(asyncio.Protocol):
         if not self._closed.done():
             self._closed.set_result(None)
         if not self._closing and opened:
-            self._on_lost(error)
+            self._on_lost(self, error)
 
     # Requests -----------------------------------------------------------------------------
 
@@ -326,8 +326,7 @@ class AmqpConnection(asyncio.Protocol):
         elif isinstance(event, amqp.ConnectionClosed):
             if not event.by_us:
                 self._error = self._describe_close(event)
-                if self._opened.done():
-                    logger.warning("%s", self._error)
+                logger.debug("%s", self._error)  # the owner reports it, once
             self._flush()
             if self._transport is not None:
                 self._transport.close()
