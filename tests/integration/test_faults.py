@@ -304,7 +304,9 @@ async def test_a_stalled_connection_is_noticed_by_heartbeats_and_replaced(
     with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
         proxy.stall()  # only this connection: the reconnection goes through a fresh one
         await eventually(lambda: not link.is_connected, "the stall to be noticed", timeout=10)
-    detected_in = now() - stalled_at
+        detected_in = now() - stalled_at
+        # the warning follows once the aborted transport reports the loss (a loop iteration later)
+        await eventually(lambda: bool(warnings_of(caplog)), "the outage warning", timeout=5)
     # Two heartbeat intervals of silence; the last frame heard came at most an interval before the stall.
     assert 1 <= detected_in < 6
     assert "missed heartbeats" in warnings_of(caplog)[0]
