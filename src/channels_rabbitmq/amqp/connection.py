@@ -72,6 +72,7 @@ class AmqpConnection(asyncio.Protocol):
         self._unconfirmed: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
         self._error: BrokerConnectionError | None = None  # why the connection ended, once it has
         self._closing = False
+        self._lost_reported = False
         self._last_received = self._loop.time()
         self._sent_since_tick = False
         self._heartbeat_timer: asyncio.TimerHandle | None = None
@@ -194,12 +195,10 @@ class AmqpConnection(asyncio.Protocol):
         if not self._opened.done():
             self._opened.set_exception(error)
             self._opened.exception()  # retrieved: connect() re-raises it
-        opened = self._opened.done() and not self._opened.cancelled() and self._opened.exception() is None
         self._fail_pending(error)
         if not self._closed.done():
             self._closed.set_result(None)
-        if not self._closing and opened:
-            self._on_lost(self, error)
+        self._report_lost(error)
 
     # Requests -----------------------------------------------------------------------------
 
@@ -327,6 +326,7 @@ class AmqpConnection(asyncio.Protocol):
             if not event.by_us:
                 self._error = self._describe_close(event)
                 logger.debug("%s", self._error)  # the owner reports it, once
+                self._report_lost(self._error)
             self._flush()
             if self._transport is not None:
                 self._transport.close()
@@ -433,7 +433,16 @@ class AmqpConnection(asyncio.Protocol):
         """End the connection now because of ``error``."""
         if self._error is None:
             self._error = error
+        self._report_lost(self._error)
         self._abort()
+
+    def _report_lost(self, error: BrokerConnectionError) -> None:
+        """Tell the owner, once, as soon as an open connection is known to be over (not for our
+        own close, nor for a connection that never finished its handshake)."""
+        opened = self._opened.done() and not self._opened.cancelled() and self._opened.exception() is None
+        if opened and not self._closing and not self._lost_reported:
+            self._lost_reported = True
+            self._on_lost(self, error)
 
     def _abort(self) -> None:
         if self._transport is not None:
