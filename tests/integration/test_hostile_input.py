@@ -335,6 +335,7 @@ def test_hostile_publishes_are_dropped_or_delivered_and_the_layer_goes_on(broker
             max_examples=50,
             deadline=None,
             database=None,
+            derandomize=True,  # the same examples every run: the tallies below are stable
             phases=[Phase.explicit, Phase.generate],  # no shrinking: the broker's state carries over
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
