@@ -547,7 +547,14 @@ class BrokerLink:
         if self._closed or not self.is_connected:
             return  # no queue to purge; the bindings went with the connection
         await self.purge()
-        self.router.flush()  # what RabbitMQ had already handed over before the purge
+        # Deliveries already on their way were not purged. A request on the consuming channel
+        # is answered after them (one channel's frames keep their order): then drop them too.
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            await connection.call(
+                CONSUME_CHANNEL, commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
+            )
+        self.router.flush()
         await asyncio.gather(*(self.unbind(group) for group in groups))
 
     # Requests -------------------------------------------------------------------------------

@@ -205,8 +205,8 @@ def decode_method(payload: memoryview) -> Any:
         raise FrameError(f"unknown AMQP method {method_index >> 16}.{method_index & 0xFFFF}") from None
     try:
         method.unmarshal(frame[4:])
-    except (struct.error, ValueError, RecursionError) as error:
-        raise FrameError(f"malformed {method.name}: {error}") from None
+    except Exception as error:  # pamqp raises many kinds on hostile arguments
+        raise FrameError(f"malformed {method.name}: {type(error).__name__}: {error}") from None
     return method
 
 

@@ -282,8 +282,10 @@ class AmqpProtocol:
                     self._on_body(channel_id, payload, events)
                 elif frame_type != frames.FRAME_HEARTBEAT:
                     raise ProtocolError(f"unknown frame type {frame_type}")
-        except (struct.error, IndexError, UnicodeDecodeError, RecursionError) as error:
-            raise ProtocolError(f"truncated or malformed frame: {error}") from None
+        except ProtocolError:
+            raise
+        except Exception as error:  # whatever the peer's bytes make a decoder raise
+            raise ProtocolError(f"truncated or malformed frame: {type(error).__name__}: {error}") from None
         finally:
             self._leftover = data[offset:] if offset < end else b""
         return events
