@@ -399,7 +399,7 @@ class Node:
         )
 
 
-def _reachable_tmp() -> str:
+def reachable_tmp() -> str:
     """The temp directory, if the rabbitmq user can reach into it (TMPDIR=/root/... cannot); else /tmp."""
     path = Path(tempfile.gettempdir()).resolve()
     for parent in [path, *path.parents]:
@@ -433,7 +433,7 @@ class Nodes:
         if reason is not None:
             raise NodeError(reason)
         self.token = secrets.token_hex(3)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"channels-rabbitmq-{purpose}-", dir=_reachable_tmp()))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"channels-rabbitmq-{purpose}-", dir=reachable_tmp()))
         self.nodes: list[Node] = []
         self.started_seconds: float | None = None  # launch to every node up
         self.clustered_seconds: float | None = None  # forming the cluster, after that

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -28,8 +29,9 @@ FAST = {"connect_timeout": 3, "reconnect_delay_min": 0.05, "reconnect_delay_max"
 
 
 @pytest.fixture
-async def proxy() -> AsyncIterator[FaultProxy]:
-    async with FaultProxy() as proxy:
+async def proxy(broker: Broker) -> AsyncIterator[FaultProxy]:
+    broker_address = urlsplit(broker.url)
+    async with FaultProxy(broker_address.hostname or "127.0.0.1", broker_address.port or 5672) as proxy:
         yield proxy
     assert not proxy.errors
 
