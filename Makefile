@@ -1,33 +1,38 @@
-# make test   the README's test command: .venv, dependencies, a broker, lint, pytest
+# make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
+# make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, pytest
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
+# Each starts a private RabbitMQ node (scripts/with-broker) when nothing answers at AMQP_URL.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LINTED := src tests bench example scripts/with-broker
 
-.PHONY: test lint format bench clean
+.PHONY: demo test lint format bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e '.[test,bench,demo]'
 	touch $@
 
+demo: $(BIN)/.installed
+	$(BIN)/python scripts/with-broker -- $(BIN)/python example/serve.py
+
 test: $(BIN)/.installed
-	scripts/ensure-broker
+	scripts/ensure-chromium
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 
 format: $(BIN)/.installed
-	$(BIN)/ruff check --fix src tests bench
-	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 bench: $(BIN)/.installed
-	scripts/ensure-broker
-	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m channels_rabbitmq bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts

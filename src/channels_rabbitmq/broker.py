@@ -20,7 +20,7 @@ import secrets
 import socket
 import string
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -28,7 +28,7 @@ from channels.exceptions import StopConsumer
 from pamqp import commands
 
 from . import __version__
-from .amqp.connection import AmqpConnection
+from .amqp.connection import AmqpConnection, DeliveryHandler
 from .amqp.protocol import Credentials, Delivery, UndecodableDelivery
 from .config import BrokerAddress, LayerConfig
 from .encryption import BodyCipher
@@ -170,11 +170,7 @@ class BrokerLink:
             except (OSError, asyncio.TimeoutError) as error:
                 errors.append(f"cannot resolve {address.host} ({address}): {error or 'timed out'}")
                 continue
-            seen: list[str] = []
-            for *_, sockaddr in infos:
-                if sockaddr[0] not in seen:
-                    seen.append(sockaddr[0])
-            targets += [(address, ip) for ip in seen]
+            targets += [(address, ip) for ip in distinct_ips(infos)]
         for index, (address, ip) in enumerate(targets):
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -194,29 +190,13 @@ class BrokerLink:
         """Connect to one node and set the link up there (queue, bindings, consumer, probe)."""
         config = self.config
         started = time.monotonic()
-        described = str(address) if ip == address.host else f"{address} ({ip})"
-        connection = await AmqpConnection.connect(
+        described = describe_target(address, ip)
+        connection = await open_connection(
+            address,
             ip,
-            address.port,
-            Credentials(address.username, address.password),
-            address.virtual_host,
-            ssl_context=config.ssl_context,
-            server_hostname=address.host,
+            config,
             timeout=timeout,
-            heartbeat=config.heartbeat,
-            client_properties={
-                "product": "channels_rabbitmq",
-                "version": __version__,
-                "connection_name": f"channels_rabbitmq {self.queue_name}",
-                "capabilities": {
-                    "publisher_confirms": True,
-                    "basic.nack": True,
-                    "consumer_cancel_notify": True,
-                    "connection.blocked": True,
-                    "authentication_failure_close": True,
-                },
-            },
-            description=described,
+            connection_name=f"channels_rabbitmq {self.queue_name}",
             on_delivery=self._on_delivery,
             on_deliveries_done=self._ack_deliveries,
             on_lost=self._on_lost,
@@ -614,6 +594,63 @@ class BrokerLink:
         connection, self._connection = self._connection, None
         if connection is not None:
             await connection.close()
+
+
+def distinct_ips(infos: list[tuple[Any, ...]]) -> list[str]:
+    """The addresses of a ``getaddrinfo()`` answer, each once, in the resolver's order."""
+    ips: list[str] = []
+    for *_, sockaddr in infos:
+        if sockaddr[0] not in ips:
+            ips.append(sockaddr[0])
+    return ips
+
+
+def describe_target(address: BrokerAddress, ip: str) -> str:
+    """The broker address for messages (no password), with the IP when the URL names a host."""
+    return str(address) if ip == address.host else f"{address} ({ip})"
+
+
+async def open_connection(
+    address: BrokerAddress,
+    ip: str,
+    config: LayerConfig,
+    *,
+    timeout: float,
+    connection_name: str,
+    on_delivery: DeliveryHandler,
+    on_deliveries_done: Callable[[], None],
+    on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
+) -> AmqpConnection:
+    """An AMQP connection to one address of a broker, as the layer opens it (TLS, heartbeat, properties).
+
+    ``connection_name`` is what RabbitMQ's tools show for it. Raises BrokerConnectionError.
+    """
+    return await AmqpConnection.connect(
+        ip,
+        address.port,
+        Credentials(address.username, address.password),
+        address.virtual_host,
+        ssl_context=config.ssl_context,
+        server_hostname=address.host,
+        timeout=timeout,
+        heartbeat=config.heartbeat,
+        client_properties={
+            "product": "channels_rabbitmq",
+            "version": __version__,
+            "connection_name": connection_name,
+            "capabilities": {
+                "publisher_confirms": True,
+                "basic.nack": True,
+                "consumer_cancel_notify": True,
+                "connection.blocked": True,
+                "authentication_failure_close": True,  # a wrong password gets a 403, not a bare hang-up
+            },
+        },
+        description=describe_target(address, ip),
+        on_delivery=on_delivery,
+        on_deliveries_done=on_deliveries_done,
+        on_lost=on_lost,
+    )
 
 
 def random_name(length: int) -> str:

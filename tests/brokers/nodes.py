@@ -70,6 +70,15 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections at host:port now."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def free_ports(count: int, *, taken: Iterable[int] = (), consecutive: bool = False) -> list[int]:
     """``count`` ports nobody listens on (on 127.0.0.1 and, when available, ::1)."""
     avoid = set(taken)

@@ -26,6 +26,7 @@ from typing import IO
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
 
+from tests.brokers.nodes import port_answers
 from tests.conftest import Broker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,14 +64,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 class Demo:
@@ -125,7 +118,7 @@ def demo(broker: Broker) -> Iterator[Demo]:
         status = demo.interrupt()
     assert status == 0, f"serve.py exited with {status} after Ctrl-C:\n{output}"
     assert "Traceback" not in output, output
-    still_serving = [port for port in demo.ports if answers(port)]
+    still_serving = [port for port in demo.ports if port_answers(port)]
     assert not still_serving, f"Ctrl-C left servers on {still_serving}:\n{output}"
 
 

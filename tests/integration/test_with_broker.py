@@ -39,14 +39,6 @@ PRINT_AMQP_URL = "import os; print(os.environ['AMQP_URL'])"
 pytestmark = pytest.mark.timeout(180)
 
 
-def answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def wait_for(condition: Callable[[], bool], what: str, output: Callable[[], str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -129,7 +121,7 @@ def test_make_demo_on_a_private_node_and_ctrl_c_stops_everything(not_a_broker: i
         assert started, output()
         node_port = int(started.group(1))
         assert node_port != not_a_broker, "the node must not try the port something else holds"
-        assert answers(node_port)
+        assert nodes.port_answers(node_port)
         with urllib.request.urlopen(f"http://127.0.0.1:{demo_ports[0]}/", timeout=10) as page:
             assert page.status == 200
 
@@ -137,7 +129,7 @@ def test_make_demo_on_a_private_node_and_ctrl_c_stops_everything(not_a_broker: i
         status = process.wait(timeout=90)
         assert status == 0, output()
         assert output().rstrip().endswith("with-broker: stopped"), output()
-        assert not [port for port in (*demo_ports, node_port) if answers(port)], output()
+        assert not [port for port in (*demo_ports, node_port) if nodes.port_answers(port)], output()
         leftovers = subprocess.run(["pgrep", "-f", node_name], capture_output=True, text=True, check=False)
         assert leftovers.stdout.strip() == "", f"processes of the node are left: {leftovers.stdout}"
     finally:

@@ -2,9 +2,12 @@
 
 The layer is named by the import path of its class and built as ``cls(**config)``,
 so any layer that follows the Channels layer API can be measured, from any
-virtualenv that has it installed. Example::
+virtualenv that has it installed. This file is run by its path, often by another
+virtualenv's python (the PyPI channels_rabbitmq has this project's import name), so
+it imports nothing from channels_rabbitmq but the layer class named by --layer.
+``python -m channels_rabbitmq bench`` runs it once per (layer, scenario, round)::
 
-    python bench/layerbench.py --scenario p2p \\
+    python .../channels_rabbitmq/benchmarks/scenarios.py --scenario p2p \\
         --layer channels_rabbitmq.core.RabbitmqChannelLayer \\
         --config '{"host": "amqp://guest:guest@127.0.0.1:5672/%2F"}'
 
@@ -166,8 +169,8 @@ async def send_windowed(sender: Layer, targets: list[str], n: int, window: int, 
     """Send n messages round-robin over targets with at most ``window`` sends in flight.
 
     Each message is its own task, gated by a semaphore, like a server where every request
-    sends on its own: the same method as the reference harness in ../shared/bench, so the
-    figures compare with the peer figures published there.
+    sends on its own: the same method as the reference harness in shared/bench beside this
+    repository, so the figures compare with the peer figures published there.
     """
     gate = asyncio.Semaphore(window)
 
@@ -291,12 +294,15 @@ async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
             await ping_layer.receive(ping_channel)
             samples.append(time.perf_counter() - sent)
 
+    start = time.perf_counter()
     await asyncio.gather(pong(), ping())
+    seconds = time.perf_counter() - start
     samples.sort()
     return {
         "p50_us": round(nearest_rank(samples, 0.5) * 1e6),
         "p99_us": round(nearest_rank(samples, 0.99) * 1e6),
         "mean_us": round(statistics.fmean(samples) * 1e6),
+        "seconds": round(seconds, 3),
         "n": opts.n,
     }
 
@@ -502,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run by its path, this file's folder comes first on sys.path: its sibling modules
+    # must not shadow anything the layer imports.
+    script_folder = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != script_folder]
     code = main()
     sys.stderr.flush()
     # os._exit: a layer call stuck in an async_to_sync worker thread (joined at normal

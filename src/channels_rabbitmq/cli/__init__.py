@@ -1,0 +1,41 @@
+"""The command-line tool: ``python -m channels_rabbitmq <command>``.
+
+- ``check``: connect to a broker (a URL, or the layer of Django's settings) and say in
+  plain words what works and what is wrong.
+- ``bench``: this layer beside its peers, with a progress bar and a final table.
+
+Each command lives in a module of its own with an ``add_arguments(parser)`` and a
+``run(args) -> int`` (the exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .. import __version__
+from . import bench, check
+
+COMMANDS = {"check": check, "bench": bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m channels_rabbitmq",
+        description="Tools for the channels_rabbitmq channel layer.",
+    )
+    parser.add_argument("--version", action="version", version=f"channels_rabbitmq {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        doc = (module.__doc__ or "").strip()
+        summary = doc.splitlines()[0] if doc else name
+        command = commands.add_parser(
+            name, help=summary, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command].run(args)
