@@ -29,7 +29,11 @@ STOP_TIMEOUT = 10.0
 
 
 class Stop(Exception):
-    """Ctrl-C or SIGTERM: stop the servers."""
+    """Ctrl-C, SIGTERM or SIGHUP: stop the servers."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_stopping = False
 
 
 def port_is_free(port: int) -> bool:
@@ -46,7 +50,18 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CHAT_SERVER_NAME": str(port), "PYTHONPATH": str(HERE)}
     command = [sys.executable, "-m", "uvicorn", "chatsite.asgi:application", "--host", HOST]
     command += ["--port", str(port), "--timeout-graceful-shutdown", "3", "--lifespan", "off"]
-    return subprocess.Popen(command, cwd=HERE, env=env, start_new_session=True)
+    return subprocess.Popen(
+        command, cwd=HERE, env=env, start_new_session=True, preexec_fn=_terminate_when_parent_dies
+    )
+
+
+def _terminate_when_parent_dies() -> None:
+    """In each server, before it starts: SIGTERM when this script dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def answers(port: int) -> bool:
@@ -85,7 +100,11 @@ def stop_servers(servers: dict[int, subprocess.Popen[bytes]]) -> None:
 
 
 def raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise Stop
+    """The first stop signal interrupts the main loop; the next ones must not interrupt the stopping."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        raise Stop
 
 
 def main() -> int:
@@ -99,8 +118,8 @@ def main() -> int:
         print(f"port(s) {taken} are taken on {HOST} (is the demo already running?)", file=sys.stderr)
         return 1
 
-    signal.signal(signal.SIGINT, raise_stop)
-    signal.signal(signal.SIGTERM, raise_stop)
+    for number in STOP_SIGNALS:
+        signal.signal(number, raise_stop)
     servers: dict[int, subprocess.Popen[bytes]] = {}
     try:
         for port in ports:
@@ -122,10 +141,9 @@ def main() -> int:
         print(f"demo: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
-        with contextlib.suppress(Stop):
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with contextlib.suppress(Stop):  # the first stop signal, if it comes only now, ends this call...
             stop_servers(servers)
+        stop_servers(servers)  # ...and this one finishes the job (later signals are ignored)
 
 
 if __name__ == "__main__":

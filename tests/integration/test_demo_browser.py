@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import IO
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
 
-from tests.brokers.nodes import port_answers
+from tests.brokers.nodes import free_ports, port_answers
 from tests.conftest import Broker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,22 +54,11 @@ def chromium_path() -> str:
     return path
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 class Demo:
     """``example/serve.py`` on two free ports, its output kept in a file."""
 
     def __init__(self, broker_url: str) -> None:
-        self.ports = free_ports(2)
+        self.ports = free_ports(2)  # below the ephemeral range: no client socket takes them meanwhile
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self.process = subprocess.Popen(
             [sys.executable, str(REPO / "example" / "serve.py"), "--ports", *map(str, self.ports)],

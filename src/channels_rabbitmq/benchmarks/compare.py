@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -31,9 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
+from ..config import parse_amqp_url
 from . import scenarios
 
 SCENARIO_SCRIPT = Path(scenarios.__file__).resolve()
@@ -159,12 +160,17 @@ COLUMNS = (
 
 
 def without_password(url: str) -> str:
-    """The URL with its password, if any, shown as ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password, if any, shown as ``***``.
+
+    The credentials end at the last "@" (a password may hold "/", "#", "?", ":" and "@",
+    as the layer's own URL parser allows), and the password starts after their first ":".
+    """
+    scheme, separator, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    username = credentials.partition(":")[0]
+    return f"{scheme}://{username}:***@{location}"
 
 
 def short_reason(error: BaseException) -> str:
@@ -173,14 +179,15 @@ def short_reason(error: BaseException) -> str:
 
 def rabbitmq_problem(url: str) -> str | None:
     """Why nothing can be measured on RabbitMQ at ``url`` (no TCP listener there), or None."""
-    parts = urlsplit(url)
-    default_port = 5671 if parts.scheme == "amqps" else 5672
     try:
-        port = parts.port or default_port
-        with socket.create_connection((parts.hostname or "localhost", port), BROKER_PROBE_TIMEOUT):
+        address = parse_amqp_url(url)
+    except ValueError as error:  # its message masks the password
+        return f"not a usable AMQP URL: {error}"
+    try:
+        with socket.create_connection((address.host, address.port), BROKER_PROBE_TIMEOUT):
             pass
-    except (OSError, ValueError) as error:
-        return f"no RabbitMQ at {without_password(url)} ({short_reason(error)})"
+    except OSError as error:
+        return f"no RabbitMQ at {address} ({short_reason(error)})"
     return None
 
 
@@ -319,8 +326,6 @@ def scenario_command(run: Run, settings: Settings) -> list[str]:
         str(SCENARIO_SCRIPT),
         "--layer",
         spec.cls,
-        "--config",
-        json.dumps(spec.config),
         "--scenario",
         run.scenario,
         "--label",
@@ -346,6 +351,8 @@ def run_one(run: Run, settings: Settings, while_waiting: Callable[[], None] | No
     deadline = time.monotonic() + kill_after
     process = subprocess.Popen(
         scenario_command(run, settings),
+        # The layer's config holds the broker's password: in the environment, not on the command line.
+        env={**os.environ, scenarios.CONFIG_VARIABLE: json.dumps(run.layer.config)},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

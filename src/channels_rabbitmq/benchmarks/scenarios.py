@@ -11,6 +11,9 @@ it imports nothing from channels_rabbitmq but the layer class named by --layer.
         --layer channels_rabbitmq.core.RabbitmqChannelLayer \\
         --config '{"host": "amqp://guest:guest@127.0.0.1:5672/%2F"}'
 
+(``bench`` passes the config in $CHANNELS_RABBITMQ_BENCH_CONFIG rather than --config,
+so that a password never shows in the process list.)
+
 Scenarios (N is --n; the default depends on the scenario):
 
   p2p     a sender and a receiver instance (two connections, one process); N
@@ -56,6 +59,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+#: Where the layer's config (JSON) may come from instead of --config: an environment variable
+#: keeps a broker password out of the process list.
+CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
 DEFAULT_N = {"p2p": 20000, "many": 20000, "fanout": 50, "rtt": 2000, "sync": 300}
 WARM_GROUP = "bench.warm"
 WARM_TIMEOUT = 30.0
@@ -453,7 +459,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layer", required=True, help="import path of the layer class")
-    parser.add_argument("--config", default="{}", help="constructor keyword arguments, as JSON")
+    parser.add_argument(
+        "--config",
+        default=os.environ.get(CONFIG_VARIABLE, "{}"),
+        help=f"constructor keyword arguments, as JSON (default: ${CONFIG_VARIABLE}, which keeps a "
+        "password off the command line, else {})",
+    )
     parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="required unless --check")
     parser.add_argument("--n", type=int, help="messages / group_sends / round trips / calls")
     parser.add_argument("--window", type=int, default=50, help="p2p, many: sends in flight")
