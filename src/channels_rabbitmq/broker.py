@@ -1,25 +1,30 @@
-"""The broker link: this layer's one connection, its exclusive queue and its consumer.
+"""The broker link: one event loop's queue, its consumer, its publisher and its inboxes.
 
-The link connects on first need (a new channel, a receive, a send, a group call),
-declares the groups exchange and the process's exclusive queue, consumes from it and
-hands every delivery to the :class:`~.routing.LocalRouter`. When the connection drops,
-it reconnects in the background with capped exponential backoff and jitter,
-re-declares the queue under the same name, re-binds every group that still has local
-members and consumes again.
+A link has two connections, each kept up by a :class:`~.supervisor.ConnectionSupervisor`:
 
-AMQP channels: 1 publishes (confirm mode), 2 consumes, 3 runs declarations and
-bindings, so a refused request never disturbs publishing or consuming.
+- the *consuming* connection declares the groups exchange and the link's exclusive
+  queue, binds the groups that have local members, consumes, and acknowledges; it never
+  publishes (but for one probe while setting up), so a broker resource alarm, which stops
+  RabbitMQ reading from connections that publish, never stops delivery;
+- the *publishing* connection carries ``send()`` and ``group_send()`` with publisher
+  confirms. While the broker blocks it, publishes wait at most ``connection_wait``.
+
+Each connects on first need. When one drops, it is replaced in the background; a new
+consuming connection re-declares the queue under the same name and re-binds every group
+that still has local members.
+
+AMQP channels on each connection: 1 publishes (confirm mode), 2 consumes, 3 runs
+declarations and bindings, so a refused request never disturbs publishing or consuming.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
-import socket
 import string
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,15 +32,23 @@ import msgpack
 from channels.exceptions import StopConsumer
 from pamqp import commands
 
-from . import __version__
-from .amqp.connection import AmqpConnection, DeliveryHandler
-from .amqp.protocol import Credentials, Delivery, UndecodableDelivery
-from .config import BrokerAddress, LayerConfig
+from .amqp.connection import AmqpConnection
+from .amqp.protocol import Delivery, UndecodableDelivery
+from .config import LayerConfig
+from .connector import describe_target, distinct_ips, open_connection
 from .encryption import BodyCipher
-from .exceptions import BrokerConnectionError, BrokerRefusedError, ChannelLayerClosedError
+from .exceptions import (
+    BrokerBlockedError,
+    BrokerConnectionError,
+    BrokerRefusedError,
+    BrokerTimeoutError,
+)
 from .logs import RateLimitedLogger
 from .routing import EMPTY, LocalRouter
+from .supervisor import ConnectionSupervisor
 from .wire import CHANNEL_HEADER, MalformedMessage, channel_properties, decode_message
+
+__all__ = ["BrokerLink", "describe_target", "distinct_ips", "open_connection", "random_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +59,18 @@ CONTROL_CHANNEL = 3
 _ALPHABET = string.ascii_letters + string.digits
 
 RESOURCE_LOCKED = 405
+PRECONDITION_FAILED = 406
+LOOP_CHECK_INTERVAL = 0.5  # how often a message handed to another loop checks that loop
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
+
+# Why a delivery was dropped (the keys of BrokerLink.dropped).
+DROPPED_CHANNEL_FULL = "channel_full"
+DROPPED_EXPIRED = "expired"
+DROPPED_UNDECODABLE = "undecodable"
 
 
 class BrokerLink:
-    """One event loop's connection, exclusive queue, consumer, inboxes and group bindings.
+    """One event loop's queue, consumer, publisher, inboxes and group bindings.
 
     Every method runs on ``loop``; :mod:`.core` sends calls from other loops here.
     """
@@ -61,22 +81,45 @@ class BrokerLink:
         #: The queue of this link; every channel it receives on starts with it and ``!``.
         self.queue_name = f"channels.{random_name(12)}"
         self.router = router = LocalRouter(
-            capacity=config.local_capacity, expiry=config.expiry, group_expiry=config.group_expiry
+            capacity=config.local_capacity,
+            expiry=config.expiry,
+            group_expiry=config.group_expiry,
+            channel_capacity=config.capacity_of if config.channel_capacity else config.capacity,
         )
-        self._group_changes: dict[str, asyncio.Future[None]] = {}
+        router.on_room = self._ack_deliveries
+        router.on_channel_full = self._on_channel_full
+        #: Deliveries dropped, by reason (``DROPPED_*``).
+        self.dropped: Counter[str] = Counter()
+        self.consuming = ConnectionSupervisor(
+            config,
+            role="consume",
+            connection_name=f"channels_rabbitmq {self.queue_name}",
+            set_up=self._set_up_consuming,
+            on_delivery=self._on_delivery,
+            on_deliveries_done=self._ack_deliveries,
+            on_up=self._on_consuming_up,
+            on_down=self._on_consuming_down,
+        )
+        self.publishing = ConnectionSupervisor(
+            config,
+            role="publish",
+            connection_name=f"channels_rabbitmq {self.queue_name} publishing",
+            set_up=self._set_up_publishing,
+            on_up=lambda connection: self._connection_back("publish", connection),
+            on_down=lambda error: self._connection_down("publish", error),
+            on_blocked=self._on_blocked,
+        )
+        self._outage: dict[str, float] = {}  # role -> when its connection was lost
+        self._bound: set[str] = set()  # groups bound on the current consuming connection
+        self._syncing: dict[str, asyncio.Task[None]] = {}  # see _sync_binding()
         self._bridged: dict[str, asyncio.Future[None]] = {}  # see receive_for()
-        self._ever_connected = False
-        self._up = asyncio.Event()  # set while connected
-        self._last_error: BrokerConnectionError | None = None
         self._probe: tuple[str, asyncio.Future[None]] | None = None
-        # A connection past its queue declaration, not yet installed: group calls bind on it.
+        # A consuming connection past its queue declaration, not yet installed: bindings go there.
         self._setting_up: AmqpConnection | None = None
         self._cipher = BodyCipher(config.encryption_keys) if config.encryption_keys else None
         self.loop_watcher: Any = None  # see core.RabbitmqChannelLayer._close_with_loop
-        self._connection: AmqpConnection | None = None
-        self._connecting: asyncio.Future[AmqpConnection] | None = None
-        self._reconnecting: asyncio.Task[None] | None = None
         self._housekeeping: asyncio.TimerHandle | None = None
+        self._blocked_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._groups_exchange = config.groups_exchange
         self._channel_prefix = self.queue_name + "!"
@@ -84,152 +127,11 @@ class BrokerLink:
         self._acked_delivery_tag = 0
         self._dropped_log = RateLimitedLogger(logger)
         self._expired_log = RateLimitedLogger(logger)
-        router.on_room = self._ack_deliveries
+        self._full_log = RateLimitedLogger(logger)
 
-    # Connection -----------------------------------------------------------------------------
+    # Setting connections up -----------------------------------------------------------------
 
-    @property
-    def is_closed(self) -> bool:
-        return self._closed
-
-    async def connection(self) -> AmqpConnection:
-        """The open connection.
-
-        The first time, connect now and raise at once if that fails (a wrong URL,
-        password or vhost must not make callers wait). After an outage began, wait for
-        the background reconnection at most ``connection_wait`` seconds, then raise
-        :class:`BrokerConnectionError`.
-        """
-        connection = self._connection
-        if connection is not None and connection.is_open:
-            return connection
-        if self._closed:
-            raise ChannelLayerClosedError("the channel layer is closed")
-        if not self._ever_connected:
-            if self._connecting is None:
-                self._connecting = asyncio.ensure_future(self._connect_first())
-                self._connecting.add_done_callback(self._connect_done)
-            return await asyncio.shield(self._connecting)
-        self._start_reconnecting()
-        wait = self.config.connection_wait
-        try:
-            await asyncio.wait_for(self._up.wait(), wait)
-        except asyncio.TimeoutError:
-            raise BrokerConnectionError(
-                f"RabbitMQ ({self.config.description}) has been unreachable for connection_wait={wait:g}s: "
-                f"{self._last_error}"
-            ) from None
-        connection = self._connection
-        if connection is None or not connection.is_open:
-            raise self._last_error or BrokerConnectionError("the connection was lost again")
-        return connection
-
-    @property
-    def is_connected(self) -> bool:
-        connection = self._connection
-        return connection is not None and connection.is_open
-
-    def _connect_done(self, future: asyncio.Future[AmqpConnection]) -> None:
-        self._connecting = None
-        if not future.cancelled():
-            future.exception()  # retrieved here; callers got it through shield()
-
-    async def _connect_first(self) -> AmqpConnection:
-        connection = await self._connect_any()
-        self._install(connection)
-        return connection
-
-    def _install(self, connection: AmqpConnection) -> None:
-        self._connection = connection
-        self._ever_connected = True
-        self._last_error = None
-        self._up.set()
-        self._schedule_housekeeping()
-        self._ack_deliveries()  # what arrived while we were still setting up
-
-    async def _connect_any(self) -> AmqpConnection:
-        """Connect to the first node that answers: each URL in order, each of its addresses in turn.
-
-        Reconnections start at a random node, which spreads the processes of a cluster's
-        failed node over the others. The whole attempt takes at most ``connect_timeout``.
-        """
-        loop = asyncio.get_running_loop()
-        addresses = list(self.config.addresses)
-        if self._ever_connected and len(addresses) > 1:
-            start = random.randrange(len(addresses))
-            addresses = addresses[start:] + addresses[:start]
-        deadline = loop.time() + self.config.connect_timeout
-        targets: list[tuple[BrokerAddress, str]] = []
-        errors: list[str] = []
-        for address in addresses:
-            try:
-                infos = await asyncio.wait_for(
-                    loop.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM),
-                    max(0.001, deadline - loop.time()),
-                )
-            except (OSError, asyncio.TimeoutError) as error:
-                errors.append(f"cannot resolve {address.host} ({address}): {error or 'timed out'}")
-                continue
-            targets += [(address, ip) for ip in distinct_ips(infos)]
-        for index, (address, ip) in enumerate(targets):
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                errors.append(f"connect_timeout={self.config.connect_timeout:g}s ran out")
-                break
-            if self._closed:
-                raise ChannelLayerClosedError("the channel layer was closed while connecting")
-            try:
-                return await self._connect(address, ip, remaining / (len(targets) - index))
-            except BrokerConnectionError as error:
-                errors.append(str(error))
-        if len(errors) == 1:
-            raise BrokerConnectionError(errors[0])
-        raise BrokerConnectionError("could not connect to any broker: " + "; ".join(errors))
-
-    async def _connect(self, address: BrokerAddress, ip: str, timeout: float) -> AmqpConnection:
-        """Connect to one node and set the link up there (queue, bindings, consumer, probe)."""
-        config = self.config
-        started = time.monotonic()
-        described = describe_target(address, ip)
-        connection = await open_connection(
-            address,
-            ip,
-            config,
-            timeout=timeout,
-            connection_name=f"channels_rabbitmq {self.queue_name}",
-            on_delivery=self._on_delivery,
-            on_deliveries_done=self._ack_deliveries,
-            on_lost=self._on_lost,
-        )
-        remaining = max(0.1, timeout - (time.monotonic() - started))
-        try:
-            await asyncio.wait_for(self._set_up(connection), remaining)
-        except BaseException as error:
-            self._probe = None
-            self._setting_up = None
-            await connection.close()
-            if isinstance(error, asyncio.TimeoutError):
-                raise BrokerConnectionError(
-                    f"{described} did not finish setting up the queue within connect_timeout="
-                    f"{config.connect_timeout:g}s"
-                ) from None
-            if isinstance(error, BrokerRefusedError):
-                raise BrokerConnectionError(
-                    f"{described}: RabbitMQ refused {error.request} while setting up: "
-                    f"{error.reply_code} {error.reply_text} (the user needs configure, write and read "
-                    "permissions on the vhost)"
-                ) from None
-            raise
-        self._setting_up = None
-        if self._closed:
-            await connection.close()
-            raise ChannelLayerClosedError("the channel layer was closed while connecting")
-        return connection
-
-    async def _set_up(self, connection: AmqpConnection) -> None:
-        """Declare the exchange and queue, bind the groups with members, start consuming."""
-        config = self.config
-        self._last_delivery_tag = self._acked_delivery_tag = 0
+    async def _declare_groups_exchange(self, connection: AmqpConnection) -> None:
         await connection.open_channel(CONTROL_CHANNEL, [])
         try:
             await connection.call(
@@ -237,41 +139,69 @@ class BrokerLink:
                 commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct"),
             )
         except BrokerRefusedError as error:
-            if error.reply_code != 406:
+            if error.reply_code != PRECONDITION_FAILED:
                 raise
             # Declared elsewhere with other flags (durable, say): use it as it is.
             await connection.call(
                 CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, passive=True)
             )
-        arguments = {
-            "x-max-length": config.remote_capacity,
-            "x-overflow": "reject-publish",
-            "x-message-ttl": int(config.expiry * 1000),
-        }
-        declare = commands.Queue.Declare(queue=self.queue_name, exclusive=True, arguments=arguments)
-        for attempt in range(50):
-            try:
-                await connection.call(CONTROL_CHANNEL, declare)
-                break
-            except BrokerRefusedError as error:
-                # The exclusive queue of our previous connection is still being deleted.
-                if error.reply_code != RESOURCE_LOCKED or attempt == 49:
-                    raise
-                await asyncio.sleep(0.1)
-        # From here on, group_add() and group_discard() bind and unbind on this connection
-        # themselves, so the groups bound below plus theirs are every group with members.
-        self._setting_up = connection
-        await asyncio.gather(*(self._bind_on(connection, group) for group in list(self.router.groups)))
+
+    async def _set_up_publishing(self, connection: AmqpConnection) -> None:
+        """The exchange (a group_send() before any consumer declared it must not fail), confirms."""
+        await self._declare_groups_exchange(connection)
         await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()], essential=True)
-        await connection.open_channel(
-            CONSUME_CHANNEL,
-            [
-                commands.Basic.Qos(prefetch_count=config.prefetch_count),
-                commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
-            ],
-            essential=True,
-        )
-        # Never "open but deaf": a message to ourselves must come back before we say we are up.
+
+    async def _set_up_consuming(self, connection: AmqpConnection) -> None:
+        """Declare the exchange and queue, bind the groups with members, start consuming."""
+        config = self.config
+        self._last_delivery_tag = self._acked_delivery_tag = 0
+        try:
+            await self._declare_groups_exchange(connection)
+            arguments = {
+                "x-max-length": config.remote_capacity,
+                "x-overflow": "reject-publish",
+                "x-message-ttl": int(config.expiry * 1000),
+            }
+            declare = commands.Queue.Declare(queue=self.queue_name, exclusive=True, arguments=arguments)
+            for attempt in range(50):
+                try:
+                    await connection.call(CONTROL_CHANNEL, declare)
+                    break
+                except BrokerRefusedError as error:
+                    # The exclusive queue of our previous connection is still being deleted.
+                    if error.reply_code != RESOURCE_LOCKED or attempt == 49:
+                        raise
+                    await asyncio.sleep(0.1)
+            # From here on, group calls bind and unbind on this connection themselves, so the
+            # groups bound below plus theirs are every group with members.
+            self._setting_up = connection
+            self._bound = set()
+            await asyncio.gather(*(self._sync_binding(group) for group in list(self.router.groups)))
+            await connection.open_channel(
+                CONSUME_CHANNEL,
+                [
+                    commands.Basic.Qos(prefetch_count=config.prefetch_count),
+                    commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
+                ],
+                essential=True,
+            )
+            await self._probe_on(connection)
+        except BaseException:
+            if self._setting_up is connection:
+                self._setting_up = None
+            raise
+        finally:
+            self._probe = None
+
+    async def _probe_on(self, connection: AmqpConnection) -> None:
+        """Never "open but deaf": a message to ourselves must come back before we say we are up.
+
+        Skipped while the broker has an alarm on: publishing would get this connection
+        blocked, and consuming is what must go on during an alarm.
+        """
+        if connection.blocked_reason is not None:
+            return
+        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()])
         probe = f"{self._channel_prefix}probe.{random_name(12)}"
         self._probe = (probe, asyncio.get_running_loop().create_future())
         try:
@@ -289,51 +219,69 @@ class BrokerLink:
         if not accepted:
             raise BrokerConnectionError(f"{connection.description} refused the probe message")
         await self._probe[1]
-        self._probe = None
 
-    def _on_lost(self, connection: AmqpConnection, error: BrokerConnectionError) -> None:
-        if connection is not self._connection:
-            return  # an attempt still setting up: it fails by itself, and its caller reports it
-        self._connection = None
-        self._up.clear()
-        self._last_error = error
+    def _on_consuming_up(self, connection: AmqpConnection) -> None:
+        self._setting_up = None
+        self._schedule_housekeeping()
+        self._ack_deliveries()  # what arrived while we were still setting up
+        self._connection_back("consume", connection)
+
+    def _on_consuming_down(self, error: BrokerConnectionError) -> None:
+        self._bound.clear()  # the bindings went with the queue
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        if self._closed:
-            return
-        logger.warning("%s; reconnecting", error)  # one warning per outage
-        self._start_reconnecting()
+        self._connection_down("consume", error)
 
-    def _start_reconnecting(self) -> None:
-        if not self._closed and (self._reconnecting is None or self._reconnecting.done()):
-            self._reconnecting = asyncio.ensure_future(self._reconnect())
+    def _connection_down(self, role: str, error: BrokerConnectionError) -> None:
+        """One warning per outage, however many of the link's connections it took."""
+        if not self._outage:
+            logger.warning("%s; reconnecting", error)
+        self._outage.setdefault(role, time.monotonic())
 
-    async def _reconnect(self) -> None:
-        """Reconnect in the background: capped exponential backoff with jitter."""
-        delay = self.config.reconnect_delay_min
-        started = time.monotonic()
-        while not self._closed:
-            try:
-                connection = await self._connect_any()
-            except ChannelLayerClosedError:
-                return
-            except BrokerConnectionError as error:
-                self._last_error = error
-                logger.debug("reconnecting failed: %s", error)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self.config.reconnect_delay_max)
-                continue
-            self._install(connection)
+    def _connection_back(self, role: str, connection: AmqpConnection) -> None:
+        lost_at = self._outage.pop(role, None)
+        if lost_at is not None and not self._outage:
             logger.warning(
-                "reconnected to %s after %.1fs", connection.description, time.monotonic() - started
+                "reconnected to %s after %.1fs", connection.description, time.monotonic() - lost_at
             )
+
+    @property
+    def is_connected(self) -> bool:
+        """The queue is consumed and no connection of the link is being recovered."""
+        return self.consuming.is_up and not self._outage
+
+    def _on_blocked(self, connection: AmqpConnection, reason: str | None) -> None:
+        """The broker blocked (``reason``) or unblocked (None) the publishing connection."""
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
+        if reason is None:
+            logger.warning("RabbitMQ unblocked publishing on %s", connection.description)
             return
+        logger.warning(
+            "RabbitMQ blocked publishing on %s (%s); receiving goes on, sends wait up to connection_wait=%gs",
+            connection.description,
+            reason,
+            self.config.connection_wait,
+        )
+        # Publishes already written wait for their confirms no longer than new ones may wait.
+        self._blocked_timer = self.loop.call_later(
+            self.config.connection_wait,
+            connection.fail_unconfirmed,
+            BrokerBlockedError(
+                f"RabbitMQ blocked publishing ({reason}) for connection_wait="
+                f"{self.config.connection_wait:g}s before confirming the message: "
+                "it may or may not be delivered once the alarm clears",
+                reason=reason,
+            ),
+        )
 
     # Deliveries -----------------------------------------------------------------------------
 
     def _on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
         self._last_delivery_tag = delivery.delivery_tag
         if type(delivery) is UndecodableDelivery:
+            self.dropped[DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
             return
         body = delivery.body
@@ -342,6 +290,7 @@ class BrokerLink:
                 body = self._cipher.open(body)
             message = decode_message(body)
         except MalformedMessage as error:
+            self.dropped[DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", error)
             return
         now = time.monotonic()
@@ -351,6 +300,7 @@ class BrokerLink:
         headers = delivery.headers
         channel = headers.get(CHANNEL_HEADER) if headers else None
         if type(channel) is not str or not channel.startswith(self._channel_prefix):
+            self.dropped[DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning(
                 "dropped a message from the wire: no %s header naming a channel of queue %s",
                 CHANNEL_HEADER,
@@ -363,11 +313,29 @@ class BrokerLink:
             return
         self.router.deliver(channel, message, now)
 
+    def _on_channel_full(self, channel: str, group: str | None) -> None:
+        self.dropped[DROPPED_CHANNEL_FULL] += 1
+        capacity = self.config.capacity_of(channel)
+        if group is None:
+            self._full_log.warning(
+                "dropped a message for %s: the channel holds %d unread message(s), its capacity",
+                channel,
+                capacity,
+            )
+        else:
+            self._full_log.warning(
+                "dropped a message of group %r for member %s: the channel holds %d unread message(s), "
+                "its capacity",
+                group,
+                channel,
+                capacity,
+            )
+
     def _ack_deliveries(self) -> None:
         """Acknowledge what arrived, unless the router is full (then RabbitMQ keeps the rest)."""
         tag = self._last_delivery_tag
         if tag > self._acked_delivery_tag and not self.router.is_full:
-            connection = self._connection
+            connection = self.consuming.connection or self._setting_up
             if connection is not None:
                 # RabbitMQ sends no more than prefetch_count unacknowledged messages: once
                 # half of them await an ack, write it at once, or delivery stalls; below
@@ -377,29 +345,35 @@ class BrokerLink:
                 self._acked_delivery_tag = tag
 
     def _schedule_housekeeping(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         interval = min(1.0, self.config.expiry / 4, self.config.group_expiry / 4)
-        loop = asyncio.get_running_loop()
-        self._housekeeping = loop.call_later(interval, self._housekeep, interval)
+        self._housekeeping = self.loop.call_later(interval, self._housekeep, interval)
 
     def _housekeep(self, interval: float) -> None:
         """Expire buffered messages and memberships; unbind groups that lost every member."""
         now = time.monotonic()
         dropped = self.router.expire_messages(now)
         if dropped:
+            self.dropped[DROPPED_EXPIRED] += dropped
             self._expired_log.warning(
                 "dropped %d message(s) nobody read within expiry=%gs", dropped, self.config.expiry
             )
         for group in self.router.expire_memberships(now):
-            future = asyncio.ensure_future(self.unbind(group))
-            future.add_done_callback(_log_failure)
-        if self._connection is not None and not self._closed:
-            self._housekeeping = asyncio.get_running_loop().call_later(interval, self._housekeep, interval)
+            self._sync_binding(group).add_done_callback(_log_failure)
+        if self.consuming.is_up and not self._closed:
+            self._housekeeping = self.loop.call_later(interval, self._housekeep, interval)
 
     # The layer's operations, on this link's loop ------------------------------------------------
 
+    async def connect_first(self) -> None:
+        """The first connection of a link that receives: both connections, so that a send
+        made during a later outage waits for recovery like every other call."""
+        await asyncio.gather(self.consuming.connected(), self.publishing.connected())
+
     async def new_channel(self) -> str:
-        if not self._ever_connected:
-            await self.connection()  # the queue must exist before anyone sends to the channel
+        if not self.consuming.ever_connected:
+            await self.connect_first()  # the queue must exist before anyone sends to the channel
         return f"{self._channel_prefix}{random_name(12)}"
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -409,8 +383,8 @@ class BrokerLink:
             return message
         if self._closed:
             raise StopConsumer()
-        if not self._ever_connected:
-            await self.connection()
+        if not self.consuming.ever_connected:
+            await self.connect_first()
         # During an outage, keep waiting: the reconnection re-declares the queue.
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
@@ -428,10 +402,11 @@ class BrokerLink:
     ) -> None:
         """Receive here on behalf of a ``receive()`` running on another loop.
 
-        The message travels to ``result`` on ``caller``; if that receive() was cancelled
-        meanwhile, or its loop is gone, the message is put back for the next receive().
-        Such receives of one channel take their turns: the next one starts only once the
-        previous message has reached its caller or is back in the inbox, so that a
+        ``result`` (on ``caller``) gets ``(message, handoff)``; the caller then says
+        ``handoff.taken()``, or ``handoff.give_back()`` if it was cancelled, and the message
+        goes back to the front of the inbox. If that receive() is gone, or its loop, the
+        message goes back too. Such receives of one channel take their turns: the next one
+        starts only once the previous message was taken or is back in the inbox, so a
         cancelled receive never lets a later message overtake an earlier one.
         """
         previous = self._bridged.get(channel)
@@ -449,6 +424,9 @@ class BrokerLink:
                 await asyncio.shield(previous)
             message = await self.receive(channel)
         except asyncio.CancelledError:
+            # The caller gave up (its result is cancelled already), or this loop is shutting
+            # down: then the caller must not wait for ever.
+            _call_on(caller, _settle_exception, result, StopConsumer())
             finish()
             raise
         except BaseException as error:
@@ -457,15 +435,17 @@ class BrokerLink:
             return
 
         def put_back_and_finish() -> None:
-            self._put_back(channel, message)
-            finish()
+            if not settled.done():
+                self.router.put_back(channel, message, time.monotonic())
+                finish()
+
+        handoff = _Handoff(self.loop, finish, put_back_and_finish)
 
         def settle() -> None:  # on the caller's loop
             if result.done():  # that receive() was cancelled meanwhile
-                _call_on(self.loop, put_back_and_finish)
+                handoff.give_back()
             else:
-                result.set_result(message)
-                _call_on(self.loop, finish)
+                result.set_result((message, handoff))
 
         def watch_caller() -> None:  # a loop closed with our callback pending never runs it
             if settled.done():
@@ -473,184 +453,160 @@ class BrokerLink:
             if caller.is_closed():
                 put_back_and_finish()
             else:
-                self.loop.call_later(0.5, watch_caller)
+                self.loop.call_later(LOOP_CHECK_INTERVAL, watch_caller)
 
         if _call_on(caller, settle):
-            self.loop.call_later(0.5, watch_caller)
+            self.loop.call_later(LOOP_CHECK_INTERVAL, watch_caller)
         else:
             put_back_and_finish()
 
     async def group_add(self, group: str, channel: str) -> None:
-        if not self._ever_connected:
-            await self.connection()
-        if self.router.add_membership(group, channel, time.monotonic()):
-            connection = self._connection if self.is_connected else self._setting_up
-            if connection is None or not connection.is_open:
-                return  # an outage: the reconnection binds every group that has members
-            try:
-                await self._change_binding(group, lambda group: self._bind_on(connection, group))
-            except BrokerConnectionError:
-                pass  # lost mid-way: the reconnection binds every group that has members
-            except BaseException:
-                self.router.discard_membership(group, channel)
-                raise
-        else:
-            pending = self._group_changes.get(group)
-            if pending is not None:  # another group_add is still binding this group
-                try:
-                    await asyncio.shield(pending)
-                except BrokerConnectionError:
-                    pass
-                except BaseException:
-                    self.router.discard_membership(group, channel)
-                    raise
+        """Add a membership and bind; returns once bound (or once an outage will bind it)."""
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        self.router.add_membership(group, channel, time.monotonic())
+        try:
+            await asyncio.shield(self._sync_binding(group))
+        except BrokerRefusedError:
+            if self.router.discard_membership(group, channel):
+                self._sync_binding(group).add_done_callback(_log_failure)
+            raise
+        except BrokerConnectionError:
+            pass  # lost mid-way: the reconnection binds every group that has members
 
     async def group_discard(self, group: str, channel: str) -> None:
         if self.router.discard_membership(group, channel):
-            connection = self._connection if self.is_connected else self._setting_up
-            if connection is None or not connection.is_open:
-                return  # the binding went with the connection
-            await self._change_binding(group, lambda group: self._unbind_on(connection, group))
+            await asyncio.shield(self._sync_binding(group))
 
-    async def _change_binding(self, group: str, change: Any) -> None:
-        """Bind or unbind; later group calls for the same group wait for it."""
-        future = asyncio.ensure_future(change(group))
-        self._group_changes[group] = future
+    def _sync_binding(self, group: str) -> asyncio.Task[None]:
+        """Make the queue's binding to ``group`` match whether the group has local members.
+
+        One task per group at a time does every bind and unbind of that group, checking
+        again after each one, so concurrent and cancelled group calls and flush() always
+        leave a binding exactly when there is a member.
+        """
+        task = self._syncing.get(group)
+        if task is None or task.done():
+            task = self._syncing[group] = self.loop.create_task(self._reconcile_binding(group))
+        return task
+
+    async def _reconcile_binding(self, group: str) -> None:
         try:
-            await asyncio.shield(future)
+            while True:
+                connection = self._setting_up or self.consuming.connection
+                if connection is None or not connection.is_open:
+                    return  # no queue: the next connection binds every group with members
+                wanted = self.router.has_members(group)
+                if wanted == (group in self._bound):
+                    return
+                method: Any = (commands.Queue.Bind if wanted else commands.Queue.Unbind)(
+                    queue=self.queue_name, exchange=self._groups_exchange, routing_key=group
+                )
+                try:
+                    await self._request(connection, method, "bind" if wanted else "unbind")
+                except BrokerConnectionError:
+                    if (self._setting_up or self.consuming.connection) is connection:
+                        raise
+                    continue  # that connection is gone; the loop looks at the next one
+                if wanted:
+                    self._bound.add(group)
+                else:
+                    self._bound.discard(group)
         finally:
-            if self._group_changes.get(group) is future:
-                del self._group_changes[group]
+            if self._syncing.get(group) is asyncio.current_task():
+                del self._syncing[group]
+
+    async def _request(self, connection: AmqpConnection, method: Any, operation: str) -> Any:
+        """One request, answered within ``connect_timeout`` or the connection is dropped."""
+        timeout = self.config.connect_timeout
+        try:
+            return await asyncio.wait_for(asyncio.shield(connection.call(CONTROL_CHANNEL, method)), timeout)
+        except asyncio.TimeoutError:
+            # A connection that leaves a request unanswered this long is not usable: the
+            # reconnection sets everything up again.
+            connection.abort()
+            raise BrokerTimeoutError(
+                f"{connection.description} did not answer {operation} within connect_timeout={timeout:g}s",
+                operation=operation,
+                timeout=timeout,
+            ) from None
 
     async def flush(self) -> None:
-        groups = self.router.flush()
-        if self._closed or not self.is_connected:
+        groups = set(self.router.flush()) | self._bound
+        if self._closed or not self.consuming.is_up:
             return  # no queue to purge; the bindings went with the connection
-        await self.purge()
+        connection = await self.consuming.connected()
+        await self._request(connection, commands.Queue.Purge(queue=self.queue_name), "purge")
         # Deliveries already on their way were not purged. A request on the consuming channel
         # is answered after them (one channel's frames keep their order): then drop them too.
-        connection = self._connection
-        if connection is not None and connection.is_open:
-            await connection.call(
-                CONSUME_CHANNEL, commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
-            )
+        timeout = self.config.connect_timeout
+        qos = commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
+        try:
+            await asyncio.wait_for(asyncio.shield(connection.call(CONSUME_CHANNEL, qos)), timeout)
+        except asyncio.TimeoutError:
+            connection.abort()
+            raise BrokerTimeoutError(
+                f"{connection.description} did not answer within connect_timeout={timeout:g}s",
+                operation="flush",
+                timeout=timeout,
+            ) from None
         self.router.flush()
-        await asyncio.gather(*(self.unbind(group) for group in groups))
+        await asyncio.gather(*(asyncio.shield(self._sync_binding(group)) for group in groups))
 
-    # Requests -------------------------------------------------------------------------------
+    # Publishing -----------------------------------------------------------------------------
 
     def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> Awaitable[bool]:
         """Publish; await the result for the broker's confirm: True when accepted, False when refused."""
-        connection = self._connection
-        if connection is not None and connection.is_open:
+        connection = self.publishing.connection
+        if connection is not None and connection.can_publish:
             return connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
-        return self._publish_when_connected(exchange, routing_key, properties, body)
+        return self._publish_when_possible(exchange, routing_key, properties, body)
 
-    async def _publish_when_connected(
+    async def _publish_when_possible(
         self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
     ) -> bool:
-        connection = await self.connection()
+        """Connect, or wait out a block or a full write buffer, at most ``connection_wait``."""
+        wait = self.config.connection_wait
+        deadline = self.loop.time() + wait
+        connection = await self.publishing.connected()
+        while not connection.can_publish:
+            if not connection.is_open:
+                connection = await self.publishing.connected()
+                continue
+            remaining = deadline - self.loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(connection.wait_until_publishable(), remaining)
+            except asyncio.TimeoutError:
+                reason = connection.blocked_reason
+                if reason is not None:
+                    raise BrokerBlockedError(
+                        f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
+                        f"for connection_wait={wait:g}s: the message was not sent",
+                        reason=reason,
+                    ) from None
+                raise BrokerTimeoutError(
+                    f"{connection.description} read none of our writes for connection_wait={wait:g}s: "
+                    "the message was not sent",
+                    operation="publish",
+                    timeout=wait,
+                ) from None
         return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
 
-    async def _bind_on(self, connection: AmqpConnection, group: str) -> None:
-        await connection.call(
-            CONTROL_CHANNEL,
-            commands.Queue.Bind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
-        )
-
-    async def _unbind_on(self, connection: AmqpConnection, group: str) -> None:
-        await connection.call(
-            CONTROL_CHANNEL,
-            commands.Queue.Unbind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
-        )
-
-    async def unbind(self, group: str) -> None:
-        connection = self._connection
-        if connection is None or not connection.is_open:
-            return  # the binding went with the connection
-        await connection.call(
-            CONTROL_CHANNEL,
-            commands.Queue.Unbind(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group),
-        )
-
-    async def purge(self) -> None:
-        connection = await self.connection()
-        await connection.call(CONTROL_CHANNEL, commands.Queue.Purge(queue=self.queue_name))
+    # Closing --------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop consuming and close the connection; waiting receives raise StopConsumer. Idempotent."""
+        """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
         self._closed = True
         self.router.close(StopConsumer)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
-        if self._reconnecting is not None and not self._reconnecting.done():
-            self._reconnecting.cancel()
-        connecting = self._connecting
-        if connecting is not None:
-            try:
-                await asyncio.shield(connecting)
-            except BaseException:
-                pass
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
-
-
-def distinct_ips(infos: list[tuple[Any, ...]]) -> list[str]:
-    """The addresses of a ``getaddrinfo()`` answer, each once, in the resolver's order."""
-    ips: list[str] = []
-    for *_, sockaddr in infos:
-        if sockaddr[0] not in ips:
-            ips.append(sockaddr[0])
-    return ips
-
-
-def describe_target(address: BrokerAddress, ip: str) -> str:
-    """The broker address for messages (no password), with the IP when the URL names a host."""
-    return str(address) if ip == address.host else f"{address} ({ip})"
-
-
-async def open_connection(
-    address: BrokerAddress,
-    ip: str,
-    config: LayerConfig,
-    *,
-    timeout: float,
-    connection_name: str,
-    on_delivery: DeliveryHandler,
-    on_deliveries_done: Callable[[], None],
-    on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
-) -> AmqpConnection:
-    """An AMQP connection to one address of a broker, as the layer opens it (TLS, heartbeat, properties).
-
-    ``connection_name`` is what RabbitMQ's tools show for it. Raises BrokerConnectionError.
-    """
-    return await AmqpConnection.connect(
-        ip,
-        address.port,
-        Credentials(address.username, address.password),
-        address.virtual_host,
-        ssl_context=config.ssl_context,
-        server_hostname=address.host,
-        timeout=timeout,
-        heartbeat=config.heartbeat,
-        client_properties={
-            "product": "channels_rabbitmq",
-            "version": __version__,
-            "connection_name": connection_name,
-            "capabilities": {
-                "publisher_confirms": True,
-                "basic.nack": True,
-                "consumer_cancel_notify": True,
-                "connection.blocked": True,
-                "authentication_failure_close": True,  # a wrong password gets a 403, not a bare hang-up
-            },
-        },
-        description=describe_target(address, ip),
-        on_delivery=on_delivery,
-        on_deliveries_done=on_deliveries_done,
-        on_lost=on_lost,
-    )
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+        for task in list(self._syncing.values()):
+            task.cancel()
+        await asyncio.gather(self.consuming.close(), self.publishing.close())
 
 
 def random_name(length: int) -> str:
@@ -664,6 +620,26 @@ def _call_on(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool
     except RuntimeError:
         return False
     return True
+
+
+class _Handoff:
+    """What the receiving loop says about a message handed over from the channel's loop."""
+
+    __slots__ = ("_give_back", "_loop", "_taken")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, taken: Callable[[], None], give_back: Callable[[], None]
+    ) -> None:
+        self._loop = loop
+        self._taken = taken
+        self._give_back = give_back
+
+    def taken(self) -> None:
+        _call_on(self._loop, self._taken)
+
+    def give_back(self) -> None:
+        if not _call_on(self._loop, self._give_back):
+            logger.warning("a message handed to a cancelled receive() was lost: its channel's loop is closed")
 
 
 def _settle_exception(result: asyncio.Future[Any], error: BaseException) -> None:

@@ -7,8 +7,10 @@ from sync code.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import re
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -100,6 +102,8 @@ class LayerConfig:
     addresses: tuple[BrokerAddress, ...]  # cluster nodes, in the order given
     expiry: float
     group_expiry: float
+    capacity: int
+    channel_capacity: tuple[tuple[re.Pattern[str], int], ...]  # (pattern, capacity), first match wins
     local_capacity: int
     remote_capacity: int
     prefetch_count: int
@@ -123,6 +127,13 @@ class LayerConfig:
         """The broker address(es), without passwords."""
         return ", ".join(str(address) for address in self.addresses)
 
+    def capacity_of(self, channel: str) -> int:
+        """The capacity of one channel: the first ``channel_capacity`` pattern it matches, or ``capacity``."""
+        for pattern, capacity in self.channel_capacity:
+            if pattern.match(channel):
+                return capacity
+        return self.capacity
+
     @classmethod
     def build(
         cls,
@@ -131,6 +142,8 @@ class LayerConfig:
         expiry: float,
         group_expiry: float,
         local_capacity: int,
+        capacity: int = 100,
+        channel_capacity: Mapping[str | re.Pattern[str], int] | None = None,
         remote_capacity: int,
         prefetch_count: int,
         groups_exchange: str,
@@ -184,7 +197,9 @@ class LayerConfig:
             addresses=addresses,
             expiry=_number("expiry", expiry, minimum=0.001),
             group_expiry=_number("group_expiry", group_expiry, minimum=0.001),
-            local_capacity=_integer("local_capacity", local_capacity, 1, 10_000_000),
+            capacity=_integer("capacity", capacity, 1, 10_000_000),
+            channel_capacity=_channel_capacity(channel_capacity),
+            local_capacity=_integer("local_capacity", local_capacity, 1, 100_000_000),
             remote_capacity=_integer("remote_capacity", remote_capacity, 1, 2**31 - 1),
             prefetch_count=_integer("prefetch_count", prefetch_count, 1, 65535),
             groups_exchange=groups_exchange,
@@ -197,6 +212,28 @@ class LayerConfig:
             reconnect_delay_max=delay_max,
             encryption_keys=_encryption_keys(encryption_keys),
         )
+
+
+def _channel_capacity(patterns: object) -> tuple[tuple[re.Pattern[str], int], ...]:
+    """Compile ``{pattern: capacity}``: glob-style strings (``"http.*"``) or compiled regexes, in order."""
+    if patterns is None:
+        return ()
+    if not isinstance(patterns, Mapping):
+        raise TypeError(
+            f"channel_capacity must be a dict of {{pattern: capacity}}, got {type(patterns).__name__}"
+        )
+    compiled = []
+    for pattern, capacity in patterns.items():
+        if isinstance(pattern, str):
+            regex = re.compile(fnmatch.translate(pattern))
+        elif isinstance(pattern, re.Pattern) and isinstance(pattern.pattern, str):
+            regex = pattern
+        else:
+            raise TypeError(
+                f"channel_capacity keys must be glob strings or compiled str regexes, got {pattern!r}"
+            )
+        compiled.append((regex, _integer(f"channel_capacity[{pattern!r}]", capacity, 1, 10_000_000)))
+    return tuple(compiled)
 
 
 def _encryption_keys(keys: object) -> tuple[bytes, ...]:

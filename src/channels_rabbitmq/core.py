@@ -29,6 +29,7 @@ import logging
 import os
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
+LOOP_CHECK_INTERVAL = 0.5  # how often a call waiting on another loop checks that loop still runs
 
 T = TypeVar("T")
 
@@ -62,7 +64,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         *,
         expiry: float = 60,
         group_expiry: float = 86400,
-        local_capacity: int = 100,
+        capacity: int = 100,
+        channel_capacity: dict[Any, int] | None = None,
+        local_capacity: int = 100_000,
         remote_capacity: int = 100,
         prefetch_count: int = 100,
         groups_exchange: str = "groups",
@@ -79,6 +83,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             host=host,
             expiry=expiry,
             group_expiry=group_expiry,
+            capacity=capacity,
+            channel_capacity=channel_capacity,
             local_capacity=local_capacity,
             remote_capacity=remote_capacity,
             prefetch_count=prefetch_count,
@@ -93,7 +99,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             encryption_keys=encryption_keys,
         )
         self._cipher = BodyCipher(self.config.encryption_keys) if self.config.encryption_keys else None
-        super().__init__(expiry=expiry, capacity=remote_capacity)  # type: ignore[arg-type]
+        super().__init__(expiry=expiry, capacity=capacity)  # type: ignore[arg-type]
+        self.channel_capacity = list(self.config.channel_capacity)  # Channels' compiled form
         self.group_expiry = group_expiry
         self._groups_exchange = groups_exchange.encode()
         self._full_group_log = RateLimitedLogger(logger)
@@ -175,7 +182,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     async def receive(self, channel: str) -> dict[str, Any]:
         """Return the next message for a channel of this process, waiting for one if needed.
 
-        A cancelled ``receive()`` loses nothing. After ``close()`` it raises ``StopConsumer``.
+        A cancelled ``receive()`` loses nothing. After ``close()``, or once the event loop
+        that made the channel has ended, it raises ``StopConsumer``.
         """
         if channel not in self._valid_channels:
             self.require_valid_channel_name(channel)
@@ -183,19 +191,36 @@ class RabbitmqChannelLayer(BaseChannelLayer):
                 self._valid_channels.clear()
             self._valid_channels.add(channel)
         link = self._owner(channel, "receive on")
-        if link.loop is asyncio.get_running_loop():
-            return await link.receive(channel)
         caller = asyncio.get_running_loop()
+        if link.loop is caller:
+            return await link.receive(channel)
+        # The channel's loop receives it for us; we watch that loop, which may end meanwhile.
         result: asyncio.Future[dict[str, Any]] = caller.create_future()
+        if not link.loop.is_running():
+            raise StopConsumer()
         try:
             task = asyncio.run_coroutine_threadsafe(link.receive_for(channel, caller, result), link.loop)
         except RuntimeError:
-            raise StopConsumer() from None  # the channel's loop is gone
+            raise StopConsumer() from None  # the channel's loop is closed
         try:
-            return await result
+            while True:
+                done, _ = await asyncio.wait((result,), timeout=LOOP_CHECK_INTERVAL)
+                if done:
+                    break
+                if not link.loop.is_running():
+                    result.cancel()
+                    task.cancel()
+                    raise StopConsumer()
         except asyncio.CancelledError:
-            task.cancel()
+            if result.done() and not result.cancelled() and result.exception() is None:
+                result.result()[1].give_back()  # handed over just now: it is read next
+            else:
+                result.cancel()
+                task.cancel()
             raise
+        message, handoff = result.result()
+        handoff.taken()
+        return message
 
     # Groups ---------------------------------------------------------------------------------------
 
@@ -241,35 +266,45 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         Other processes' queues and memberships are untouched: RabbitMQ has no global
         view of them, and each process flushes its own.
         """
+        self._check_fork()
         for link in list(self._links_by_queue.values()):
             await self._on(link, link.flush)
 
     async def close(self) -> None:
         """Close every connection and the I/O thread; ``receive()`` then raises ``StopConsumer``.
 
-        Works from any loop or thread (through ``async_to_sync``); idempotent.
+        Works from any loop or thread (through ``async_to_sync``); idempotent. Takes at
+        most a few seconds per link, even with the broker gone or a link's loop stopped.
         """
-        self._closed = True
+        self._check_fork()
         with self._lock:
+            self._closed = True
             links = list(self._links_by_queue.values())
             self._links_by_queue.clear()
             self._loop_links.clear()
             background, self._background = self._background, None
             self._background_link = None
         for link in links:
-            if link.loop.is_closed():
-                continue
+            if not link.loop.is_running() and link.loop is not asyncio.get_running_loop():
+                continue  # nothing can run there; its connections die with the loop or the process
             try:
                 await self._on(link, link.close)
-            except RuntimeError:  # its loop stopped meanwhile
-                pass
+            except (RuntimeError, ChannelLayerClosedError, asyncio.TimeoutError):
+                pass  # its loop stopped meanwhile
         if background is not None:
             await background.stop()
 
     # Which link serves whom ----------------------------------------------------------------------
 
+    def _check_fork(self) -> None:
+        """In a forked child, forget the parent's links: their loops and sockets are not ours."""
+        if self._pid != os.getpid():
+            self._lock = threading.Lock()  # the parent may have held it while forking
+            self._reset()
+
     def _owner(self, channel: str, operation: str) -> BrokerLink:
         """The link that receives ``channel``."""
+        self._check_fork()
         if self._closed:
             if operation == "receive on":
                 raise StopConsumer()
@@ -292,10 +327,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         script or task calling ``asyncio.run()`` or ``async_to_sync`` again and again
         does not open a connection per call.
         """
+        self._check_fork()
         if self._closed:
             raise ChannelLayerClosedError("the channel layer is closed")
-        if self._pid != os.getpid():
-            self._reset()  # a forked child: the parent's connections are not ours
         loop = asyncio.get_running_loop()
         link = self._loop_links.get(loop)
         if link is not None:
@@ -304,6 +338,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             return self._shared_link()
         link = BrokerLink(self.config, loop)
         with self._lock:
+            if self._closed:
+                raise ChannelLayerClosedError("the channel layer is closed")
             self._loop_links[loop] = link
             self._links_by_queue[link.queue_name] = link
         watcher = self._close_with_loop(link)
@@ -324,6 +360,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):
 
     def _shared_link(self) -> BrokerLink:
         with self._lock:
+            if self._closed:  # close() may have run in another thread since our last check
+                raise ChannelLayerClosedError("the channel layer is closed")
             if self._background_link is None:
                 self._background = BackgroundLoop(name=f"channels_rabbitmq {self.config.address}")
                 link = BrokerLink(self.config, self._background.loop)
@@ -332,10 +370,40 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             return self._background_link
 
     async def _on(self, link: BrokerLink, method: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run ``method(*args)`` on the link's loop, from whichever loop we are on."""
+        """Run ``method(*args)`` on the link's loop, from whichever loop we are on.
+
+        Bounded: a call that needs the broker waits at most ``connection_wait`` for a
+        connection and ``connect_timeout`` for an answer; a loop that is not running, or
+        stops, ends the wait with :class:`ChannelLayerClosedError` rather than a hang.
+        """
         if link.loop is asyncio.get_running_loop():
             return await method(*args)
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_call(method, *args), link.loop))
+        if not link.loop.is_running():
+            raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is not running")
+        try:
+            call = asyncio.run_coroutine_threadsafe(_call(method, *args), link.loop)
+        except RuntimeError:
+            raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is closed") from None
+        bound = self.config.connection_wait + 2 * self.config.connect_timeout + LOOP_CHECK_INTERVAL
+        deadline = time.monotonic() + bound
+        outcome = asyncio.wrap_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait((outcome,), timeout=LOOP_CHECK_INTERVAL)
+                if done:
+                    break
+                if not link.loop.is_running() or time.monotonic() > deadline:
+                    call.cancel()
+                    raise ChannelLayerClosedError(
+                        f"the event loop of {link.queue_name} stopped, or did not finish the call "
+                        f"within {bound:g}s"
+                    )
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if outcome.cancelled():  # cancelled over there: its loop is shutting down, or close()
+            raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is shutting down")
+        return outcome.result()
 
 
 async def _call(method: Callable[..., Awaitable[T]], *args: Any) -> T:

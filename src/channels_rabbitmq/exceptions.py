@@ -22,6 +22,27 @@ class BrokerConnectionError(RabbitmqLayerError, ConnectionError):
     """
 
 
+class BrokerBlockedError(BrokerConnectionError):
+    """RabbitMQ blocks publishing (a memory or disk alarm) and did not lift it within ``connection_wait``.
+
+    ``reason`` is the broker's own words (for example ``"low on memory"``). Receiving goes on
+    during an alarm; only publishing waits.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BrokerTimeoutError(BrokerConnectionError):
+    """A request to the broker (``operation``) got no answer within ``timeout`` seconds."""
+
+    def __init__(self, message: str, *, operation: str, timeout: float) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.timeout = timeout
+
+
 class BrokerRefusedError(RabbitmqLayerError):
     """The broker refused one request (a declaration, a binding, a purge).
 

@@ -8,10 +8,14 @@ so every rule is a unit test without a broker.
   waiter is handed over at once; otherwise it is buffered until read or expired.
   Inboxes with nothing in them and nobody waiting are deleted, so channels whose
   readers vanished cost nothing once their messages expire.
+- Each inbox holds at most its channel's capacity (``channel_capacity(name)``): a
+  message for a full inbox is dropped for that channel alone, counted in
+  ``full_drops`` and reported to ``on_channel_full``, so one channel nobody reads never
+  holds up the others.
 - ``held`` counts the deliveries from RabbitMQ still waiting in inboxes; a group message
-  counts once, however many local members hold a copy. When ``held`` reaches
-  ``capacity`` the broker link stops acknowledging (so RabbitMQ stops delivering), and
-  ``on_room`` tells it when to go on.
+  counts once, however many local members hold a copy. It is the process-wide memory
+  bound: when ``held`` reaches ``capacity`` the broker link stops acknowledging (so
+  RabbitMQ stops delivering), and ``on_room`` tells it when to go on.
 - Group memberships expire ``group_expiry`` seconds after their last ``group_add``.
 - Every member of a group gets its own copy: the first buffered or handed-over copy
   is the decoded message, the others are decoded again from the body when read.
@@ -32,26 +36,52 @@ EMPTY: Any = object()  # what take() returns when there is nothing to read
 
 
 class _Inbox:
-    __slots__ = ("entries", "waiters")
+    __slots__ = ("entries", "limit", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         # (expires_at, message or body bytes, shared copy counter of a group message or None)
         self.entries: deque[tuple[float, Any, list[int] | None]] = deque()
         self.waiters: deque[asyncio.Future[Message]] = deque()
+        self.limit = limit  # the channel's capacity: buffered messages beyond it are dropped
 
 
 class LocalRouter:
     """Inboxes and group memberships of the channels of one layer instance."""
 
-    def __init__(self, *, capacity: int, expiry: float, group_expiry: float) -> None:
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        expiry: float,
+        group_expiry: float,
+        channel_capacity: int | Callable[[str], int] = 2**62,
+    ) -> None:
         self.capacity = capacity
         self.expiry = expiry
         self.group_expiry = group_expiry
         self.held = 0
+        self.full_drops = 0  # messages dropped because their channel's inbox was full
         self.on_room: Callable[[], None] | None = None
+        #: Called with (channel, group or None) for each message dropped at a full inbox.
+        self.on_channel_full: Callable[[str, str | None], None] | None = None
+        if callable(channel_capacity):
+            self._capacity_of: Callable[[str], int] | None = channel_capacity
+            self._default_limit = 0
+        else:
+            self._capacity_of = None
+            self._default_limit = channel_capacity
         self._inboxes: dict[str, _Inbox] = {}
         self._groups: dict[str, set[str]] = {}
         self._membership_expiry: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def _new_inbox(self, channel: str) -> _Inbox:
+        capacity_of = self._capacity_of
+        return _Inbox(capacity_of(channel) if capacity_of is not None else self._default_limit)
+
+    def _drop_full(self, channel: str, group: str | None) -> None:
+        self.full_drops += 1
+        if self.on_channel_full is not None:
+            self.on_channel_full(channel, group)
 
     # Reading ----------------------------------------------------------------------------------
 
@@ -80,7 +110,7 @@ class LocalRouter:
         """Register a ``receive()`` waiting for ``channel``; the next message resolves it."""
         inbox = self._inboxes.get(channel)
         if inbox is None:
-            inbox = self._inboxes[channel] = _Inbox()
+            inbox = self._inboxes[channel] = self._new_inbox(channel)
         inbox.waiters.append(waiter)
 
     def remove_waiter(self, channel: str, waiter: asyncio.Future[Message]) -> None:
@@ -99,7 +129,7 @@ class LocalRouter:
         """Return a handed-over message whose ``receive()`` was cancelled: it is read next."""
         inbox = self._inboxes.get(channel)
         if inbox is None:
-            inbox = self._inboxes[channel] = _Inbox()
+            inbox = self._inboxes[channel] = self._new_inbox(channel)
         while inbox.waiters:  # another receive() of the same channel may be waiting
             waiter = inbox.waiters.popleft()
             if not waiter.done():
@@ -116,7 +146,7 @@ class LocalRouter:
         """Hand ``message`` to a waiting ``receive()`` of ``channel``, or buffer it."""
         inbox = self._inboxes.get(channel)
         if inbox is None:
-            inbox = self._inboxes[channel] = _Inbox()
+            inbox = self._inboxes[channel] = self._new_inbox(channel)
         else:
             waiters = inbox.waiters
             while waiters:
@@ -126,6 +156,9 @@ class LocalRouter:
                     if not waiters and not inbox.entries:
                         del self._inboxes[channel]
                     return
+            if len(inbox.entries) >= inbox.limit:
+                self._drop_full(channel, None)
+                return
         inbox.entries.append((now + self.expiry, message, None))
         self.held += 1
 
@@ -140,7 +173,7 @@ class LocalRouter:
         for channel in members:
             inbox = self._inboxes.get(channel)
             if inbox is None:
-                inbox = self._inboxes[channel] = _Inbox()
+                inbox = self._inboxes[channel] = self._new_inbox(channel)
             else:
                 handed = False
                 waiters = inbox.waiters
@@ -154,6 +187,9 @@ class LocalRouter:
                     payload = body
                     if not waiters and not inbox.entries:
                         del self._inboxes[channel]
+                    continue
+                if len(inbox.entries) >= inbox.limit:
+                    self._drop_full(channel, group)
                     continue
             inbox.entries.append((expires_at, payload, copies))
             copies[0] += 1

@@ -130,7 +130,7 @@ async def burst(
             await asyncio.sleep(0.005)
             if not cut_at and sum(value is None for value in outcome.values()) >= 100:
                 cut_at = now()
-                assert proxy.cut() == 1
+                assert proxy.cut() >= 1
         if not cut_at:
             await eventually(lambda: len(outcome) >= 100, "a hundred sends to finish", poll=0)
             cut_at = now()
@@ -159,7 +159,7 @@ async def test_a_cut_during_a_burst_loses_no_confirmed_message_and_lost_confirms
     layers: LayerFactory, proxy: FaultProxy
 ) -> None:
     sender = layers()
-    receiver = layers(proxied=False, remote_capacity=5000, local_capacity=5000)
+    receiver = layers(proxied=False, remote_capacity=5000, local_capacity=5000, capacity=5000)
     await sender.new_channel()  # this loop's own link, through the proxy
     channel = await receiver.new_channel()
     failures = {}
@@ -180,6 +180,8 @@ async def test_a_send_whose_confirm_is_lost_in_a_cut_raises_at_once(
     sender, receiver = layers(), layers(proxied=False)
     await sender.new_channel()
     channel = await receiver.new_channel()
+    await sender.send(channel, {"type": "warm-up"})  # the publishing connection is open
+    assert await receive(receiver, channel) == {"type": "warm-up"}
     proxy.stall()
     sending = asyncio.create_task(sender.send(channel, {"type": "lost"}))
     await asyncio.sleep(0.2)
@@ -320,14 +322,14 @@ async def test_a_stalled_connection_is_noticed_by_heartbeats_and_replaced(
     flowing_in = now() - stalled_at
     print(f"stall detected in {detected_in:.2f}s; messages flow again after {flowing_in:.2f}s")
     assert flowing_in < 15
-    proxy.resume()  # the old connection learns it is over and goes
-    await eventually(lambda: proxy.active == 1, "the stalled connection to close")
+    proxy.resume()  # the old connections learn they are over and go
+    await eventually(lambda: proxy.active == 2, "the stalled connections to close")
 
 
 async def test_a_slow_network_delivers_everything_in_order(layers: LayerFactory, proxy: FaultProxy) -> None:
     proxy.slow(0.02)
     sender = layers()
-    receiver = layers(remote_capacity=1000, local_capacity=1000)
+    receiver = layers(remote_capacity=1000, local_capacity=1000, capacity=1000)
     channel = await receiver.new_channel()
     member = await receiver.new_channel()
     await receiver.group_add("room", member)
@@ -339,7 +341,7 @@ async def test_a_slow_network_delivers_everything_in_order(layers: LayerFactory,
         await sender.group_send("room", {"type": "g", "i": index})
     assert [(await receive(receiver, channel))["i"] for _ in range(150)] == list(range(150))
     assert [(await receive(receiver, member))["i"] for _ in range(10)] == list(range(10))
-    assert proxy.accepted == 2  # nothing timed out and reconnected
+    assert proxy.accepted == 4  # two layers' two connections: nothing timed out and reconnected
 
 
 # Outages ------------------------------------------------------------------------------------------
@@ -416,6 +418,8 @@ async def test_reconnections_lost_while_setting_up_are_debug_lines_not_warnings(
         proxy.slow(0)
         await layer.send(channel, {"type": "back"})
         assert await receive(layer, channel) == {"type": "back"}
+        # Deliveries flow while the consuming connection still checks itself: wait for its end.
+        await eventually(lambda: link_of(layer).is_connected, "the link to finish setting up")
     warned = warnings_of(caplog)
     assert len(warned) == 2, warned  # one outage, one recovery
 
@@ -435,7 +439,7 @@ async def test_a_cut_while_first_setting_up_raises_once_and_leaves_one_connectio
     channel = await layer.new_channel()  # the network is back: the caller tries again
     accepted = proxy.accepted
     await asyncio.sleep(3)  # longer than an attempt (connect_timeout) and its backoff
-    assert (proxy.active, proxy.accepted) == (1, accepted), "a second connection is being made"
+    assert (proxy.active, proxy.accepted) == (2, accepted), "a third connection is being made"
     await layer.send(channel, {"type": "m"})
     assert await receive(layer, channel) == {"type": "m"}
 

@@ -47,7 +47,7 @@ async def test_send_carries_every_msgpack_type_and_keeps_bytes(make_layer: Layer
 
 
 async def test_messages_from_one_sender_arrive_in_order(make_layer: LayerFactory) -> None:
-    sender, receiver = make_layer(), make_layer(remote_capacity=1000)
+    sender, receiver = make_layer(), make_layer(remote_capacity=1000, capacity=1000)
     channel = await receiver.new_channel()
     await asyncio.gather(*(sender.send(channel, {"type": "m", "i": i}) for i in range(300)))
     assert [(await receive(receiver, channel))["i"] for _ in range(300)] == list(range(300))
@@ -254,7 +254,7 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
     await producer.new_channel()
-    connection = await link_of(producer).connection()
+    connection = await link_of(producer).consuming.connected()  # its probe channel publishes too
     body = msgpack.packb({"type": "from.elsewhere", "n": 1})
     assert await connection.publish(PUBLISH_CHANNEL, b"groups", b"room", b"\x00\x00", body)
     assert await receive(receiver, channel) == {"type": "from.elsewhere", "n": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import socket
 import ssl
 
@@ -61,7 +62,9 @@ def test_layer_defaults():
     assert config.address == BrokerAddress("amqp", "127.0.0.1", 5672, "guest", "guest", "/")
     assert config.expiry == 60.0
     assert config.group_expiry == 86400.0
-    assert config.local_capacity == 100
+    assert config.capacity == 100
+    assert config.channel_capacity == ()
+    assert config.local_capacity == 100_000
     assert config.remote_capacity == 100
     assert config.prefetch_count == 100
     assert config.groups_exchange == "groups"
@@ -81,6 +84,7 @@ def test_layer_keeps_the_given_values():
         "amqps://me:pw@rabbit.example:5000/prod",
         expiry=5,
         group_expiry=10.5,
+        capacity=6,
         local_capacity=7,
         remote_capacity=8,
         prefetch_count=9,
@@ -97,7 +101,39 @@ def test_layer_keeps_the_given_values():
     assert config.groups_exchange == "my.groups:x"
     assert config.ssl_context is context
     assert (config.connect_timeout, config.heartbeat, config.max_message_size) == (0.5, 0, 1024)
-    assert layer.capacity == 8
+    assert layer.capacity == 6
+
+
+def test_channel_capacity_takes_globs_and_regexes_and_the_first_match_wins():
+    layer = RabbitmqChannelLayer(
+        capacity=10,
+        channel_capacity={"http.request": 200, re.compile(r"^websocket\.send!.*"): 20, "*": 5},
+    )
+    assert layer.config.capacity_of("http.request") == 200
+    assert layer.config.capacity_of("websocket.send!abc") == 20
+    assert layer.config.capacity_of("channels.x!y") == 5
+    assert layer.get_capacity("http.request") == 200  # Channels' own lookup agrees
+    assert RabbitmqChannelLayer(capacity=10).config.capacity_of("anything") == 10
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "named"),
+    [
+        ([("a", 1)], TypeError, "channel_capacity"),
+        ({1: 5}, TypeError, "channel_capacity"),
+        ({"a": 0}, ValueError, "channel_capacity"),
+        ({"a": "5"}, TypeError, "channel_capacity"),
+    ],
+)
+def test_bad_channel_capacity_is_refused_naming_the_key(value, error, named):
+    with pytest.raises(error, match=named):
+        RabbitmqChannelLayer(channel_capacity=value)
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_capacity_is_refused_naming_the_key(value, error):
+    with pytest.raises(error, match="capacity"):
+        RabbitmqChannelLayer(capacity=value)
 
 
 async def test_each_link_has_its_own_queue_name():
@@ -204,7 +240,7 @@ WRONG_RANGES = [
     ("group_expiry", math.nan),
     ("local_capacity", 0),
     ("local_capacity", -1),
-    ("local_capacity", 10_000_001),
+    ("local_capacity", 100_000_001),
     ("remote_capacity", 0),
     ("remote_capacity", 2**31),
     ("prefetch_count", 0),

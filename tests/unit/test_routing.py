@@ -552,3 +552,60 @@ async def test_close_fails_every_waiter_with_a_fresh_error():
     assert router.held == 0
     assert router.inbox_count == 0
     assert list(router.groups) == []
+
+
+# Per-channel capacity ---------------------------------------------------------------------------
+
+
+def test_a_full_channel_drops_only_its_own_messages_and_reports_each_drop():
+    router = LocalRouter(capacity=1000, expiry=EXPIRY, group_expiry=GROUP_EXPIRY, channel_capacity=3)
+    reported: list[tuple[str, str | None]] = []
+    router.on_channel_full = lambda channel, group: reported.append((channel, group))
+    for number in range(5):
+        router.deliver("q!stuck", {"n": number}, 0)
+    router.deliver("q!other", {"n": 99}, 0)
+    assert router.full_drops == 2
+    assert reported == [("q!stuck", None), ("q!stuck", None)]
+    assert [router.take("q!stuck", 1)["n"] for _ in range(3)] == [0, 1, 2]  # the oldest are kept
+    assert router.take("q!stuck", 1) is EMPTY
+    assert router.take("q!other", 1) == {"n": 99}
+    assert router.held == 0
+
+
+def test_a_full_member_misses_a_group_message_and_the_other_members_get_it():
+    router = LocalRouter(capacity=1000, expiry=EXPIRY, group_expiry=GROUP_EXPIRY, channel_capacity=2)
+    reported: list[tuple[str, str | None]] = []
+    router.on_channel_full = lambda channel, group: reported.append((channel, group))
+    for channel in ("q!dead", "q!alive"):
+        router.add_membership("room", channel, 0)
+    for number in range(3):
+        message, body = group_message({"n": number})
+        router.deliver_to_group("room", message, body, 0)
+        if number < 2:
+            assert router.take("q!alive", 0) == {"n": number}
+    assert reported == [("q!dead", "room")]
+    assert router.take("q!alive", 0) == {"n": 2}
+    assert [router.take("q!dead", 0)["n"] for _ in range(2)] == [0, 1]
+    assert router.held == 0
+
+
+def test_a_waiting_receive_takes_no_room_and_a_put_back_message_is_never_dropped():
+    router = LocalRouter(capacity=1000, expiry=EXPIRY, group_expiry=GROUP_EXPIRY, channel_capacity=1)
+    router.deliver("q!a", {"n": 1}, 0)
+    router.put_back("q!a", {"n": 0}, 0)  # a cancelled receive() gives its message back
+    assert router.full_drops == 0
+    assert [router.take("q!a", 0)["n"] for _ in range(2)] == [0, 1]
+
+
+def test_channel_capacity_can_differ_per_channel():
+    capacities = {"q!big": 5}
+    router = LocalRouter(
+        capacity=1000,
+        expiry=EXPIRY,
+        group_expiry=GROUP_EXPIRY,
+        channel_capacity=lambda channel: capacities.get(channel, 1),
+    )
+    for number in range(6):
+        router.deliver("q!big", {"n": number}, 0)
+        router.deliver("q!small", {"n": number}, 0)
+    assert router.full_drops == 1 + 5

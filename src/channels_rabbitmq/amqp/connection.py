@@ -8,6 +8,9 @@
 - Deliveries go straight to a callback from ``data_received``: no task per message.
 - Heartbeats are sent when the connection is otherwise quiet, and a broker that stays
   silent for two intervals is taken as gone.
+- Publishing pauses while the broker blocks the connection (``connection.blocked``, a
+  resource alarm) or the transport's write buffer is over its high-water mark:
+  :attr:`AmqpConnection.can_publish` says so, and :meth:`wait_until_publishable` waits.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ from .protocol import AmqpProtocol, Credentials
 logger = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[amqp.Delivery | amqp.UndecodableDelivery], None]
+
+#: Bytes the transport may buffer before publishing pauses (a bound on memory while the
+#: broker reads slowly or not at all); writes of other frames are not held back.
+WRITE_BUFFER_HIGH = 1024 * 1024
 
 _REPLY_CODE_NAMES = {
     320: "CONNECTION_FORCED",
@@ -52,9 +59,10 @@ class AmqpConnection(asyncio.Protocol):
         machine: AmqpProtocol,
         description: str,
         *,
-        on_delivery: DeliveryHandler,
+        on_delivery: DeliveryHandler | None,
         on_deliveries_done: Callable[[], None],
         on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
+        on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
     ) -> None:
         self.machine = machine
         self.description = description  # the broker address, without password
@@ -62,6 +70,7 @@ class AmqpConnection(asyncio.Protocol):
         self._on_delivery = on_delivery
         self._on_deliveries_done = on_deliveries_done
         self._on_lost = on_lost
+        self._on_blocked = on_blocked
         self._transport: asyncio.Transport | None = None
         self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -76,7 +85,11 @@ class AmqpConnection(asyncio.Protocol):
         self._last_received = self._loop.time()
         self._sent_since_tick = False
         self._heartbeat_timer: asyncio.TimerHandle | None = None
+        #: Why the broker blocks this connection's publishes (a resource alarm), or None.
         self.blocked_reason: str | None = None
+        self._writing_paused = False  # the transport's buffer is over its high-water mark
+        self._publishable = asyncio.Event()
+        self._publishable.set()
 
     # Opening --------------------------------------------------------------------------------
 
@@ -94,9 +107,10 @@ class AmqpConnection(asyncio.Protocol):
         heartbeat: int,
         client_properties: dict[str, Any],
         description: str,
-        on_delivery: DeliveryHandler,
+        on_delivery: DeliveryHandler | None,
         on_deliveries_done: Callable[[], None],
         on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
+        on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
     ) -> AmqpConnection:
         """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`."""
         machine = AmqpProtocol(
@@ -109,6 +123,7 @@ class AmqpConnection(asyncio.Protocol):
             on_delivery=on_delivery,
             on_deliveries_done=on_deliveries_done,
             on_lost=on_lost,
+            on_blocked=on_blocked,
         )
 
         async def open_and_handshake() -> None:
@@ -148,8 +163,9 @@ class AmqpConnection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: rely on the interface only.
+        self._transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -166,6 +182,8 @@ class AmqpConnection(asyncio.Protocol):
         delivered = False
         for event in events:
             if type(event) is amqp.Delivery or type(event) is amqp.UndecodableDelivery:
+                if self._on_delivery is None:
+                    continue
                 delivered = True
                 try:
                     self._on_delivery(event)
@@ -198,13 +216,40 @@ class AmqpConnection(asyncio.Protocol):
         self._fail_pending(error)
         if not self._closed.done():
             self._closed.set_result(None)
+        self._publishable.set()  # waiters wake up and find the connection gone
         self._report_lost(error)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._publishable.clear()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self.blocked_reason is None:
+            self._publishable.set()
 
     # Requests -----------------------------------------------------------------------------
 
     @property
     def is_open(self) -> bool:
         return self._transport is not None and self._error is None and not self._closing
+
+    @property
+    def can_publish(self) -> bool:
+        """Open, not blocked by the broker, and the write buffer below its high-water mark."""
+        return self._publishable.is_set() and self.is_open
+
+    async def wait_until_publishable(self) -> None:
+        """Wait until publishing may go on, or the connection has ended (check :attr:`is_open`)."""
+        await self._publishable.wait()
+
+    def fail_unconfirmed(self, error: BaseException) -> None:
+        """Give up on every publish still waiting for its confirm (the broker may still take it)."""
+        for pending in self._unconfirmed.values():
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            pending.clear()
 
     def call(self, channel_id: int, method: Any) -> asyncio.Future[Any]:
         """Send a request on a channel; the future gets the reply or a broker error."""
@@ -331,11 +376,16 @@ class AmqpConnection(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.close()
         elif isinstance(event, amqp.ConnectionBlocked):
-            self.blocked_reason = event.reason or "blocked"
-            logger.warning("RabbitMQ blocked publishing on %s: %s", self.description, self.blocked_reason)
+            self.blocked_reason = event.reason or "a resource alarm"
+            self._publishable.clear()
+            if self._on_blocked is not None:
+                self._on_blocked(self, self.blocked_reason)
         elif isinstance(event, amqp.ConnectionUnblocked):
             self.blocked_reason = None
-            logger.info("RabbitMQ unblocked publishing on %s", self.description)
+            if not self._writing_paused:
+                self._publishable.set()
+            if self._on_blocked is not None:
+                self._on_blocked(self, None)
 
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method
@@ -444,9 +494,12 @@ class AmqpConnection(asyncio.Protocol):
             self._lost_reported = True
             self._on_lost(self, error)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection at once (no closing handshake)."""
         if self._transport is not None:
             self._transport.abort()
+
+    _abort = abort
 
     def _fail_pending(self, error: BrokerConnectionError) -> None:
         for queue in self._calls.values():
