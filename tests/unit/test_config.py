@@ -408,14 +408,13 @@ URL_TEXT = st.text(alphabet="abcz0123:/#?%[]@.!-_ ~\t\n+=&", max_size=8)
 @st.composite
 def urls_with_a_password(draw: st.DrawFn) -> str:
     """URL-like strings where a password (with the mark) sits before a later ``@``."""
-    scheme = draw(
-        st.sampled_from(["", "amqp://", "amqps://", "AMQP://", "amqp:", "amqp:/", "amqp:///", "http://", "//"])
-        | URL_TEXT
-    )
+    schemes = ["", "amqp://", "amqps://", "AMQP://", "amqp:", "amqp:/", "amqp:///", "http://", "//"]
+    scheme = draw(st.sampled_from(schemes) | URL_TEXT)
     username = draw(st.sampled_from(["", "user", "us%40er", "a:b", "a/b", "a#b", "a?b", "[u]"]) | URL_TEXT)
     mark = draw(st.sampled_from([MARK, ENCODED_MARK]))
     password = draw(URL_TEXT) + mark + draw(URL_TEXT)
-    host = draw(st.sampled_from(["", "host", "127.0.0.1", "[::1]", "[::1", "::1]", "h@st", "[v1.x]"]) | URL_TEXT)
+    hosts = ["", "host", "127.0.0.1", "[::1]", "[::1", "::1]", "h@st", "[v1.x]"]
+    host = draw(st.sampled_from(hosts) | URL_TEXT)
     port = draw(st.sampled_from(["", ":", ":5672", ":99999", ":-1", ":port", ":56 72", "::"]) | URL_TEXT)
     path = draw(st.sampled_from(["", "/", "/%2F", "/a/b", "/v?q=1", "/v#f", "/%zz", "?#"]) | URL_TEXT)
     return f"{scheme}{username}:{password}@{host}{port}{path}"
