@@ -846,7 +846,8 @@ def raw_deliver_frame(exchange: bytes, routing_key: bytes, *, channel: int = 2, 
         + bytes((len(routing_key),))
         + routing_key
     )
-    return struct.pack(">BHI", frames.FRAME_METHOD, channel, len(arguments)) + arguments + frames.FRAME_END_BYTE
+    head = struct.pack(">BHI", frames.FRAME_METHOD, channel, len(arguments))
+    return head + arguments + frames.FRAME_END_BYTE
 
 
 def split_at_frames(data: bytes) -> list[bytes]:
