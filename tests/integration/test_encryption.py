@@ -128,10 +128,9 @@ async def test_a_body_sealed_longer_ago_than_expiry_plus_clock_skew_is_dropped(
     recent_enough = now - expiry - CLOCK_SKEW_ALLOWANCE + 20  # a sender whose clock is behind
     from_the_future = now + 120  # beyond what Fernet allows for clock skew
     with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
-        assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": "old"}, too_old))
-        assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": "future"}, from_the_future))
-        assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": "ok"}, recent_enough))
-        assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": "now"}, now))
+        stamps = [("old", too_old), ("future", from_the_future), ("ok", recent_enough), ("now", now)]
+        for name, when in stamps:
+            assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": name}, when))
         assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "ok"}
         assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "now"}
     assert link.dropped == {DROPPED_UNDECODABLE: 2}
