@@ -47,11 +47,11 @@ CONTROL_CHANNEL = 3
 _ALPHABET = string.ascii_letters + string.digits
 
 RESOURCE_LOCKED = 405
+PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
 # Why a delivery was dropped: the keys of BrokerLink.dropped.
 DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
 DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
-PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
 
 class BrokerLink:
