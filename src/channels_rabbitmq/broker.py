@@ -64,9 +64,10 @@ LOOP_CHECK_INTERVAL = 0.5  # how often a message handed to another loop checks t
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
 # Why a delivery was dropped (the keys of BrokerLink.dropped).
-DROPPED_CHANNEL_FULL = "channel_full"
-DROPPED_EXPIRED = "expired"
-DROPPED_UNDECODABLE = "undecodable"
+DROPPED_CHANNEL_FULL = "channel_full"  # its channel already held its capacity of unread messages
+DROPPED_EXPIRED = "expired"  # nobody read it within expiry
+DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
+DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
 
 
 class BrokerLink:
@@ -210,7 +211,7 @@ class BrokerLink:
                 b"",
                 self.queue_name.encode(),
                 channel_properties(probe),
-                self._cipher.seal(PROBE_BODY) if self._cipher is not None else PROBE_BODY,
+                self._cipher.seal(PROBE_BODY, probe) if self._cipher is not None else PROBE_BODY,
             )
         except BrokerConnectionError:
             raise BrokerConnectionError(
@@ -281,37 +282,42 @@ class BrokerLink:
     def _on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
         self._last_delivery_tag = delivery.delivery_tag
         if type(delivery) is UndecodableDelivery:
-            self.dropped[DROPPED_UNDECODABLE] += 1
+            self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
             return
+        # Where it was sent: the group (routing key on the groups exchange) or the channel.
+        to_group = delivery.exchange == self._groups_exchange
+        if to_group:
+            destination = delivery.routing_key
+        else:
+            headers = delivery.headers
+            destination = headers.get(CHANNEL_HEADER) if headers else None
+            if type(destination) is not str or not destination.startswith(self._channel_prefix):
+                self.dropped[DROPPED_UNDECODABLE] += 1
+                self._dropped_log.warning(
+                    "dropped a message from the wire: no %s header naming a channel of queue %s",
+                    CHANNEL_HEADER,
+                    self.queue_name,
+                )
+                return
         body = delivery.body
         try:
             if self._cipher is not None:
-                body = self._cipher.open(body)
-            message = decode_message(body)
+                body = self._cipher.open(body, destination, self.config.expiry)
+            message = decode_message(body, self.config.max_message_size)
         except MalformedMessage as error:
             self.dropped[DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", error)
             return
         now = time.monotonic()
-        if delivery.exchange == self._groups_exchange:
-            self.router.deliver_to_group(delivery.routing_key, message, body, now)
+        if to_group:
+            self.router.deliver_to_group(destination, message, body, now)
             return
-        headers = delivery.headers
-        channel = headers.get(CHANNEL_HEADER) if headers else None
-        if type(channel) is not str or not channel.startswith(self._channel_prefix):
-            self.dropped[DROPPED_UNDECODABLE] += 1
-            self._dropped_log.warning(
-                "dropped a message from the wire: no %s header naming a channel of queue %s",
-                CHANNEL_HEADER,
-                self.queue_name,
-            )
-            return
-        if self._probe is not None and channel == self._probe[0]:
+        if self._probe is not None and destination == self._probe[0]:
             if not self._probe[1].done():
                 self._probe[1].set_result(None)
             return
-        self.router.deliver(channel, message, now)
+        self.router.deliver(destination, message, now)
 
     def _on_channel_full(self, channel: str, group: str | None) -> None:
         self.dropped[DROPPED_CHANNEL_FULL] += 1

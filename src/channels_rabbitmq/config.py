@@ -16,7 +16,18 @@ from urllib.parse import unquote, urlsplit
 
 DEFAULT_HOST = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
+#: The longest ``expiry`` accepted, in seconds. When the local buffers are full the layer
+#: withholds acks until buffered messages are read or expire, so up to about ``expiry``;
+#: RabbitMQ closes a consuming channel whose oldest ack is late by its ``consumer_timeout``
+#: (30 minutes by default), and this leaves 5 minutes of margin below that.
+MAX_EXPIRY = 1500.0
+
 _EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{1,127}$")
+# What of an URL's credentials errors may show: a scheme and a username of plain characters.
+_CREDENTIALS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)?(?P<username>[a-zA-Z0-9\-_.~%]*)(?P<password>:.*)?",
+    re.DOTALL,
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,9 @@ def parse_amqp_url(url: str) -> BrokerAddress:
         parts = urlsplit(f"{scheme_part}{separator}{location}")
         port = parts.port
     except ValueError:
-        raise ValueError(
-            f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}"
-        ) from None
+        parts = None  # raised below, outside this block: no chained error that quotes the URL
+    if parts is None:
+        raise ValueError(f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}")
     username, colon, password = userinfo.partition(":")
     scheme = parts.scheme.lower()
     if scheme not in ("amqp", "amqps"):
@@ -87,12 +98,20 @@ def parse_amqp_url(url: str) -> BrokerAddress:
 
 
 def _without_password(url: str) -> str:
-    """The URL with any password replaced, for error messages."""
-    scheme, separator, rest = url.partition("://")
-    userinfo, at, location = rest.rpartition("@")
-    if not separator or not at or ":" not in userinfo:
+    """The URL with its credentials masked, for error messages; safe for any malformed string.
+
+    Anything before the last ``@`` may hold a password, with or without ``://``, and with
+    unencoded delimiters in it: only a well-formed scheme and a username made of plain
+    characters are kept from there, and the rest becomes ``***``.
+    """
+    credentials, at, location = url.rpartition("@")
+    if not at:
         return url
-    return f"{scheme}://{userinfo.partition(':')[0]}:***@{location}"
+    shown = _CREDENTIALS.fullmatch(credentials)
+    if shown is None:
+        return f"***@{location}"
+    scheme, username, password = shown.group("scheme", "username", "password")
+    return f"{scheme or ''}{username}{':***' if password is not None else ''}@{location}"
 
 
 @dataclass(frozen=True)
@@ -193,9 +212,16 @@ class LayerConfig:
             raise ValueError(
                 f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}"
             )
+        checked_expiry = _number("expiry", expiry, minimum=0.001)
+        if checked_expiry > MAX_EXPIRY:
+            raise ValueError(
+                f"expiry must be at most {MAX_EXPIRY:g}s, got {checked_expiry:g}: with full buffers the "
+                "layer withholds an ack for up to expiry seconds, and RabbitMQ closes a consumer whose "
+                "ack is later than its consumer_timeout (30 minutes by default)"
+            )
         return cls(
             addresses=addresses,
-            expiry=_number("expiry", expiry, minimum=0.001),
+            expiry=checked_expiry,
             group_expiry=_number("group_expiry", group_expiry, minimum=0.001),
             capacity=_integer("capacity", capacity, 1, 10_000_000),
             channel_capacity=_channel_capacity(channel_capacity),

@@ -78,4 +78,5 @@ async def open_connection(
         on_deliveries_done=on_deliveries_done,
         on_lost=on_lost,
         on_blocked=on_blocked,
+        max_body_size=config.max_message_size,  # the layer never sends more: a bigger body is foreign
     )

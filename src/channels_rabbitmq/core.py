@@ -122,12 +122,13 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     def __repr__(self) -> str:
         return f"<RabbitmqChannelLayer {self.config.description}>"
 
-    def _encode(self, message: dict[str, Any]) -> bytes:
-        """The body to publish: msgpack, sealed when ``encryption_keys`` are set; size-checked."""
+    def _encode(self, message: dict[str, Any], destination: str) -> bytes:
+        """The body to publish: msgpack, sealed for ``destination`` (channel or group) when
+        ``encryption_keys`` are set; size-checked."""
         limit = self.config.max_message_size
         body = encode_message(message, limit)
         if self._cipher is not None:
-            body = self._cipher.seal(body)
+            body = self._cipher.seal(body, destination)
             if len(body) > limit:
                 raise MessageTooLarge(f"message is {len(body)} bytes encrypted; max_message_size is {limit}")
         return body
@@ -153,7 +154,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         if target is None:
             target = self._send_target(channel)
         routing_key, properties = target
-        body = self._encode(message)
+        body = self._encode(message, channel)
         link = self._loop_links.get(asyncio.get_running_loop())
         if link is not None:  # the fast path: this loop's own link
             accepted = await link.publish(b"", routing_key, properties, body)
@@ -241,7 +242,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""
         self.require_valid_group_name(group)
-        body = self._encode(message)
+        body = self._encode(message, group)
         link = self._loop_links.get(asyncio.get_running_loop())
         if link is not None:
             accepted = await link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)

@@ -51,10 +51,37 @@ def encode_message(message: Any, max_size: int) -> bytes:
     return body
 
 
-def decode_message(body: bytes) -> dict[str, Any]:
-    """Unpack a body from the wire, or raise :class:`MalformedMessage`."""
+def _refuse_ext_type(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"body holds a msgpack ext type ({code}); messages carry none")
+
+
+def decode_message(body: bytes, max_size: int | None = None) -> dict[str, Any]:
+    """Unpack a body from the wire, or raise :class:`MalformedMessage`.
+
+    A body over ``max_size`` bytes is refused unread; no string, bytes, array or map may
+    claim more than ``max_size`` (msgpack also bounds them by the body's length). Ext types,
+    timestamps included, are refused: nothing this layer sends has them, and they would
+    reach consumers as objects no JSON-like message holds. Group copies decoded again from
+    a body already checked may leave ``max_size`` out.
+    """
+    if max_size is None:
+        max_size = len(body)
+    elif len(body) > max_size:
+        raise MalformedMessage(f"body is too large: {len(body)} bytes, over max_message_size ({max_size})")
     try:
-        message = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_refuse_ext_type,
+            max_ext_len=0,  # timestamps (ext -1) skip ext_hook: a length limit refuses them too
+            max_str_len=max_size,
+            max_bin_len=max_size,
+            max_array_len=max_size,
+            max_map_len=max_size // 2,  # a map entry takes two bytes at least
+        )
+    except MalformedMessage:
+        raise
     except Exception as error:  # msgpack raises many kinds on hostile input
         raise MalformedMessage(f"body is not msgpack: {type(error).__name__}: {error}") from None
     if type(message) is not dict:

@@ -75,7 +75,7 @@ async def make_cluster_layer(cluster: Nodes) -> AsyncIterator[ClusterLayerFactor
 
 def connected_port(layer: RabbitmqChannelLayer) -> int:
     """The broker port this loop's link is connected to, as the client sees it."""
-    connection = link_of(layer)._connection
+    connection = link_of(layer).consuming.connection
     assert connection is not None, "the layer is not connected"
     # "amqp://guest@127.0.0.1:5672/%2F", or "... (127.0.0.1)" when the host name was resolved
     return int(connection.description.split()[0].rsplit(":", 1)[1].split("/")[0])
@@ -201,7 +201,10 @@ async def test_a_host_name_with_several_addresses_is_tried_address_by_address(
     elapsed = time.monotonic() - started
     assert tried == ["::1", "127.0.0.1"]
     assert elapsed < 5
-    assert link_of(layer)._connection.description == f"amqp://guest@localhost:{node.port}/%2F (127.0.0.1)"
+    assert (
+        link_of(layer).consuming.connection.description
+        == f"amqp://guest@localhost:{node.port}/%2F (127.0.0.1)"
+    )
     await layer.send(channel, {"type": "ok"})
     assert await receive(layer, channel) == {"type": "ok"}
 
@@ -219,7 +222,7 @@ RESOLVER_CHILD = textwrap.dedent(
             await layer.send(channel, {"type": "ok"})
             message = await asyncio.wait_for(layer.receive(channel), 10)
             link = layer._loop_links[asyncio.get_running_loop()]
-            description = link._connection.description
+            description = link.consuming.connection.description
         finally:
             await layer.close()
         infos = socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)
@@ -290,9 +293,9 @@ def test_localhost_resolving_to_ipv6_and_ipv4_reaches_a_node_on_ipv4_only(
 async def lost_connection(layer: RabbitmqChannelLayer, timeout: float = 60) -> float:
     """Wait until this loop's link has dropped the connection it has now; return when that happened."""
     link = link_of(layer)
-    connection = link._connection
+    connection = link.consuming.connection
     deadline = time.monotonic() + timeout
-    while link._connection is connection:
+    while link.consuming.connection is connection:
         assert time.monotonic() < deadline, "the connection was never lost"
         await asyncio.sleep(0.005)
     return time.monotonic()
@@ -354,7 +357,7 @@ async def test_when_a_node_stops_its_clients_move_to_another_and_messages_flow_a
     await b.group_send("lobby", {"type": "before"})
     assert await receive(a, a_member) == {"type": "before"}
     assert await receive(b, b_member) == {"type": "before"}
-    b_connection = link_of(b)._connection
+    b_connection = link_of(b).consuming.connection
     queue_a = link_of(a).queue_name
 
     started = time.monotonic()
@@ -380,7 +383,7 @@ async def test_when_a_node_stops_its_clients_move_to_another_and_messages_flow_a
 
     await connected(a)  # had it gone back to the stopping node, it has moved on since
     assert connected_port(a) in (second.port, third.port)
-    assert link_of(b)._connection is b_connection, "B's node stayed up: B must not have reconnected"
+    assert link_of(b).consuming.connection is b_connection, "B's node stayed up: B must not have reconnected"
     await drain(b, b_member)  # the group probes
     await a.group_send("lobby", {"type": "after"})
     assert await receive(a, a_member) == {"type": "after"}

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
+import time
 
+import msgpack
 import pytest
 
-from channels_rabbitmq.encryption import generate_key
-from tests.conftest import Broker, LayerFactory
+from channels_rabbitmq.broker import DROPPED_UNDECODABLE
+from channels_rabbitmq.encryption import CLOCK_SKEW_ALLOWANCE, generate_key
+from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
+from tests.conftest import Broker, LayerFactory, link_of
+
+GROUPS = b"groups"  # the default groups exchange
 
 
 async def test_encrypted_messages_round_trip_and_are_opaque_on_the_wire(
@@ -66,3 +73,80 @@ def test_encryption_keys_are_checked_at_construction() -> None:
     key = generate_key()
     layer = RabbitmqChannelLayer(encryption_keys=[key])
     assert key not in repr(layer.config)
+
+
+# Each sealed body is bound to its destination and to its age ---------------------------------------
+
+
+async def test_a_body_sealed_for_one_channel_and_republished_to_another_channel_or_group_is_dropped(
+    make_layer: LayerFactory,
+) -> None:
+    key = generate_key()
+    sender, receiver = make_layer(encryption_keys=[key]), make_layer(encryption_keys=[key])
+    target, other = await receiver.new_channel(), await receiver.new_channel()
+    await receiver.group_add("room", other)
+    await receiver.group_add("lobby", other)
+    link = link_of(receiver)
+    queue = link.queue_name.encode()
+    # The very bodies the sender publishes for `target` and for the group "room".
+    for_target = sender._encode({"type": "for target"}, target)
+    for_room = sender._encode({"type": "for room"}, "room")
+    # Captured and republished elsewhere: to another channel, to a group, to another group.
+    assert await link.publish(b"", queue, channel_properties(other), for_target)
+    assert await link.publish(GROUPS, b"room", NO_PROPERTIES, for_target)
+    assert await link.publish(GROUPS, b"lobby", NO_PROPERTIES, for_room)
+    # Republished to where they were sealed for, the same raw way: delivered.
+    assert await link.publish(b"", queue, channel_properties(target), for_target)
+    assert await link.publish(GROUPS, b"room", NO_PROPERTIES, for_room)
+    await sender.send(other, {"type": "genuine"})
+    assert await asyncio.wait_for(receiver.receive(target), 5) == {"type": "for target"}
+    assert await asyncio.wait_for(receiver.receive(other), 5) == {"type": "for room"}
+    assert await asyncio.wait_for(receiver.receive(other), 5) == {"type": "genuine"}
+    assert link.dropped == {DROPPED_UNDECODABLE: 3}
+
+
+def sealed_at(key: str, destination: str, message: dict, when: float) -> bytes:
+    """A body as the layer seals it (see the README's wire format), stamped at ``when``."""
+    from cryptography.fernet import Fernet
+
+    target = destination.encode()
+    plaintext = struct.pack(">H", len(target)) + target + msgpack.packb(message, use_bin_type=True)
+    return Fernet(key.encode()).encrypt_at_time(plaintext, int(when))
+
+
+async def test_a_body_sealed_longer_ago_than_expiry_plus_clock_skew_is_dropped(
+    make_layer: LayerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = generate_key()
+    expiry = 10
+    receiver = make_layer(encryption_keys=[key], expiry=expiry)
+    channel = await receiver.new_channel()
+    link = link_of(receiver)
+    queue, properties = link.queue_name.encode(), channel_properties(channel)
+    now = time.time()
+    too_old = now - expiry - CLOCK_SKEW_ALLOWANCE - 5
+    recent_enough = now - expiry - CLOCK_SKEW_ALLOWANCE + 20  # a sender whose clock is behind
+    from_the_future = now + 120  # beyond what Fernet allows for clock skew
+    with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
+        stamps = [("old", too_old), ("future", from_the_future), ("ok", recent_enough), ("now", now)]
+        for name, when in stamps:
+            assert await link.publish(b"", queue, properties, sealed_at(key, channel, {"n": name}, when))
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "ok"}
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "now"}
+    assert link.dropped == {DROPPED_UNDECODABLE: 2}
+    assert any("older than expiry" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_sealed_body_with_a_truncated_destination_is_dropped(make_layer: LayerFactory) -> None:
+    from cryptography.fernet import Fernet
+
+    key = generate_key()
+    receiver = make_layer(encryption_keys=[key])
+    channel = await receiver.new_channel()
+    link = link_of(receiver)
+    queue, properties = link.queue_name.encode(), channel_properties(channel)
+    for plaintext in (b"", b"\x00", b"\xff\xff" + channel.encode() + msgpack.packb({"n": 1})):
+        assert await link.publish(b"", queue, properties, Fernet(key.encode()).encrypt(plaintext))
+    await receiver.send(channel, {"n": "after"})
+    assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "after"}
+    assert link.dropped == {DROPPED_UNDECODABLE: 3}

@@ -31,10 +31,10 @@ from pamqp import header as pamqp_header
 from channels_rabbitmq.amqp.connection import AmqpConnection
 from channels_rabbitmq.amqp.frames import HEADERS_FLAG, encode_string_headers
 from channels_rabbitmq.amqp.protocol import Credentials
-from channels_rabbitmq.broker import PUBLISH_CHANNEL, BrokerLink
+from channels_rabbitmq.broker import DROPPED_TOO_LARGE, DROPPED_UNDECODABLE, PUBLISH_CHANNEL, BrokerLink
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.wire import NO_PROPERTIES, MalformedMessage, channel_properties, decode_message
-from tests.conftest import Broker
+from tests.conftest import Broker, link_of
 from tests.unit.test_properties import HOSTILE_BODIES, encode_table, nested_table
 
 GROUP = "hostile.room"
@@ -271,7 +271,7 @@ class Tally:
 
 
 async def check_batch(pair: Pair, batch: list[Publish], tally: Tally) -> None:
-    connection = await pair.producer_link.connection()
+    connection = await pair.producer_link.publishing.connected()
     queue = pair.link.queue_name.encode()
     expected: list[Any] = []
     for publish in batch:
@@ -327,8 +327,8 @@ def test_hostile_publishes_are_dropped_or_delivered_and_the_layer_goes_on(broker
     pair: Pair | None = None
     try:
         pair = loop.run_until_complete(make_pair(broker.url))
-        receiver_connection = pair.link._connection
-        producer_connection = pair.producer_link._connection
+        receiver_connection = pair.link.consuming.connection
+        producer_connection = pair.producer_link.publishing.connection
         started = time.monotonic()
 
         @settings(
@@ -348,9 +348,9 @@ def test_hostile_publishes_are_dropped_or_delivered_and_the_layer_goes_on(broker
         elapsed = time.monotonic() - started
 
         # Every hostile body was dropped or delivered; nothing broke the connections.
-        assert pair.link._connection is receiver_connection
+        assert pair.link.consuming.connection is receiver_connection
         assert receiver_connection.is_open
-        assert pair.producer_link._connection is producer_connection
+        assert pair.producer_link.publishing.connection is producer_connection
         assert producer_connection.is_open
         assert tally.malformed >= 5, tally  # the examples did hold each kind of hostile input
         assert tally.unreadable >= 3, tally
@@ -419,3 +419,79 @@ async def test_cancelling_connect_during_the_handshake_leaves_no_error_in_the_lo
         await server.wait_closed()
         loop.set_exception_handler(None)
     assert [context.get("message") for context in errors] == []
+
+
+# Bodies over max_message_size, ext types: dropped unread and counted --------------------------------
+
+LIMIT = 10_000  # the receiver's max_message_size
+
+
+def message_of_size(kind: str, size: int) -> dict[str, Any]:
+    """A message that packs to exactly ``size`` bytes (between 1 and 64 KiB)."""
+    overhead = len(pack({"type": kind, "x": b"x" * 1000})) - 1000
+    message = {"type": kind, "x": b"x" * (size - overhead)}
+    assert len(pack(message)) == size
+    return message
+
+
+async def test_bodies_over_max_message_size_are_dropped_unread_counted_and_the_next_message_arrives(
+    make_layer: Callable[..., RabbitmqChannelLayer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    receiver = make_layer(max_message_size=LIMIT)
+    outsider = make_layer()  # publishes raw bodies straight to the receiver's queue and group
+    channel = await receiver.new_channel()
+    await receiver.group_add(GROUP, channel)
+    await outsider.new_channel()
+    link, outsider_link = link_of(receiver), link_of(outsider)
+    queue, properties = link.queue_name.encode(), channel_properties(channel)
+    # One body fits in a single frame, one spans several (frame_max is 128 KiB), one is just over.
+    oversized = [pack({"type": "big", "x": b"x" * size}) for size in (LIMIT * 2, 400_000)]
+    just_over = pack(message_of_size("big", LIMIT + 1))
+    with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
+        for body in [*oversized, just_over]:
+            assert await outsider_link.publish(b"", queue, properties, body)
+            assert await outsider_link.publish(GROUPS_EXCHANGE, GROUP.encode(), NO_PROPERTIES, body)
+        at_limit = message_of_size("at.limit", LIMIT)
+        await outsider.send(channel, at_limit)
+        await outsider.group_send(GROUP, {"type": "after", "n": 2})
+        assert await asyncio.wait_for(receiver.receive(channel), RECEIVE_TIMEOUT) == at_limit
+        assert await asyncio.wait_for(receiver.receive(channel), RECEIVE_TIMEOUT) == {"type": "after", "n": 2}
+    assert link.dropped == {DROPPED_TOO_LARGE: 6}
+    assert any("too large" in record.getMessage() for record in caplog.records)
+    assert link.is_connected
+    assert not [record for record in caplog.records if "reconnecting" in record.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [msgpack.ExtType(3, b"abc"), msgpack.Timestamp(1_700_000_000, 1)],
+    ids=["ext", "timestamp"],
+)
+async def test_bodies_with_ext_types_are_dropped_and_counted_as_undecodable(
+    make_layer: Callable[..., RabbitmqChannelLayer], value: Any
+) -> None:
+    receiver = make_layer()
+    channel = await receiver.new_channel()
+    await receiver.group_add(GROUP, channel)
+    link = link_of(receiver)
+    body = pack({"type": "ext", "value": value})
+    assert await link.publish(b"", link.queue_name.encode(), channel_properties(channel), body)
+    assert await link.publish(GROUPS_EXCHANGE, GROUP.encode(), NO_PROPERTIES, body)
+    await receiver.send(channel, {"type": "after"})
+    assert await asyncio.wait_for(receiver.receive(channel), RECEIVE_TIMEOUT) == {"type": "after"}
+    assert link.dropped == {DROPPED_UNDECODABLE: 2}
+
+
+async def test_a_delivery_not_for_a_channel_of_the_queue_is_counted_as_undecodable(
+    make_layer: Callable[..., RabbitmqChannelLayer],
+) -> None:
+    receiver = make_layer()
+    channel = await receiver.new_channel()
+    link = link_of(receiver)
+    queue = link.queue_name.encode()
+    assert await link.publish(b"", queue, NO_PROPERTIES, pack({"type": "no header"}))
+    assert await link.publish(b"", queue, channel_properties("elsewhere!x"), pack({"type": "not ours"}))
+    await receiver.send(channel, {"type": "after"})
+    assert await asyncio.wait_for(receiver.receive(channel), RECEIVE_TIMEOUT) == {"type": "after"}
+    assert link.dropped == {DROPPED_UNDECODABLE: 2}

@@ -24,7 +24,7 @@ async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
     await producer.new_channel()
-    connection = await link_of(producer).connection()
+    connection = await link_of(producer).publishing.connected()
     queue = link_of(receiver).queue_name.encode()
     hostile = [
         (b"", queue, channel_properties(channel), b"\xc1 not msgpack"),

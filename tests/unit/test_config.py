@@ -7,11 +7,14 @@ import math
 import re
 import socket
 import ssl
+import traceback
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from channels_rabbitmq.broker import BrokerLink
-from channels_rabbitmq.config import DEFAULT_HOST, BrokerAddress, LayerConfig, parse_amqp_url
+from channels_rabbitmq.config import DEFAULT_HOST, MAX_EXPIRY, BrokerAddress, LayerConfig, parse_amqp_url
 from channels_rabbitmq.core import DEFAULT_MAX_MESSAGE_SIZE, RabbitmqChannelLayer
 
 PASSWORD = "Sup3r-S3cret-Pw"
@@ -427,3 +430,80 @@ def test_layer_repr_and_config_repr_never_contain_the_password():
 def test_tls_address_uses_tls():
     assert parse_amqp_url("amqps://h").uses_tls
     assert not parse_amqp_url("amqp://h").uses_tls
+
+
+# Any malformed host string: the password never shows ------------------------------------------
+
+# The password's mark: "Q" and "5" never come out of the other strategies, so neither the
+# mark nor its percent-encoded form (%51) can appear in a message by chance.
+MARK = "QQQpw"
+ENCODED_MARK = "%51%51%51pw"
+URL_TEXT = st.text(alphabet="abcz0123:/#?%[]@.!-_ ~\t\n+=&", max_size=8)
+
+
+@st.composite
+def urls_with_a_password(draw: st.DrawFn) -> str:
+    """URL-like strings where a password (with the mark) sits before a later ``@``."""
+    schemes = ["", "amqp://", "amqps://", "AMQP://", "amqp:", "amqp:/", "amqp:///", "http://", "//"]
+    scheme = draw(st.sampled_from(schemes) | URL_TEXT)
+    username = draw(st.sampled_from(["", "user", "us%40er", "a:b", "a/b", "a#b", "a?b", "[u]"]) | URL_TEXT)
+    mark = draw(st.sampled_from([MARK, ENCODED_MARK]))
+    password = draw(URL_TEXT) + mark + draw(URL_TEXT)
+    hosts = ["", "host", "127.0.0.1", "[::1]", "[::1", "::1]", "h@st", "[v1.x]"]
+    host = draw(st.sampled_from(hosts) | URL_TEXT)
+    port = draw(st.sampled_from(["", ":", ":5672", ":99999", ":-1", ":port", ":56 72", "::"]) | URL_TEXT)
+    path = draw(st.sampled_from(["", "/", "/%2F", "/a/b", "/v?q=1", "/v#f", "/%zz", "?#"]) | URL_TEXT)
+    return f"{scheme}{username}:{password}@{host}{port}{path}"
+
+
+def assert_hidden(text: str) -> None:
+    assert MARK not in text
+    assert ENCODED_MARK not in text
+
+
+@settings(max_examples=1500, deadline=None, database=None)
+@given(urls_with_a_password())
+def test_no_error_or_address_built_from_any_host_string_shows_its_password(url: str) -> None:
+    try:
+        address = parse_amqp_url(url)
+    except ValueError as error:
+        assert_hidden(str(error))
+        assert_hidden(repr(error))
+        assert_hidden("".join(traceback.format_exception(error)))
+        return
+    assert_hidden(str(address))
+    assert_hidden(repr(address))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"guest:{PASSWORD}@127.0.0.1/%2F",
+        f"guest:{PASSWORD}@127.0.0.1:5672/%2F",
+        f"amqp:guest:{PASSWORD}@host/%2F",
+        f"amqp:/guest:{PASSWORD}@host/%2F",
+        f"user:pa://{PASSWORD}@host/",
+        f"[user:{PASSWORD}@host/",
+    ],
+)
+def test_malformed_host_without_scheme_separator_never_shows_the_password(url):
+    with pytest.raises(ValueError, match=r"^host") as caught:
+        RabbitmqChannelLayer(url)
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in "".join(traceback.format_exception(caught.value))
+
+
+# expiry and RabbitMQ's consumer_timeout ---------------------------------------------------------
+
+
+def test_expiry_up_to_the_maximum_is_accepted():
+    assert build(expiry=MAX_EXPIRY).expiry == MAX_EXPIRY
+
+
+@pytest.mark.parametrize("expiry", [MAX_EXPIRY + 0.5, 1800, 86400])
+def test_expiry_above_the_broker_consumer_timeout_margin_is_refused(expiry):
+    with pytest.raises(ValueError, match="expiry") as caught:
+        build(expiry=expiry)
+    assert "consumer_timeout" in str(caught.value)
+    with pytest.raises(ValueError, match="consumer_timeout"):
+        RabbitmqChannelLayer(DEFAULT_HOST, expiry=expiry)

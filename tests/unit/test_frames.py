@@ -314,3 +314,37 @@ def test_decode_content_header_reads_body_size_and_properties():
 def test_decode_content_header_of_another_class_raises_frame_error():
     with pytest.raises(frames.FrameError, match="class 50"):
         frames.decode_content_header(memoryview(struct.pack(">HHQH", 50, 0, 1, 0)))
+
+
+# decode_deliver -------------------------------------------------------------------------------
+
+
+def deliver_arguments(exchange: bytes, routing_key: bytes, tag: int = 9) -> memoryview:
+    return memoryview(
+        b"\x04ctag"
+        + struct.pack(">QB", tag, 1)
+        + bytes((len(exchange),))
+        + exchange
+        + bytes((len(routing_key),))
+        + routing_key
+    )
+
+
+def test_decode_deliver_reads_utf8_names():
+    deliver = frames.decode_deliver(deliver_arguments("grøups".encode(), b"room"))
+    assert deliver == frames.Deliver("ctag", 9, True, "grøups", "room")
+    assert deliver.error is None
+
+
+@pytest.mark.parametrize(("exchange", "routing_key"), [(b"\xff", b"room"), (b"groups", b"r\xc3")])
+def test_decode_deliver_of_non_utf8_names_keeps_the_tag_and_sets_an_error(exchange, routing_key):
+    deliver = frames.decode_deliver(deliver_arguments(exchange, routing_key, tag=2**40))
+    assert deliver.delivery_tag == 2**40
+    assert deliver.error is not None
+    assert "UTF-8" in deliver.error
+
+
+def test_decode_deliver_of_a_routing_key_overrunning_the_frame_raises_frame_error():
+    arguments = bytes(deliver_arguments(b"groups", b"room"))[:-2]
+    with pytest.raises(frames.FrameError):
+        frames.decode_deliver(memoryview(arguments))

@@ -830,3 +830,133 @@ TRUNCATED_METHODS = {
 def test_truncated_method_frame_raises_protocol_error(data):
     with pytest.raises(ProtocolError):
         open_protocol().receive_data(data)
+
+
+# Hostile deliveries: bodies over max_body_size, non-UTF-8 names, a tiny frame_max ---------------
+
+
+def raw_deliver_frame(exchange: bytes, routing_key: bytes, *, channel: int = 2, tag: int = 1) -> bytes:
+    """A basic.deliver frame with any bytes as exchange name and routing key (pamqp writes only str)."""
+    arguments = (
+        struct.pack(">HH", frames.BASIC_CLASS, frames.BASIC_DELIVER)
+        + b"\x04ctag"
+        + struct.pack(">QB", tag, 0)
+        + bytes((len(exchange),))
+        + exchange
+        + bytes((len(routing_key),))
+        + routing_key
+    )
+    head = struct.pack(">BHI", frames.FRAME_METHOD, channel, len(arguments))
+    return head + arguments + frames.FRAME_END_BYTE
+
+
+def split_at_frames(data: bytes) -> list[bytes]:
+    return unmarshal_frames(data)
+
+
+def feed(protocol: AmqpProtocol, data: bytes, how: str) -> list:
+    """Feed ``data`` whole, byte by byte, in odd pieces, or frame by frame."""
+    if how == "whole":
+        return protocol.receive_data(data)
+    if how == "frames":
+        return [event for frame in split_at_frames(data) for event in protocol.receive_data(frame)]
+    return feed_in_pieces(protocol, data, {"bytes": 1, "pieces": 7}[how])
+
+
+FEEDINGS = ["whole", "frames", "bytes", "pieces"]
+
+
+@pytest.mark.parametrize("how", FEEDINGS)
+def test_body_over_max_body_size_in_one_frame_is_skipped_as_too_large(how):
+    data = delivery_frames(b"x" * 101, tag=5) + delivery_frames(b"y" * 100, tag=6)
+    events = feed(open_protocol(max_body_size=100), data, how)
+    assert len(events) == 2
+    assert isinstance(events[0], UndecodableDelivery)
+    assert (events[0].channel_id, events[0].delivery_tag, events[0].too_large) == (2, 5, True)
+    assert "too large" in events[0].reason
+    assert events[1] == Delivery(2, 6, "", "channels.q", None, b"y" * 100)
+
+
+@pytest.mark.parametrize("how", ["whole", "frames", "pieces"])
+def test_body_over_max_body_size_across_many_frames_is_counted_not_kept(how):
+    payload = b"z" * 300_000
+    data = delivery_frames(payload, tag=1, frame_max=4096) + delivery_frames(b"small", tag=2)
+    protocol = open_protocol(frame_max=4096, max_body_size=1000)
+    all_frames = split_at_frames(data)
+    assert len(all_frames) > 70
+    # Half-way through the big body, nothing of it is held.
+    half = len(all_frames) // 2
+    events = feed(protocol, b"".join(all_frames[:half]), how)
+    assert events == []
+    assert protocol._incoming[2].parts == []
+    events += feed(protocol, b"".join(all_frames[half:]), how)
+    assert [type(event) for event in events] == [UndecodableDelivery, Delivery]
+    assert (events[0].delivery_tag, events[0].too_large) == (1, True)
+    assert events[1].body == b"small"
+
+
+@pytest.mark.parametrize("how", FEEDINGS)
+def test_body_of_exactly_max_body_size_is_delivered(how):
+    events = feed(open_protocol(max_body_size=100), delivery_frames(b"x" * 100, tag=3), how)
+    assert events == [Delivery(2, 3, "", "channels.q", None, b"x" * 100)]
+
+
+def test_too_large_body_with_unreadable_properties_is_too_large_without_reading_them():
+    data = deliver_frame(tag=4) + raw_content_header(2, 50, UNKNOWN_FIELD_TYPE)
+    data += server(pamqp_body.ContentBody(b"a" * 50), 2)
+    events = open_protocol(max_body_size=10).receive_data(data)
+    assert len(events) == 1
+    assert isinstance(events[0], UndecodableDelivery)
+    assert (events[0].delivery_tag, events[0].too_large) == (4, True)
+
+
+def test_without_max_body_size_any_body_is_delivered():
+    payload = b"q" * 200_000
+    events = open_protocol().receive_data(delivery_frames(payload, frame_max=131072))
+    assert [event.body for event in events] == [payload]
+
+
+NOT_UTF8 = b"\xff\xfe\x80"
+
+
+@pytest.mark.parametrize("how", FEEDINGS)
+@pytest.mark.parametrize(
+    ("exchange", "routing_key"),
+    [(NOT_UTF8, b"room"), (b"groups", NOT_UTF8), (b"", b"channels.q\xc3")],
+    ids=["exchange", "routing-key", "truncated-sequence"],
+)
+def test_non_utf8_exchange_or_routing_key_gives_undecodable_delivery_and_the_stream_goes_on(
+    how, exchange, routing_key
+):
+    data = (
+        raw_deliver_frame(exchange, routing_key, tag=11)
+        + raw_content_header(2, 3, b"\x00\x00")
+        + server(pamqp_body.ContentBody(b"abc"), 2)
+        + delivery_frames(b"next", tag=12)
+    )
+    events = feed(open_protocol(), data, how)
+    assert len(events) == 2
+    assert isinstance(events[0], UndecodableDelivery)
+    assert (events[0].channel_id, events[0].delivery_tag, events[0].too_large) == (2, 11, False)
+    assert "UTF-8" in events[0].reason
+    assert events[1] == Delivery(2, 12, "", "channels.q", None, b"next")
+
+
+def test_non_utf8_routing_key_with_an_empty_body_gives_undecodable_delivery():
+    data = raw_deliver_frame(b"groups", NOT_UTF8, tag=2) + raw_content_header(2, 0, b"\x00\x00")
+    events = open_protocol().receive_data(data)
+    assert [(type(event), event.delivery_tag) for event in events] == [(UndecodableDelivery, 2)]
+
+
+@pytest.mark.parametrize("frame_max", [1, 8, 4095])
+def test_tune_with_frame_max_below_the_protocol_minimum_raises_protocol_error(frame_max):
+    protocol = new_protocol()
+    protocol.receive_data(server(commands.Connection.Start(server_properties={})))
+    with pytest.raises(ProtocolError, match="frame_max") as caught:
+        protocol.receive_data(server(commands.Connection.Tune(2047, frame_max, 60)))
+    assert "4096" in str(caught.value)
+
+
+@pytest.mark.parametrize(("theirs", "negotiated"), [(0, 131072), (4096, 4096)])
+def test_tune_with_frame_max_zero_or_the_minimum_is_accepted(theirs, negotiated):
+    assert open_protocol(frame_max=theirs).frame_max == negotiated

@@ -225,6 +225,66 @@ def test_decode_reads_bodies_from_other_msgpack_clients():
     assert decode_message(memoryview(body)) == {"type": "x", "n": [1, 2]}
 
 
+# decode_message: limits and ext types ---------------------------------------------------------
+
+
+def test_decode_refuses_a_body_over_max_size_unread():
+    body = msgpack.packb({"text": "x" * 200}, use_bin_type=True)
+    assert decode_message(body, len(body)) == {"text": "x" * 200}
+    with pytest.raises(MalformedMessage, match="too large"):
+        decode_message(body, len(body) - 1)
+    with pytest.raises(MalformedMessage, match="too large"):
+        decode_message(b"\xc1" * 100, 10)  # refused before any decoding: garbage is not even read
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x81\xa1a\xdb\xff\xff\xff\xff",  # str of 4 GiB - 1
+        b"\x81\xa1a\xc6\xff\xff\xff\xff",  # bin of 4 GiB - 1
+        b"\x81\xa1a\xdd\xff\xff\xff\xff",  # array of 4 G elements
+        b"\xdf\xff\xff\xff\xff",  # map of 4 G entries
+    ],
+    ids=["str", "bin", "array", "map"],
+)
+def test_decode_refuses_lengths_the_body_cannot_hold(body):
+    with pytest.raises(MalformedMessage):
+        decode_message(body, 1 << 20)
+    with pytest.raises(MalformedMessage):
+        decode_message(body)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        msgpack.ExtType(5, b"data"),
+        msgpack.ExtType(0, b""),
+        msgpack.Timestamp(1_700_000_000, 5),  # ext -1: 8 bytes
+        msgpack.Timestamp(1_700_000_000),  # ext -1: 4 bytes
+        msgpack.Timestamp(2**40, 1),  # ext -1: 12 bytes
+    ],
+    ids=["ext-5", "ext-empty", "timestamp-64", "timestamp-32", "timestamp-96"],
+)
+@pytest.mark.parametrize("max_size", [None, MAX])
+def test_decode_refuses_ext_types_and_timestamps_anywhere_in_the_message(value, max_size):
+    for message in ({"v": value}, {"outer": [1, {"inner": value}]}):
+        body = msgpack.packb(message, use_bin_type=True)
+        with pytest.raises(MalformedMessage):
+            decode_message(body, max_size)
+
+
+@pytest.mark.parametrize("ext", [b"\xd7\xfe" + b"8 bytes!", b"\xc7\x00\xff", b"\xd6\xff\x00\x00\x00\x01"])
+def test_decode_refuses_reserved_negative_ext_types(ext):
+    with pytest.raises(MalformedMessage):
+        decode_message(b"\x81\xa1v" + ext, MAX)
+
+
+def test_decode_with_max_size_reads_every_plain_type():
+    message = {"s": "é" * 10, "b": b"\x00" * 10, "l": [1, -2.5, None, True], "m": {"k": {"n": 1}}, 1: "int"}
+    body = msgpack.packb(message, use_bin_type=True)
+    assert decode_message(body, len(body)) == message
+
+
 # channel_properties ---------------------------------------------------------------------------
 
 

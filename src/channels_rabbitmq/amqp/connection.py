@@ -111,10 +111,19 @@ class AmqpConnection(asyncio.Protocol):
         on_deliveries_done: Callable[[], None],
         on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
         on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
+        max_body_size: int | None = None,
     ) -> AmqpConnection:
-        """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`."""
+        """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`.
+
+        Deliveries with a body over ``max_body_size`` bytes are skipped unread and handed
+        to ``on_delivery`` as an :class:`~.protocol.UndecodableDelivery` marked too large.
+        """
         machine = AmqpProtocol(
-            credentials, virtual_host, heartbeat=heartbeat, client_properties=client_properties
+            credentials,
+            virtual_host,
+            heartbeat=heartbeat,
+            client_properties=client_properties,
+            max_body_size=max_body_size,
         )
         loop = asyncio.get_running_loop()
         connection = cls(

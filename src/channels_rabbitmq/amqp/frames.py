@@ -26,6 +26,7 @@ FRAME_HEARTBEAT = 8
 FRAME_END = 0xCE
 FRAME_END_BYTE = b"\xce"
 FRAME_OVERHEAD = 8  # type (1) + channel (2) + size (4) + frame end (1)
+FRAME_MIN_SIZE = 4096  # the smallest frame_max a peer may set (AMQP 0-9-1, 4.2.3)
 
 BASIC_CLASS = 60
 BASIC_PUBLISH = 40
@@ -164,17 +165,22 @@ def decode_string_table(data: bytes | memoryview, offset: int, limit: int) -> di
 
 @dataclass(slots=True)
 class Deliver:
-    """The arguments of a ``basic.deliver`` method."""
+    """The arguments of a ``basic.deliver`` method; ``error`` says why they cannot be used."""
 
     consumer_tag: str
     delivery_tag: int
     redelivered: bool
     exchange: str
     routing_key: str
+    error: str | None = None
 
 
 def decode_deliver(payload: memoryview) -> Deliver:
-    """Parse the arguments of ``basic.deliver`` (the payload after class and method ids)."""
+    """Parse the arguments of ``basic.deliver`` (the payload after class and method ids).
+
+    An exchange name or routing key that is not UTF-8 sets ``error`` rather than raising:
+    the delivery tag is still good, so the message can be acknowledged and dropped.
+    """
     tag_size = payload[0]
     consumer_tag = str(payload[1 : 1 + tag_size], "utf-8", "replace")
     offset = 1 + tag_size
@@ -182,11 +188,21 @@ def decode_deliver(payload: memoryview) -> Deliver:
     redelivered = bool(payload[offset + 8] & 1)
     offset += 9
     exchange_size = payload[offset]
-    exchange = bytes(payload[offset + 1 : offset + 1 + exchange_size]).decode()
+    raw_exchange = bytes(payload[offset + 1 : offset + 1 + exchange_size])
     offset += 1 + exchange_size
     key_size = payload[offset]
-    routing_key = bytes(payload[offset + 1 : offset + 1 + key_size]).decode()
-    return Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+    raw_routing_key = bytes(payload[offset + 1 : offset + 1 + key_size])
+    if offset + 1 + key_size > len(payload):
+        raise FrameError("basic.deliver arguments overrun their frame")
+    error = None
+    try:
+        exchange = raw_exchange.decode()
+        routing_key = raw_routing_key.decode()
+    except UnicodeDecodeError:
+        exchange = raw_exchange.decode("utf-8", "replace")
+        routing_key = raw_routing_key.decode("utf-8", "replace")
+        error = "its exchange name or routing key is not UTF-8"
+    return Deliver(consumer_tag, delivery_tag, redelivered, exchange, routing_key, error)
 
 
 def decode_confirm(payload: memoryview) -> tuple[int, bool]:

@@ -63,11 +63,17 @@ class Delivery:
 
 @dataclass(slots=True)
 class UndecodableDelivery:
-    """A delivery whose content header could not be read; its body was skipped."""
+    """A delivery that cannot be handed on; its body was skipped, never buffered.
+
+    It still has to be acknowledged like the others. ``too_large`` tells a body over
+    ``max_body_size`` from an unreadable delivery (bad properties, a non-UTF-8 exchange
+    name or routing key); ``reason`` says what it was in words.
+    """
 
     channel_id: int
     delivery_tag: int
     reason: str
+    too_large: bool = False
 
 
 @dataclass(slots=True)
@@ -147,7 +153,8 @@ class _IncomingContent:
     headers: dict[str, Any] | None = None
     parts: list[bytes] = field(default_factory=list)
     received: int = 0
-    error: str | None = None
+    error: str | None = None  # set: the body frames are counted, not kept
+    too_large: bool = False
 
 
 @dataclass
@@ -171,8 +178,11 @@ class AmqpProtocol:
         frame_max: int = 131072,
         channel_max: int = 64,
         client_properties: dict[str, Any] | None = None,
+        max_body_size: int | None = None,
     ) -> None:
         self.credentials = credentials
+        #: Bodies larger than this are skipped frame by frame and reported as too large.
+        self.max_body_size = max_body_size if max_body_size is not None else 2**64
         self.virtual_host = virtual_host
         self.wanted_heartbeat = heartbeat
         self.wanted_frame_max = frame_max
@@ -302,11 +312,14 @@ class AmqpProtocol:
         delivery_tag, redelivered = _deliver_tail.unpack_from(data, position)
         position += 9
         exchange_end = position + 1 + data[position]
-        exchange = data[position + 1 : exchange_end].decode()
         routing_key_end = exchange_end + 1 + data[exchange_end]
         if routing_key_end > method_end:
             raise ProtocolError("basic.deliver arguments overrun their frame")
-        routing_key = data[exchange_end + 1 : routing_key_end].decode()
+        try:
+            exchange = data[position + 1 : exchange_end].decode()
+            routing_key = data[exchange_end + 1 : routing_key_end].decode()
+        except UnicodeDecodeError:
+            return 0  # the frame-by-frame path turns it into an UndecodableDelivery
         header = method_end + 1
         if end - header < 21:
             return 0
@@ -318,6 +331,8 @@ class AmqpProtocol:
             return 0
         if data[header_end] != frames.FRAME_END or class_id != frames.BASIC_CLASS:
             return 0
+        if body_size > self.max_body_size:
+            return 0  # skipped by the frame-by-frame path
         if flags == 0:
             headers = None
         elif flags == frames.HEADERS_FLAG:
@@ -359,7 +374,8 @@ class AmqpProtocol:
     def _on_method(self, channel_id: int, payload: memoryview, events: list[Event]) -> None:
         (index,) = _method_index.unpack_from(payload)
         if index == _BASIC_DELIVER:
-            self._incoming[channel_id] = _IncomingContent(frames.decode_deliver(payload[4:]))
+            deliver = frames.decode_deliver(payload[4:])
+            self._incoming[channel_id] = _IncomingContent(deliver, error=deliver.error)
             return
         if index in (_BASIC_ACK, _BASIC_NACK):
             tag, multiple = frames.decode_confirm(payload[4:])
@@ -406,6 +422,11 @@ class AmqpProtocol:
         elif isinstance(method, commands.Connection.Tune):
             if self.state is not State.AWAIT_TUNE:
                 raise ProtocolError("unexpected connection.tune")
+            if 0 < method.frame_max < frames.FRAME_MIN_SIZE:
+                raise ProtocolError(
+                    f"broker proposed frame_max={method.frame_max} in connection.tune, below the "
+                    f"protocol's minimum of {frames.FRAME_MIN_SIZE} bytes"
+                )
             self.channel_max = _negotiate(self.wanted_channel_max, method.channel_max)
             self.frame_max = _negotiate(self.wanted_frame_max, method.frame_max)
             self.heartbeat = (
@@ -446,7 +467,14 @@ class AmqpProtocol:
             raise ProtocolError(f"content header without a delivery on channel {channel_id}")
         try:
             content.body_size, properties = frames.decode_content_header(payload)
-            content.headers = frames.decode_headers(properties)
+            if content.body_size > self.max_body_size:
+                content.error = (
+                    f"its body is too large: {content.body_size} bytes, over max_message_size "
+                    f"({self.max_body_size})"
+                )
+                content.too_large = True
+            elif content.error is None:
+                content.headers = frames.decode_headers(properties)
         except Exception as error:  # a property table pamqp cannot read either
             content.error = f"unreadable message properties: {error}"
             if content.body_size < 0:
@@ -458,7 +486,8 @@ class AmqpProtocol:
         content = self._incoming.get(channel_id)
         if content is None or content.body_size < 0:
             raise ProtocolError(f"content body without a header on channel {channel_id}")
-        content.parts.append(bytes(payload))
+        if content.error is None:
+            content.parts.append(bytes(payload))
         content.received += len(payload)
         if content.received >= content.body_size:
             self._complete(channel_id, content, events)
@@ -467,7 +496,9 @@ class AmqpProtocol:
         del self._incoming[channel_id]
         deliver = content.deliver
         if content.error is not None:
-            events.append(UndecodableDelivery(channel_id, deliver.delivery_tag, content.error))
+            events.append(
+                UndecodableDelivery(channel_id, deliver.delivery_tag, content.error, content.too_large)
+            )
             return
         body = content.parts[0] if len(content.parts) == 1 else b"".join(content.parts)
         events.append(
