@@ -60,6 +60,7 @@ _ALPHABET = string.ascii_letters + string.digits
 
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
+PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
 LOOP_CHECK_INTERVAL = 0.5  # how often a message handed to another loop checks that loop
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
@@ -124,6 +125,7 @@ class BrokerLink:
         self._closed = False
         self._groups_exchange = config.groups_exchange
         self._channel_prefix = self.queue_name + "!"
+        self._probe_prefix = self._channel_prefix + "probe."  # never a channel's: those have no dot
         self._last_delivery_tag = 0
         self._acked_delivery_tag = 0
         self._dropped_log = RateLimitedLogger(logger)
@@ -197,16 +199,19 @@ class BrokerLink:
     async def _probe_on(self, connection: AmqpConnection) -> None:
         """Never "open but deaf": a message to ourselves must come back before we say we are up.
 
-        Skipped while the broker has an alarm on: publishing would get this connection
-        blocked, and consuming is what must go on during an alarm.
+        The probe goes out on the publishing connection: the consuming one never publishes,
+        so a resource alarm, which stops RabbitMQ reading from connections that publish,
+        never stops its acknowledgements. While the broker blocks publishing, the probe
+        cannot travel, and consuming starts without it.
         """
-        if connection.blocked_reason is not None:
-            return
-        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()])
-        probe = f"{self._channel_prefix}probe.{random_name(12)}"
-        self._probe = (probe, asyncio.get_running_loop().create_future())
+        publisher = await self.publishing.connected()
+        probe = f"{self._probe_prefix}{random_name(12)}"
+        arrived: asyncio.Future[None] = self.loop.create_future()
+        self._probe = (probe, arrived)
+        if not publisher.can_publish:
+            return  # blocked (an alarm), or its buffer full: it would not come back now
         try:
-            accepted = await connection.publish(
+            confirm = publisher.publish(
                 PUBLISH_CHANNEL,
                 b"",
                 self.queue_name.encode(),
@@ -215,11 +220,20 @@ class BrokerLink:
             )
         except BrokerConnectionError:
             raise BrokerConnectionError(
-                f"the connection to {connection.description} was lost while checking that it receives"
+                f"the connection to {publisher.description} was lost while checking that we receive"
             ) from None
-        if not accepted:
-            raise BrokerConnectionError(f"{connection.description} refused the probe message")
-        await self._probe[1]
+        confirm.add_done_callback(_retrieve)
+        while not arrived.done():
+            if not connection.is_open:
+                raise BrokerConnectionError(
+                    f"the connection to {connection.description} was lost while checking that it receives"
+                )
+            if publisher.blocked_reason is not None:
+                return  # an alarm began: the probe waits in the broker, and is dropped on arrival
+            confirmed = confirm.done() and not confirm.cancelled() and confirm.exception() is None
+            if confirmed and not confirm.result():
+                raise BrokerConnectionError(f"{connection.description} refused the probe message")
+            await asyncio.wait((arrived,), timeout=PROBE_CHECK_INTERVAL)
 
     def _on_consuming_up(self, connection: AmqpConnection) -> None:
         self._setting_up = None
@@ -313,8 +327,8 @@ class BrokerLink:
         if to_group:
             self.router.deliver_to_group(destination, message, body, now)
             return
-        if self._probe is not None and destination == self._probe[0]:
-            if not self._probe[1].done():
+        if destination.startswith(self._probe_prefix):  # ours, or a late one from an alarm
+            if self._probe is not None and destination == self._probe[0] and not self._probe[1].done():
                 self._probe[1].set_result(None)
             return
         self.router.deliver(destination, message, now)
@@ -433,7 +447,10 @@ class BrokerLink:
             # The caller gave up (its result is cancelled already), or this loop is shutting
             # down: then the caller must not wait for ever.
             _call_on(caller, _settle_exception, result, StopConsumer())
-            finish()
+            if previous is not None and not previous.done():
+                previous.add_done_callback(lambda _: finish())  # the next one still waits its turn
+            else:
+                finish()
             raise
         except BaseException as error:
             _call_on(caller, _settle_exception, result, error)
@@ -646,6 +663,12 @@ class _Handoff:
     def give_back(self) -> None:
         if not _call_on(self._loop, self._give_back):
             logger.warning("a message handed to a cancelled receive() was lost: its channel's loop is closed")
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an outcome nobody waits for as seen (no "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle_exception(result: asyncio.Future[Any], error: BaseException) -> None:

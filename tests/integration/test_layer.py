@@ -254,7 +254,7 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
     channel = await receiver.new_channel()
     await receiver.group_add("room", channel)
     await producer.new_channel()
-    connection = await link_of(producer).consuming.connected()  # its probe channel publishes too
+    connection = await link_of(producer).publishing.connected()
     body = msgpack.packb({"type": "from.elsewhere", "n": 1})
     assert await connection.publish(PUBLISH_CHANNEL, b"groups", b"room", b"\x00\x00", body)
     assert await receive(receiver, channel) == {"type": "from.elsewhere", "n": 1}

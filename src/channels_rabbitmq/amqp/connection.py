@@ -88,6 +88,7 @@ class AmqpConnection(asyncio.Protocol):
         #: Why the broker blocks this connection's publishes (a resource alarm), or None.
         self.blocked_reason: str | None = None
         self._writing_paused = False  # the transport's buffer is over its high-water mark
+        self._held_back = 0  # bytes of publishes queued this loop iteration, not yet written
         self._publishable = asyncio.Event()
         self._publishable.set()
 
@@ -306,6 +307,12 @@ class AmqpConnection(asyncio.Protocol):
             self._flush()
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        else:
+            self._held_back += len(body)
+            if self._held_back > WRITE_BUFFER_HIGH // 2:
+                # Hand a large batch to the transport now: past its high-water mark it pauses
+                # us (can_publish turns False) before the next publish of this iteration.
+                self._write_outgoing()
         return future
 
     def ack(self, channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
@@ -345,6 +352,10 @@ class AmqpConnection(asyncio.Protocol):
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write_outgoing()
+
+    def _write_outgoing(self) -> None:
+        self._held_back = 0
         data = self.machine.take_outgoing()
         if data and self._transport is not None:
             self._transport.write(data)
