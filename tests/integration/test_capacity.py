@@ -36,9 +36,11 @@ async def test_a_full_channel_drops_its_own_messages_and_the_others_flow(
 
     reading = asyncio.ensure_future(read(151))
     with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
-        # 250 sends to a channel nobody reads: the queue's remote_capacity (100) never fills,
-        # because its process goes on acknowledging, so no sender gets ChannelFull.
-        await asyncio.gather(*(sender.send(stuck, {"type": "stuck", "i": i}) for i in range(250)))
+        # 400 sends to a channel nobody reads: more than the channel (100), the messages in flight
+        # (prefetch_count, 100) and the queue (remote_capacity, 100) hold together. The queue
+        # never fills, because the process goes on acknowledging: no sender gets ChannelFull.
+        for i in range(400):
+            await sender.send(stuck, {"type": "stuck", "i": i})
         for i in range(150):
             await sender.group_send("room", {"type": "group", "i": i})
         await sender.send(reader, {"type": "direct"})
@@ -46,7 +48,7 @@ async def test_a_full_channel_drops_its_own_messages_and_the_others_flow(
     assert [message["i"] for message in got[:150]] == list(range(150))
     assert got[150] == {"type": "direct"}
     link = link_of(receiver)
-    assert link.dropped[DROPPED_CHANNEL_FULL] == 150 + 50  # the stuck channel's, the dead member's
+    assert link.dropped[DROPPED_CHANNEL_FULL] == 300 + 50  # the stuck channel's, the dead member's
     assert [(await receiver.receive(stuck))["i"] for _ in range(100)] == list(range(100))  # the oldest
     assert [(await receiver.receive(dead))["i"] for _ in range(100)] == list(range(100))
     warned = "\n".join(record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING)
