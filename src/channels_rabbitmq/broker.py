@@ -42,6 +42,7 @@ from .exceptions import (
     BrokerConnectionError,
     BrokerRefusedError,
     BrokerTimeoutError,
+    ChannelLayerClosedError,
 )
 from .logs import RateLimitedLogger
 from .routing import EMPTY, LocalRouter
@@ -489,7 +490,7 @@ class BrokerLink:
             await self.connect_first()
         self.router.add_membership(group, channel, time.monotonic())
         try:
-            await asyncio.shield(self._sync_binding(group))
+            await self._binding_settled(group)
         except BrokerRefusedError:
             if self.router.discard_membership(group, channel):
                 self._sync_binding(group).add_done_callback(_log_failure)
@@ -499,7 +500,20 @@ class BrokerLink:
 
     async def group_discard(self, group: str, channel: str) -> None:
         if self.router.discard_membership(group, channel):
-            await asyncio.shield(self._sync_binding(group))
+            try:
+                await self._binding_settled(group)
+            except BrokerConnectionError:
+                pass  # lost mid-way: the binding went with the queue
+
+    async def _binding_settled(self, group: str) -> None:
+        """Wait for the group's binding to match its membership; a cancelled wait leaves it going."""
+        task = self._sync_binding(group)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._closed and task.cancelled():
+                raise ChannelLayerClosedError("the channel layer was closed during the group call") from None
+            raise
 
     def _sync_binding(self, group: str) -> asyncio.Task[None]:
         """Make the queue's binding to ``group`` match whether the group has local members.
@@ -542,8 +556,10 @@ class BrokerLink:
     async def _request(self, connection: AmqpConnection, method: Any, operation: str) -> Any:
         """One request, answered within ``connect_timeout`` or the connection is dropped."""
         timeout = self.config.connect_timeout
+        reply = connection.call(CONTROL_CHANNEL, method)
+        reply.add_done_callback(_retrieve)  # seen even when nobody waits any more
         try:
-            return await asyncio.wait_for(asyncio.shield(connection.call(CONTROL_CHANNEL, method)), timeout)
+            return await asyncio.wait_for(asyncio.shield(reply), timeout)
         except asyncio.TimeoutError:
             # A connection that leaves a request unanswered this long is not usable: the
             # reconnection sets everything up again.
@@ -563,9 +579,10 @@ class BrokerLink:
         # Deliveries already on their way were not purged. A request on the consuming channel
         # is answered after them (one channel's frames keep their order): then drop them too.
         timeout = self.config.connect_timeout
-        qos = commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
+        qos = connection.call(CONSUME_CHANNEL, commands.Basic.Qos(prefetch_count=self.config.prefetch_count))
+        qos.add_done_callback(_retrieve)
         try:
-            await asyncio.wait_for(asyncio.shield(connection.call(CONSUME_CHANNEL, qos)), timeout)
+            await asyncio.wait_for(asyncio.shield(qos), timeout)
         except asyncio.TimeoutError:
             connection.abort()
             raise BrokerTimeoutError(

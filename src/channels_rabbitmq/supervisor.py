@@ -100,11 +100,17 @@ class ConnectionSupervisor:
         if self.state is State.CLOSED:
             raise ChannelLayerClosedError("the channel layer is closed")
         if self.state in (State.IDLE, State.CONNECTING):
-            if self._first is None:
+            first = self._first
+            if first is None:
                 self.state = State.CONNECTING
-                self._first = asyncio.ensure_future(self._connect_first())
-                self._first.add_done_callback(self._first_done)
-            return await asyncio.shield(self._first)
+                first = self._first = asyncio.ensure_future(self._connect_first())
+                first.add_done_callback(self._first_done)
+            try:
+                return await asyncio.shield(first)
+            except asyncio.CancelledError:
+                if self.state is State.CLOSED and first.cancelled():
+                    raise ChannelLayerClosedError("the channel layer was closed while connecting") from None
+                raise
         self._recover()
         wait = self.config.connection_wait
         try:

@@ -386,6 +386,7 @@ async def test_during_an_outage_sends_wait_connection_wait_then_raise_and_work_a
         await layer.group_send("room", {"type": "group.back"})
     assert await receive(receiver, channel) == {"type": "back"}
     assert await receive(receiver, member) == {"type": "group.back"}
+    await eventually(lambda: link.is_connected, "the consuming connection to be back too")
     # One warning for the outage, one line on recovery; each failed retry is a debug line.
     warned = warnings_of(caplog)
     assert len(warned) == 2, warned
