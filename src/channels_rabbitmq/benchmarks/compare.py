@@ -252,7 +252,9 @@ def candidate_layers(settings: Settings) -> tuple[list[LayerSpec], list[Skipped]
         layers += redis_layers
     else:
         skipped += [Skipped(spec.label, redis_reason) for spec in redis_layers]
-    layers.append(LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, amqp, sys.executable))
+    # Like the other layers' capacity: per channel here (the old release has no such key).
+    ours = {**amqp, "capacity": 100000}
+    layers.append(LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, ours, sys.executable))
     old_label = "channels_rabbitmq (PyPI)"
     if settings.old_python:
         layers.append(LayerSpec(OLD_RELEASE, old_label, RABBITMQ_CLASS, amqp, settings.old_python))

@@ -11,7 +11,8 @@ Layers compared, each in a fresh subprocess per (round, scenario, layer):
                                     needs a virtualenv of its own)
 
 A peer that cannot be measured is skipped, with one line saying why. Both RabbitMQ layers run
-with remote_capacity=100000 and local_capacity=10000, so the timed sends never hit ChannelFull.
+with remote_capacity=100000 and local_capacity=10000 (and this project with capacity=100000, like
+the other layers), so the timed sends never hit ChannelFull nor a full channel.
 
 Scenarios (default sizes in brackets; --quick makes every N 5 to 10 times smaller):
 
