@@ -10,6 +10,8 @@ import pytest
 from channels_rabbitmq.encryption import generate_key
 from tests.conftest import Broker, LayerFactory
 
+pytestmark = pytest.mark.usefixtures("loop_kind")  # each async test on asyncio's loop and on uvloop
+
 
 async def test_encrypted_messages_round_trip_and_are_opaque_on_the_wire(
     make_layer: LayerFactory, broker: Broker

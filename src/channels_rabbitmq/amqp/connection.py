@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pamqp import commands
 
@@ -44,6 +44,18 @@ _REPLY_CODE_NAMES = {
 }
 
 
+@runtime_checkable
+class StreamTransport(Protocol):
+    """What this module uses of a transport: asyncio's and uvloop's both have it, with no
+    common base class beyond ``asyncio.BaseTransport`` (uvloop's do not subclass asyncio.Transport)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
 class AmqpConnection(asyncio.Protocol):
     """One open AMQP connection. Build it with :meth:`connect`."""
 
@@ -62,7 +74,7 @@ class AmqpConnection(asyncio.Protocol):
         self._on_delivery = on_delivery
         self._on_deliveries_done = on_deliveries_done
         self._on_lost = on_lost
-        self._transport: asyncio.Transport | None = None
+        self._transport: StreamTransport | None = None
         self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._flush_scheduled = False
@@ -148,7 +160,15 @@ class AmqpConnection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # By behaviour, not class: uvloop's transports do not subclass asyncio.Transport.
+        if not isinstance(transport, StreamTransport):
+            error = BrokerConnectionError(
+                f"the event loop gave a {type(transport).__name__} for {self.description}, "
+                "which cannot write or abort: not a stream transport"
+            )
+            self._error = error
+            transport.close()
+            return
         self._transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
