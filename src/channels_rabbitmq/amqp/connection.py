@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -170,9 +171,12 @@ class AmqpConnection(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport
-        sock = transport.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")  # uvloop gives a stand-in with the same methods
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Best effort: both loops already set it. uvloop's stand-in raises ValueError, not
+            # OSError, once its transport is closed.
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
