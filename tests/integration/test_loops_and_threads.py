@@ -59,7 +59,8 @@ def run_threads(count: int, target: object) -> list[BaseException]:
         thread.start()
     for thread in threads:
         thread.join(60)
-    errors += [TimeoutError(f"{thread.name} still running after 60s") for thread in threads if thread.is_alive()]
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    errors += [TimeoutError(f"{name} still running after 60s") for name in stuck]
     return errors
 
 
