@@ -3,26 +3,94 @@
 The integration tests talk to RabbitMQ at ``AMQP_URL`` (default: the local broker,
 guest/guest). Each run gets its own vhost, made and deleted with ``rabbitmqctl``, so
 the run leaves no queue, exchange or binding behind.
+
+An async test that uses the ``loop_kind`` fixture (most integration modules ask for it
+with ``pytestmark``) runs twice, on asyncio's own loop and on uvloop: its id ends with
+``[asyncio]`` or ``[uvloop]``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
 import subprocess
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
+import uvloop
+from pytest_asyncio import is_async_test
 
 from channels_rabbitmq.broker import BrokerLink
 from channels_rabbitmq.core import RabbitmqChannelLayer
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+# Two event loops: asyncio's own and uvloop (uvicorn's choice when it is installed) -------------
+
+LOOP_KINDS = ("asyncio", "uvloop")
+LOOP_FACTORIES: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.SelectorEventLoop,  # explicit: not whatever the policy of the moment makes
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def loop_kind_of(loop: asyncio.AbstractEventLoop) -> str:
+    """ "uvloop" or "asyncio": which implementation ``loop`` is."""
+    return "uvloop" if isinstance(loop, uvloop.Loop) else "asyncio"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """pytest-asyncio's hook: both loops for tests that use ``loop_kind``, asyncio's for the rest."""
+    if "loop_kind" in getattr(item, "fixturenames", ()):
+        return LOOP_FACTORIES
+    return {"asyncio": LOOP_FACTORIES["asyncio"]}
+
+
+@contextlib.contextmanager
+def new_loops_of_kind(kind: str) -> Iterator[None]:
+    """Meanwhile, the loops that ``asyncio.run()``, ``async_to_sync`` and the layer's I/O thread
+    make are of ``kind``: they come from the event loop policy, the only hook they have."""
+    if kind == "asyncio":
+        yield
+        return
+    with warnings.catch_warnings():  # policies are deprecated from Python 3.14 on, not gone
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            asyncio.set_event_loop_policy(previous)
+
+
+@pytest.fixture
+async def loop_kind(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """The loop this async test runs on, "asyncio" or "uvloop", as its id says; checked.
+
+    Loops made meanwhile in threads (``asyncio.run()``, ``async_to_sync``, the layer's
+    I/O thread) are of the same kind. A sync test gets None (it has no loop): to run on
+    both, it parametrizes ``loop_kind`` itself and uses :func:`new_loops_of_kind`.
+    """
+    if not is_async_test(request.node):
+        yield None
+        return
+    factories = request.node.callspec.params.values()
+    [kind] = [kind for kind, factory in LOOP_FACTORIES.items() if any(f is factory for f in factories)]
+    assert kind in request.node.callspec.id.split("-"), f"{request.node.name} runs on {kind}"
+    running = asyncio.get_running_loop()
+    assert loop_kind_of(running) == kind, f"the {kind} variant runs on {type(running)}"
+    with new_loops_of_kind(kind):
+        yield kind
 
 
 def rabbitmqctl(*args: str) -> str:

@@ -18,7 +18,11 @@ logger = logging.getLogger(__name__)
 
 
 class BackgroundLoop:
-    """An event loop running forever in a daemon thread, until :meth:`stop`."""
+    """An event loop running forever in a daemon thread, until :meth:`stop`.
+
+    The loop comes from the event loop policy: asyncio's own, or uvloop's after
+    ``uvloop.install()``; the layer works on both.
+    """
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()

@@ -1,6 +1,9 @@
-"""Plain sync Django views; under an ASGI server they run in a ``sync_to_async`` thread."""
+"""Django views. ``notify`` is a plain sync view: under an ASGI server it runs in a
+``sync_to_async`` thread. ``health`` is async, to see the server's event loop."""
 
 from __future__ import annotations
+
+import asyncio
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
@@ -10,8 +13,10 @@ from django.http import HttpRequest, JsonResponse
 from .consumers import BROADCAST_GROUP
 
 
-def health(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"server": settings.TEST_SERVER_NAME})
+async def health(request: HttpRequest) -> JsonResponse:
+    """The server's name and its event loop's implementation ("asyncio" or "uvloop")."""
+    loop_module = type(asyncio.get_running_loop()).__module__
+    return JsonResponse({"server": settings.TEST_SERVER_NAME, "loop": loop_module.partition(".")[0]})
 
 
 def notify(request: HttpRequest) -> JsonResponse:

@@ -36,8 +36,9 @@ CHUNK = 64 * 1024
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Close a connection with a TCP reset rather than an orderly end of stream."""
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
+    if sock is not None and not writer.transport.is_closing():
+        # uvloop's stand-in socket of a transport closed meanwhile has no descriptor: ValueError.
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 

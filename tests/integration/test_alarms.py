@@ -21,7 +21,7 @@ from channels_rabbitmq.exceptions import BrokerBlockedError
 from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
 from tests.conftest import link_of
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 
 WAIT = 1.5  # connection_wait of the layers under test
 

@@ -26,9 +26,10 @@ from channels.exceptions import StopConsumer
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import ChannelLayerClosedError
-from tests.conftest import Broker, LayerFactory, link_of
+from tests.conftest import LOOP_KINDS, Broker, LayerFactory, link_of, new_loops_of_kind
 
-pytestmark = pytest.mark.timeout(90)
+# Async tests run on asyncio's loop and on uvloop; sync tests parametrize the kind themselves.
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("loop_kind")]
 
 
 def layer_threads() -> list[str]:
@@ -52,13 +53,15 @@ def in_thread(target: object) -> tuple[threading.Thread, dict[str, object]]:
     return thread, outcome
 
 
-@pytest.fixture
-def own_loop() -> Iterator[asyncio.AbstractEventLoop]:
-    """A main-thread event loop that the test runs and stops by hand."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.close()
+@pytest.fixture(params=LOOP_KINDS)
+def own_loop(request: pytest.FixtureRequest) -> Iterator[asyncio.AbstractEventLoop]:
+    """A main-thread event loop of each kind that the test runs and stops by hand; the loops
+    made meanwhile in threads are of the same kind."""
+    with new_loops_of_kind(request.param):
+        loop = asyncio.new_event_loop()
+        yield loop
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 # Loops that do not run -------------------------------------------------------------------------
@@ -80,7 +83,15 @@ def test_calls_for_a_channel_whose_loop_is_not_running_end_at_once(
     own_loop.run_until_complete(layer.close())
 
 
-def test_a_receive_from_another_thread_ends_when_the_channel_loop_shuts_down(broker: Broker) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_a_receive_from_another_thread_ends_when_the_channel_loop_shuts_down(
+    broker: Broker, loop_kind: str
+) -> None:
+    with new_loops_of_kind(loop_kind):
+        check_receive_ends_when_the_channel_loop_shuts_down(broker)
+
+
+def check_receive_ends_when_the_channel_loop_shuts_down(broker: Broker) -> None:
     layer = RabbitmqChannelLayer(host=broker.url)
     outcome: dict[str, object] = {}
 
@@ -211,7 +222,15 @@ async def test_in_a_forked_child_no_call_targets_the_parent_and_none_hangs(
 # close() racing other threads ----------------------------------------------------------------------
 
 
-def test_close_racing_sends_from_threads_ends_them_cleanly_and_starts_no_thread(broker: Broker) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_close_racing_sends_from_threads_ends_them_cleanly_and_starts_no_thread(
+    broker: Broker, loop_kind: str
+) -> None:
+    with new_loops_of_kind(loop_kind):
+        check_close_racing_sends(broker)
+
+
+def check_close_racing_sends(broker: Broker) -> None:
     for _ in range(3):
         layer = RabbitmqChannelLayer(host=broker.url)
         errors: list[BaseException] = []

@@ -18,7 +18,7 @@ from channels.exceptions import ChannelFull
 from channels_rabbitmq.broker import DROPPED_CHANNEL_FULL
 from tests.conftest import LayerFactory, link_of
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 
 
 async def test_a_full_channel_drops_its_own_messages_and_the_others_flow(

@@ -4,6 +4,10 @@ Two uvicorn processes serve tests/django_project on the run's vhost. A plain syn
 (``/notify``) group_sends through ``async_to_sync`` from Django's ``sync_to_async``
 thread; websocket clients on both servers, on async and sync consumers, must each get
 the message exactly once. The communicator tests run the same consumers in this process.
+
+Everything runs on both event loops: the servers with ``--loop asyncio`` and with
+``--loop uvloop`` (what uvicorn picks when uvloop is installed), the communicator tests
+on this process's loop of either kind. Ids end with ``[asyncio]`` or ``[uvloop]``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker
+from tests.conftest import LOOP_KINDS, Broker
 
 REPO = Path(__file__).resolve().parents[2]
 SETTINGS_MODULE = "tests.django_project.settings"
@@ -59,8 +63,9 @@ def get_json(url: str, timeout: float = RECEIVE_TIMEOUT) -> Any:
 class UvicornServer:
     """One ``uvicorn`` process serving the test project, its output kept in a file."""
 
-    def __init__(self, name: str, broker_url: str) -> None:
+    def __init__(self, name: str, broker_url: str, loop: str) -> None:
         self.name = name
+        self.loop = loop
         self.port = free_port()
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed by stop())
         self.final_output = ""
@@ -83,6 +88,8 @@ class UvicornServer:
                 str(self.port),
                 "--lifespan",
                 "off",
+                "--loop",
+                loop,
             ],
             cwd=REPO,
             env=env,
@@ -123,7 +130,7 @@ class UvicornServer:
                     )
                 time.sleep(0.1)
                 continue
-            assert answer == {"server": self.name}
+            assert answer == {"server": self.name, "loop": self.loop}  # uvicorn ran the loop asked for
             return
 
     def assert_no_errors(self) -> None:
@@ -147,19 +154,27 @@ class UvicornServer:
         return self.process.returncode, self.final_output
 
 
+@pytest.fixture(scope="module", params=LOOP_KINDS)
+def server_loop(request: pytest.FixtureRequest) -> str:
+    """The event loop of the uvicorn servers: the tests using them run once with each."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def connections_before_servers(broker: Broker) -> int:
+def connections_before_servers(broker: Broker, server_loop: str) -> int:
     """How many connections the run's vhost had before the servers started."""
     return broker.connection_count()
 
 
 @pytest.fixture(scope="module")
-def uvicorn_servers(broker: Broker, connections_before_servers: int) -> Iterator[dict[str, UvicornServer]]:
-    """Servers "one" and "two", both on the run's vhost; stopped afterwards."""
+def uvicorn_servers(
+    broker: Broker, server_loop: str, connections_before_servers: int
+) -> Iterator[dict[str, UvicornServer]]:
+    """Servers "one" and "two", both on the run's vhost and on ``server_loop``; stopped afterwards."""
     servers: dict[str, UvicornServer] = {}
     try:
         for name in ("one", "two"):
-            servers[name] = UvicornServer(name, broker.url)
+            servers[name] = UvicornServer(name, broker.url, server_loop)
         for server in servers.values():
             server.wait_until_ready()
         yield servers
@@ -312,9 +327,9 @@ async def test_echo_through_the_consumers_own_channel(
         server.assert_no_errors()
 
 
-async def test_server_shuts_down_cleanly_with_websockets_open(broker: Broker) -> None:
+async def test_server_shuts_down_cleanly_with_websockets_open(broker: Broker, server_loop: str) -> None:
     """SIGTERM with consumers waiting on the layer: their sockets close, the link closes with the loop."""
-    server = UvicornServer("three", broker.url)
+    server = UvicornServer("three", broker.url, server_loop)
     try:
         await asyncio.to_thread(server.wait_until_ready)
         paths = ("/ws/async/", "/ws/sync/", "/ws/echo/async/", "/ws/echo/sync/")
@@ -339,8 +354,11 @@ async def test_server_shuts_down_cleanly_with_websockets_open(broker: Broker) ->
 
 
 @pytest.fixture
-async def django_channel_layer(broker: Broker, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    """Django set up with the test project, its default channel layer fresh on the run's vhost."""
+async def django_channel_layer(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, loop_kind: str
+) -> AsyncIterator[Any]:
+    """Django set up with the test project, its default channel layer fresh on the run's vhost;
+    the tests using it run on asyncio's loop and on uvloop (``loop_kind``)."""
     import django
     from django.apps import apps
     from django.test import override_settings

@@ -17,6 +17,8 @@ from tests.conftest import Broker, LayerFactory, link_of
 
 GROUPS = b"groups"  # the default groups exchange
 
+pytestmark = pytest.mark.usefixtures("loop_kind")  # each async test on asyncio's loop and on uvloop
+
 
 async def test_encrypted_messages_round_trip_and_are_opaque_on_the_wire(
     make_layer: LayerFactory, broker: Broker

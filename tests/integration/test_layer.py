@@ -11,6 +11,8 @@ from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from tests.conftest import Broker, LayerFactory, link_of
 
+pytestmark = pytest.mark.usefixtures("loop_kind")  # each test on asyncio's loop and on uvloop
+
 
 async def receive(layer: RabbitmqChannelLayer, channel: str, timeout: float = 5) -> dict:
     return await asyncio.wait_for(layer.receive(channel), timeout)

@@ -6,6 +6,9 @@ management commands and plain threads, where each ``async_to_sync`` call runs on
 brand-new loop. The warnings filter of the suite turns ``ResourceWarning`` and
 unraisable exceptions into errors; the tests below also fail on asyncio error logs
 ("Task was destroyed but it is pending", "Event loop is closed").
+
+Each test runs on asyncio's loop and on uvloop; in the uvloop variant, the loops made in
+threads (``asyncio.run()``, ``async_to_sync``, the layer's I/O thread) are uvloop's too.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker, LayerFactory
+from tests.conftest import LOOP_KINDS, Broker, LayerFactory, loop_kind_of, new_loops_of_kind
+
+pytestmark = pytest.mark.usefixtures("loop_kind")  # sync tests parametrize it themselves
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +59,8 @@ def run_threads(count: int, target: object) -> list[BaseException]:
         thread.start()
     for thread in threads:
         thread.join(60)
+    stuck = [thread.name for thread in threads if thread.is_alive()]
+    errors += [TimeoutError(f"{name} still running after 60s") for name in stuck]
     return errors
 
 
@@ -127,10 +134,12 @@ async def test_async_to_sync_inside_sync_to_async_uses_the_server_loop(
     assert broker.connection_count() == 2  # no I/O thread was needed: one link's two connections
 
 
-def test_asyncio_run_loops_that_end_clean_up_after_themselves(broker: Broker) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_asyncio_run_loops_that_end_clean_up_after_themselves(broker: Broker, loop_kind: str) -> None:
     layer = RabbitmqChannelLayer(host=broker.url)
 
     async def round_trip(n: int) -> None:
+        assert loop_kind_of(asyncio.get_running_loop()) == loop_kind
         channel = await layer.new_channel()
         await layer.group_add("loop", channel)
         await layer.send(channel, {"type": "m", "n": n})
@@ -139,23 +148,28 @@ def test_asyncio_run_loops_that_end_clean_up_after_themselves(broker: Broker) ->
         await asyncio.sleep(0)
         assert not pending.done()
 
-    for n in range(5):
-        asyncio.run(round_trip(n))
-        assert broker.connection_count() == 0  # the loop's link closed with the loop
-    asyncio.run(layer.close())
+    with new_loops_of_kind(loop_kind):
+        for n in range(5):
+            asyncio.run(round_trip(n))
+            assert broker.connection_count() == 0  # the loop's link closed with the loop
+        asyncio.run(layer.close())
 
 
-def test_async_to_sync_from_the_main_thread_without_a_loop(broker: Broker) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_async_to_sync_from_the_main_thread_without_a_loop(broker: Broker, loop_kind: str) -> None:
     """A management command or a Celery task: no running loop, one call after another."""
     layer = RabbitmqChannelLayer(host=broker.url)
-    channel = async_to_sync(layer.new_channel)()
-    async_to_sync(layer.group_add)("tasks", channel)
-    for n in range(20):
-        async_to_sync(layer.group_send)("tasks", {"type": "task", "n": n})
-    received = [async_to_sync(layer.receive)(channel)["n"] for _ in range(20)]
-    assert received == list(range(20))
-    assert broker.connection_count() == 2  # one link: a publishing and a consuming connection
-    async_to_sync(layer.close)()
+    with new_loops_of_kind(loop_kind):
+        channel = async_to_sync(layer.new_channel)()
+        async_to_sync(layer.group_add)("tasks", channel)
+        for n in range(20):
+            async_to_sync(layer.group_send)("tasks", {"type": "task", "n": n})
+        received = [async_to_sync(layer.receive)(channel)["n"] for _ in range(20)]
+        assert received == list(range(20))
+        assert broker.connection_count() == 2  # one link: a publishing and a consuming connection
+        assert layer._background is not None
+        assert loop_kind_of(layer._background.loop) == loop_kind
+        async_to_sync(layer.close)()
     assert broker.connection_count() == 0
     assert not layer_threads()
 
@@ -183,9 +197,17 @@ async def test_a_cancelled_receive_from_another_loop_loses_nothing(make_layer: L
     def reader(_index: int) -> None:
         async def read_with_cancellations() -> list[int]:
             numbers: list[int] = []
+            attempts = 0
+            deadline = time.monotonic() + 20
             while len(numbers) < total:
+                missing = sorted(set(range(total)) - set(numbers))
+                assert time.monotonic() < deadline, f"still missing after 20 s: {missing}"
                 task = asyncio.ensure_future(layer.receive(channel))
-                await asyncio.sleep(0.0005)
+                # From 0.5 to 10 ms: some cancels come before the message crosses the loops,
+                # some after. uvloop's timers count whole milliseconds: with 0.5 ms always, no
+                # receive would ever finish there.
+                attempts += 1
+                await asyncio.sleep(0.0005 * (1 + attempts % 20))
                 task.cancel()
                 try:
                     numbers.append((await task)["n"])
@@ -234,16 +256,38 @@ async def test_no_message_is_delivered_twice_across_loops(make_layer: LayerFacto
         await asyncio.wait_for(layer.receive(on_this_loop), 0.3)
 
 
-def test_close_from_a_plain_thread_closes_everything(broker: Broker) -> None:
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+def test_close_from_a_plain_thread_closes_everything(broker: Broker, loop_kind: str) -> None:
     layer = RabbitmqChannelLayer(host=broker.url)
 
     def use_then_close(_index: int) -> None:
         async_to_sync(layer.group_send)("anyone", {"type": "m"})
         async_to_sync(layer.close)()
 
-    assert run_threads(1, use_then_close) == []
+    with new_loops_of_kind(loop_kind):
+        assert run_threads(1, use_then_close) == []
     deadline = time.monotonic() + 5
     while broker.connection_count() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert broker.connection_count() == 0
     assert not layer_threads()
+
+
+async def test_every_loop_of_a_variant_is_of_its_kind(
+    make_layer: LayerFactory, loop_kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The [uvloop] variants really run on uvloop: this test's loop, the loops that
+    async_to_sync makes in plain threads, and the layer's I/O thread; [asyncio] on asyncio's."""
+    assert request.node.name.endswith(f"[{loop_kind}]")
+    assert loop_kind_of(asyncio.get_running_loop()) == loop_kind
+    layer = make_layer()
+    kinds: list[str] = []
+
+    async def in_a_thread() -> None:
+        kinds.append(loop_kind_of(asyncio.get_running_loop()))
+        await layer.group_send("nobody", {"type": "m"})  # through the I/O thread's shared link
+
+    assert await wait_for_threads(1, lambda _index: async_to_sync(in_a_thread)()) == []
+    assert kinds == [loop_kind]
+    assert layer._background is not None
+    assert loop_kind_of(layer._background.loop) == loop_kind

@@ -25,7 +25,7 @@ from tests.brokers.certs import CertificateAuthority, Issued
 from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
 from tests.conftest import link_of
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 
 USERNAME = "tls-user"
 PASSWORD = "Pa55-for-tls-only"

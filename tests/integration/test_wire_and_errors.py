@@ -16,6 +16,8 @@ from channels_rabbitmq.exceptions import BrokerConnectionError
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, LayerFactory, link_of
 
+pytestmark = pytest.mark.usefixtures("loop_kind")  # each async test on asyncio's loop and on uvloop
+
 
 async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on(
     make_layer: LayerFactory, caplog: pytest.LogCaptureFixture

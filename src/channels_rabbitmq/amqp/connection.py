@@ -16,12 +16,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pamqp import commands
 
@@ -51,6 +52,20 @@ _REPLY_CODE_NAMES = {
 }
 
 
+@runtime_checkable
+class StreamTransport(Protocol):
+    """What this module uses of a transport: asyncio's and uvloop's both have it, with no
+    common base class beyond ``asyncio.BaseTransport`` (uvloop's do not subclass asyncio.Transport)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+
+
 class AmqpConnection(asyncio.Protocol):
     """One open AMQP connection. Build it with :meth:`connect`."""
 
@@ -71,7 +86,7 @@ class AmqpConnection(asyncio.Protocol):
         self._on_deliveries_done = on_deliveries_done
         self._on_lost = on_lost
         self._on_blocked = on_blocked
-        self._transport: asyncio.Transport | None = None
+        self._transport: StreamTransport | None = None
         self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._flush_scheduled = False
@@ -173,12 +188,23 @@ class AmqpConnection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: rely on the interface only.
-        self._transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[attr-defined]
-        sock = transport.get_extra_info("socket")
+        # By behaviour, not class: uvloop's transports do not subclass asyncio.Transport.
+        if not isinstance(transport, StreamTransport):
+            error = BrokerConnectionError(
+                f"the event loop gave a {type(transport).__name__} for {self.description}, "
+                "which cannot write or abort: not a stream transport"
+            )
+            self._error = error
+            transport.close()
+            return
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        sock = transport.get_extra_info("socket")  # uvloop gives a stand-in with the same methods
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Best effort: both loops already set it. uvloop's stand-in raises ValueError, not
+            # OSError, once its transport is closed.
+            with contextlib.suppress(OSError, ValueError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
