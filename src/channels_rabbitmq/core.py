@@ -199,9 +199,11 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         result: asyncio.Future[dict[str, Any]] = caller.create_future()
         if not link.loop.is_running():
             raise StopConsumer()
+        bridged = link.receive_for(channel, caller, result)
         try:
-            task = asyncio.run_coroutine_threadsafe(link.receive_for(channel, caller, result), link.loop)
+            task = asyncio.run_coroutine_threadsafe(bridged, link.loop)
         except RuntimeError:
+            bridged.close()  # never started: no "coroutine was never awaited"
             raise StopConsumer() from None  # the channel's loop is closed
         try:
             while True:
@@ -381,9 +383,11 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             return await method(*args)
         if not link.loop.is_running():
             raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is not running")
+        coroutine = _call(method, *args)
         try:
-            call = asyncio.run_coroutine_threadsafe(_call(method, *args), link.loop)
+            call = asyncio.run_coroutine_threadsafe(coroutine, link.loop)
         except RuntimeError:
+            coroutine.close()  # never started: no "coroutine was never awaited"
             raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is closed") from None
         bound = self.config.connection_wait + 2 * self.config.connect_timeout + LOOP_CHECK_INTERVAL
         deadline = time.monotonic() + bound
