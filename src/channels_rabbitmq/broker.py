@@ -4,8 +4,8 @@ A link has two connections, each kept up by a :class:`~.supervisor.ConnectionSup
 
 - the *consuming* connection declares the groups exchange and the link's exclusive
   queue, binds the groups that have local members, consumes, and acknowledges; it never
-  publishes (but for one probe while setting up), so a broker resource alarm, which stops
-  RabbitMQ reading from connections that publish, never stops delivery;
+  publishes, so a broker resource alarm, which stops RabbitMQ reading from connections
+  that publish, never stops delivery;
 - the *publishing* connection carries ``send()`` and ``group_send()`` with publisher
   confirms. While the broker blocks it, publishes wait at most ``connection_wait``.
 
@@ -180,7 +180,12 @@ class BrokerLink:
             # groups bound below plus theirs are every group with members.
             self._setting_up = connection
             self._bound = set()
-            await asyncio.gather(*(self._sync_binding(group) for group in list(self.router.groups)))
+            binds = [asyncio.shield(self._sync_binding(group)) for group in list(self.router.groups)]
+            for outcome in await asyncio.gather(*binds, return_exceptions=True):
+                # A refused bind already dropped its group's members (and said so); anything
+                # else means this connection cannot be set up.
+                if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerRefusedError):
+                    raise outcome
             await connection.open_channel(
                 CONSUME_CHANNEL,
                 [
@@ -205,12 +210,17 @@ class BrokerLink:
         never stops its acknowledgements. While the broker blocks publishing, the probe
         cannot travel, and consuming starts without it.
         """
-        publisher = await self.publishing.connected()
+        try:
+            publisher = await self.publishing.connected()
+        except BrokerConnectionError:
+            return  # the publishing side reports its own trouble; consuming works without it
         probe = f"{self._probe_prefix}{random_name(12)}"
         arrived: asyncio.Future[None] = self.loop.create_future()
         self._probe = (probe, arrived)
-        if not publisher.can_publish:
-            return  # blocked (an alarm), or its buffer full: it would not come back now
+        if not publisher.can_publish or self.router.is_full:
+            # Blocked (an alarm) or its buffer full: it would not come back now. With the
+            # router full, deliveries wait for room: the probe could wait behind them.
+            return
         try:
             confirm = publisher.publish(
                 PUBLISH_CHANNEL,
@@ -296,6 +306,9 @@ class BrokerLink:
 
     def _on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
         self._last_delivery_tag = delivery.delivery_tag
+        probe = self._probe
+        if probe is not None and not probe[1].done():
+            probe[1].set_result(None)  # any delivery proves the new connection receives
         if type(delivery) is UndecodableDelivery:
             self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
@@ -329,8 +342,6 @@ class BrokerLink:
             self.router.deliver_to_group(destination, message, body, now)
             return
         if destination.startswith(self._probe_prefix):  # ours, or a late one from an alarm
-            if self._probe is not None and destination == self._probe[0] and not self._probe[1].done():
-                self._probe[1].set_result(None)
             return
         self.router.deliver(destination, message, now)
 
@@ -459,9 +470,9 @@ class BrokerLink:
             return
 
         def put_back_and_finish() -> None:
-            if not settled.done():
+            if not settled.done() and not handoff.is_taken:
                 self.router.put_back(channel, message, time.monotonic())
-                finish()
+            finish()
 
         handoff = _Handoff(self.loop, finish, put_back_and_finish)
 
@@ -474,7 +485,7 @@ class BrokerLink:
         def watch_caller() -> None:  # a loop closed with our callback pending never runs it
             if settled.done():
                 return
-            if caller.is_closed():
+            if caller.is_closed() or not caller.is_running():
                 put_back_and_finish()
             else:
                 self.loop.call_later(LOOP_CHECK_INTERVAL, watch_caller)
@@ -511,9 +522,12 @@ class BrokerLink:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if self._closed and task.cancelled():
+            if not task.cancelled():
+                raise  # our caller was cancelled; the binding task goes on
+            if self._closed:
                 raise ChannelLayerClosedError("the channel layer was closed during the group call") from None
-            raise
+            # A connection's set-up that gave up took the task with it: an outage.
+            raise BrokerConnectionError(f"the connection was lost while binding {group!r}") from None
 
     def _sync_binding(self, group: str) -> asyncio.Task[None]:
         """Make the queue's binding to ``group`` match whether the group has local members.
@@ -545,6 +559,17 @@ class BrokerLink:
                     if (self._setting_up or self.consuming.connection) is connection:
                         raise
                     continue  # that connection is gone; the loop looks at the next one
+                except BrokerRefusedError as error:
+                    if wanted:  # a member without a binding would wait for messages that never come
+                        dropped = self.router.discard_group(group)
+                        logger.warning(
+                            "RabbitMQ refused to bind group %r (%s %s): %d local member(s) left it",
+                            group,
+                            error.reply_code,
+                            error.reply_text,
+                            len(dropped),
+                        )
+                    raise
                 if wanted:
                     self._bound.add(group)
                 else:
@@ -553,45 +578,53 @@ class BrokerLink:
             if self._syncing.get(group) is asyncio.current_task():
                 del self._syncing[group]
 
-    async def _request(self, connection: AmqpConnection, method: Any, operation: str) -> Any:
-        """One request, answered within ``connect_timeout`` or the connection is dropped."""
-        timeout = self.config.connect_timeout
-        reply = connection.call(CONTROL_CHANNEL, method)
+    async def _request(
+        self, connection: AmqpConnection, method: Any, operation: str, channel_id: int = CONTROL_CHANNEL
+    ) -> Any:
+        """One request; the connection is dropped if its channel makes no progress for ``connect_timeout``.
+
+        Requests on a channel go one at a time: a request queued behind many others waits
+        as long as the ones ahead of it are being answered.
+        """
+        limit = self.config.connect_timeout
+        reply = connection.call(channel_id, method)
         reply.add_done_callback(_retrieve)  # seen even when nobody waits any more
-        try:
-            return await asyncio.wait_for(asyncio.shield(reply), timeout)
-        except asyncio.TimeoutError:
-            # A connection that leaves a request unanswered this long is not usable: the
-            # reconnection sets everything up again.
-            connection.abort()
-            raise BrokerTimeoutError(
-                f"{connection.description} did not answer {operation} within connect_timeout={timeout:g}s",
-                operation=operation,
-                timeout=timeout,
-            ) from None
+        while True:
+            done, _ = await asyncio.wait(
+                (reply,), timeout=max(0.01, limit - connection.quiet_for(channel_id))
+            )
+            if done:
+                return reply.result()
+            if connection.quiet_for(channel_id) >= limit:
+                # A connection that leaves a request unanswered this long is not usable: the
+                # reconnection sets everything up again.
+                connection.abort()
+                raise BrokerTimeoutError(
+                    f"{connection.description} did not answer {operation} within connect_timeout={limit:g}s",
+                    operation=operation,
+                    timeout=limit,
+                )
 
     async def flush(self) -> None:
+        """Drop every buffered message and membership, unbind, purge the queue."""
         groups = set(self.router.flush()) | self._bound
-        if self._closed or not self.consuming.is_up:
-            return  # no queue to purge; the bindings went with the connection
-        connection = await self.consuming.connected()
-        await self._request(connection, commands.Queue.Purge(queue=self.queue_name), "purge")
-        # Deliveries already on their way were not purged. A request on the consuming channel
-        # is answered after them (one channel's frames keep their order): then drop them too.
-        timeout = self.config.connect_timeout
-        qos = connection.call(CONSUME_CHANNEL, commands.Basic.Qos(prefetch_count=self.config.prefetch_count))
-        qos.add_done_callback(_retrieve)
-        try:
-            await asyncio.wait_for(asyncio.shield(qos), timeout)
-        except asyncio.TimeoutError:
-            connection.abort()
-            raise BrokerTimeoutError(
-                f"{connection.description} did not answer within connect_timeout={timeout:g}s",
-                operation="flush",
-                timeout=timeout,
-            ) from None
-        self.router.flush()
-        await asyncio.gather(*(asyncio.shield(self._sync_binding(group)) for group in groups))
+        # Unbinding starts now, before any await: whatever happens to this call, no binding
+        # is left without a member.
+        unbinding = [self._sync_binding(group) for group in groups]
+        connection = self.consuming.connection
+        if not self._closed and connection is not None and connection.is_open:
+            await self._request(connection, commands.Queue.Purge(queue=self.queue_name), "purge")
+            # Deliveries already on their way were not purged. A request on the consuming
+            # channel is answered after them (one channel's frames keep their order): then
+            # drop them too.
+            qos = commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
+            await self._request(connection, qos, "flush", CONSUME_CHANNEL)
+            self.router.flush()
+        for outcome in await asyncio.gather(
+            *(asyncio.shield(task) for task in unbinding), return_exceptions=True
+        ):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerConnectionError):
+                raise outcome  # a lost connection took the bindings with the queue
 
     # Publishing -----------------------------------------------------------------------------
 
@@ -663,9 +696,13 @@ def _call_on(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool
 
 
 class _Handoff:
-    """What the receiving loop says about a message handed over from the channel's loop."""
+    """What the receiving loop says about a message handed over from the channel's loop.
 
-    __slots__ = ("_give_back", "_loop", "_taken")
+    ``is_taken`` is set at once, from the receiving thread, so that the channel's loop never
+    puts back a message that was taken while its "taken" callback was still on its way.
+    """
+
+    __slots__ = ("_give_back", "_loop", "_taken", "is_taken")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, taken: Callable[[], None], give_back: Callable[[], None]
@@ -673,8 +710,10 @@ class _Handoff:
         self._loop = loop
         self._taken = taken
         self._give_back = give_back
+        self.is_taken = False
 
     def taken(self) -> None:
+        self.is_taken = True
         _call_on(self._loop, self._taken)
 
     def give_back(self) -> None:

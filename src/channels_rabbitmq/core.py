@@ -25,11 +25,13 @@ The methods below read like the Channels spec; the mechanisms live in
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -40,7 +42,7 @@ from .background import BackgroundLoop
 from .broker import BrokerLink
 from .config import DEFAULT_HOST, LayerConfig
 from .encryption import BodyCipher
-from .exceptions import ChannelLayerClosedError
+from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
 from .logs import RateLimitedLogger
 from .wire import NO_PROPERTIES, channel_properties, encode_message
 
@@ -110,6 +112,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         self._valid_channels: set[str] = set()
         self._send_targets: dict[str, tuple[bytes, bytes]] = {}
         self._reset()
+        # A forked child forgets the parent's links at once, so that even the sends' fast path,
+        # which checks nothing, never writes to the parent's sockets.
+        os.register_at_fork(after_in_child=functools.partial(_forget_links_in_child, weakref.ref(self)))
 
     def _reset(self) -> None:
         """Forget every link (at construction, and in a child process after fork)."""
@@ -397,11 +402,15 @@ class RabbitmqChannelLayer(BaseChannelLayer):
                 done, _ = await asyncio.wait((outcome,), timeout=LOOP_CHECK_INTERVAL)
                 if done:
                     break
-                if not link.loop.is_running() or time.monotonic() > deadline:
+                if not link.loop.is_running():
                     call.cancel()
-                    raise ChannelLayerClosedError(
-                        f"the event loop of {link.queue_name} stopped, or did not finish the call "
-                        f"within {bound:g}s"
+                    raise ChannelLayerClosedError(f"the event loop of {link.queue_name} stopped")
+                if time.monotonic() > deadline:
+                    call.cancel()
+                    raise BrokerTimeoutError(
+                        f"the call on the event loop of {link.queue_name} did not finish within {bound:g}s",
+                        operation=getattr(method, "__name__", "call"),
+                        timeout=bound,
                     )
         except asyncio.CancelledError:
             call.cancel()
@@ -409,6 +418,12 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         if outcome.cancelled():  # cancelled over there: its loop is shutting down, or close()
             raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is shutting down")
         return outcome.result()
+
+
+def _forget_links_in_child(layer_ref: weakref.ref[RabbitmqChannelLayer]) -> None:
+    layer = layer_ref()
+    if layer is not None:
+        layer._check_fork()
 
 
 async def _call(method: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -261,6 +261,13 @@ class LocalRouter:
         del self._groups[group]
         return True
 
+    def discard_group(self, group: str) -> list[str]:
+        """Remove every local membership of ``group``; return the channels that were members."""
+        members = self._groups.pop(group, set())
+        for channel in members:
+            self._membership_expiry.pop((group, channel), None)
+        return sorted(members)
+
     def expire_memberships(self, now: float) -> list[str]:
         """Drop memberships past ``group_expiry``; return the groups left with no local member."""
         emptied = []

@@ -206,7 +206,6 @@ class ConnectionSupervisor:
 
     async def _connect(self, address: BrokerAddress, ip: str, timeout: float) -> AmqpConnection:
         """Connect to one node and let the owner set the connection up there."""
-        started = time.monotonic()
         described = describe_target(address, ip)
         connection = await open_connection(
             address,
@@ -220,14 +219,13 @@ class ConnectionSupervisor:
             on_blocked=self._on_blocked,
         )
         self._attempt = connection
-        remaining = max(0.1, timeout - (time.monotonic() - started))
         try:
-            await asyncio.wait_for(self._set_up(connection), remaining)
+            await self._set_up_while_progressing(connection)
         except BaseException as error:
             await connection.close()
             if isinstance(error, asyncio.TimeoutError):
                 raise BrokerConnectionError(
-                    f"{described} did not finish setting up within connect_timeout="
+                    f"{described} stopped answering while setting up: nothing heard for connect_timeout="
                     f"{self.config.connect_timeout:g}s"
                 ) from None
             if isinstance(error, BrokerRefusedError):
@@ -243,6 +241,27 @@ class ConnectionSupervisor:
             await connection.close()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
         return connection
+
+    async def _set_up_while_progressing(self, connection: AmqpConnection) -> None:
+        """Run the owner's set-up; give up once the broker has said nothing for ``connect_timeout``.
+
+        Progress, not a total: binding thousands of groups again may take longer than
+        ``connect_timeout``, and must not fail while the broker keeps answering.
+        """
+        limit = self.config.connect_timeout
+        setting_up = asyncio.ensure_future(self._set_up(connection))
+        try:
+            while True:
+                quiet = connection.quiet_for()
+                done, _ = await asyncio.wait((setting_up,), timeout=max(0.01, limit - quiet))
+                if done:
+                    return setting_up.result()
+                if connection.quiet_for() >= limit:
+                    raise asyncio.TimeoutError
+        finally:
+            if not setting_up.done():
+                setting_up.cancel()
+                await asyncio.gather(setting_up, return_exceptions=True)
 
     # Losing and recovering ------------------------------------------------------------------
 

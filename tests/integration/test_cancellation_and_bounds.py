@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -264,3 +265,111 @@ def check_close_racing_sends(broker: Broker) -> None:
         assert not layer_threads(), (
             f"{layer_threads()} alive {time.monotonic() - closed_at:.1f}s after close()"
         )
+
+
+def test_a_forked_child_forgets_the_parent_links_at_once_and_sends_on_its_own(
+    broker: Broker, own_loop: asyncio.AbstractEventLoop
+) -> None:
+    layer = RabbitmqChannelLayer(host=broker.url)
+    channel = own_loop.run_until_complete(layer.new_channel())  # the parent's link, on own_loop
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads (Python 3.12+)
+        pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(20)
+            # Even before any call checks the process id, the parent's links are gone: no fast
+            # path can reach the parent's sockets. (Running the parent's loop object here would
+            # share its epoll instance with the parent: asyncio does not support that.)
+            assert not layer._loop_links
+            assert not layer._links_by_queue
+            asyncio.run(layer.send(channel, {"type": "from.child"}))
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        assert time.monotonic() < deadline, "the forked child hangs"
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+    async def parent_goes_on() -> None:
+        assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "from.child"}
+        await asyncio.wait_for(layer.send(channel, {"type": "from.parent"}), 5)  # its tags intact
+        assert await asyncio.wait_for(layer.receive(channel), 5) == {"type": "from.parent"}
+        await layer.close()
+
+    own_loop.run_until_complete(parent_goes_on())
+
+
+# Group bindings through reconnections and flush ------------------------------------------------------
+
+
+async def settled_bindings(layer: RabbitmqChannelLayer, broker: Broker) -> tuple[set[str], set[str]]:
+    """(groups the queue is bound to on the broker, groups with a local member), once settled."""
+    link = link_of(layer)
+    for _ in range(500):
+        if not link._syncing and link.is_connected:
+            break
+        await asyncio.sleep(0.02)
+    bound = {key for name, key in await asyncio.to_thread(broker.bindings) if name == link.queue_name}
+    return bound, set(link.router.groups)
+
+
+async def test_a_link_with_thousands_of_groups_recovers_though_binding_them_takes_longer_than_connect_timeout(
+    make_layer: LayerFactory, broker: Broker
+) -> None:
+    layer = make_layer(connect_timeout=0.5, reconnect_delay_max=0.2)
+    channel = await layer.new_channel()
+    groups = [f"many.{number}" for number in range(3000)]
+    await asyncio.gather(*(layer.group_add(group, channel) for group in groups))  # queued on one channel
+    link = link_of(layer)
+    assert link.consuming.reconnections == 0, "a busy control channel is not a dead connection"
+    started = time.monotonic()
+    link.consuming.connection.abort()
+    await asyncio.sleep(0.1)
+    # Joining groups again while the recovery binds them: never a CancelledError.
+    await asyncio.gather(*(layer.group_add(group, channel) for group in groups[:200]))
+    bound, members = await settled_bindings(layer, broker)
+    print(f"3000 groups bound again {time.monotonic() - started:.1f}s after the connection was lost")
+    assert link.consuming.reconnections == 1
+    assert bound == members == set(groups)
+
+
+async def test_a_cancelled_flush_leaves_no_binding_without_a_member(
+    make_layer: LayerFactory, broker: Broker
+) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    for delay in (0, 0.0005, 0.002):
+        await layer.group_add("a", channel)
+        await layer.group_add("b", channel)
+        flushing = asyncio.ensure_future(layer.flush())
+        await asyncio.sleep(delay)
+        flushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flushing
+        bound, members = await settled_bindings(layer, broker)
+        assert bound == members, f"cancelled after {delay}s: bound {bound}, members {members}"
+
+
+async def test_flush_during_a_reconnection_leaves_no_binding_without_a_member(
+    make_layer: LayerFactory, broker: Broker
+) -> None:
+    layer = make_layer(reconnect_delay_min=0.01, reconnect_delay_max=0.05)
+    channel = await layer.new_channel()
+    await layer.group_add("room", channel)
+    link = link_of(layer)
+    link.consuming.connection.abort()
+    await asyncio.sleep(0)
+    for _ in range(200):  # flush at some point of the recovery's set-up
+        await layer.flush()
+        if link._setting_up is not None or link.is_connected:
+            break
+        await asyncio.sleep(0.005)
+    bound, members = await settled_bindings(layer, broker)
+    assert bound == members == set()

@@ -104,6 +104,7 @@ class AmqpConnection(asyncio.Protocol):
         self.blocked_reason: str | None = None
         self._writing_paused = False  # the transport's buffer is over its high-water mark
         self._held_back = 0  # bytes of publishes queued this loop iteration, not yet written
+        self._progress: dict[int, float] = {}  # channel -> last request sent or reply received
         self._publishable = asyncio.Event()
         self._publishable.set()
 
@@ -368,8 +369,16 @@ class AmqpConnection(asyncio.Protocol):
     # Internals -----------------------------------------------------------------------------
 
     def _send_request(self, channel_id: int, method: Any) -> None:
+        self._progress[channel_id] = self._loop.time()
         self.machine.send_method(channel_id, method)
         self._schedule_flush()
+
+    def quiet_for(self, channel_id: int | None = None) -> float:
+        """Seconds since the broker last showed progress: on ``channel_id``, the last request sent
+        or reply received there; otherwise anything received at all."""
+        if channel_id is None:
+            return self._loop.time() - self._last_received
+        return self._loop.time() - self._progress.get(channel_id, self._last_received)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -448,6 +457,7 @@ class AmqpConnection(asyncio.Protocol):
             logger.debug("unexpected %s on channel %d", method.name, event.channel_id)
             return
         _request, future = queue.popleft()
+        self._progress[event.channel_id] = self._loop.time()
         if not future.done():
             future.set_result(method)
         if queue:
