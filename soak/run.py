@@ -53,7 +53,8 @@ PROBE_GROUP = "soak-probe"
 BUSY_GROUP = "soak-busy"
 FAULT_KINDS = ("cut", "stall", "close_all_connections", "kill_node", "memory_alarm")
 # Rough upper bounds of each fault's length, so that none starts too close to the end.
-FAULT_LENGTH = {"cut": 1, "stall": 6, "close_all_connections": 5, "kill_node": 60, "memory_alarm": 12}
+FAULT_LENGTH = {"cut": 1, "stall": 6, "close_all_connections": 5, "kill_node": 30, "memory_alarm": 15}
+END_ROOM = 15  # seconds left after the last fault's end, to see the layer recover before sends stop
 ALARM_SECONDS = 10
 STALL_SECONDS = (3.0, 6.0)
 PROBE_EVERY = 1.0  # seconds between probes while waiting for the layer to recover
@@ -235,8 +236,10 @@ class Soak:
         kind, *fields = line.split()
         if kind == "r" and self.ledger is not None:
             message_id, index, received_at = int(fields[0]), int(fields[1]), float(fields[2])
-            self.ledger.received(message_id, server.names[index], received_at)
-            self.last_receipt = time.monotonic()
+            channel = server.names[index]
+            self.ledger.received(message_id, channel, received_at)
+            if channel not in self.ledger.slow_channels:  # the slow one reads its backlog for long
+                self.last_receipt = time.monotonic()
             self.receipts += 1
         elif kind == "p":
             self.probes_seen.setdefault(int(fields[0]), {})[server.number] = float(fields[1])
@@ -332,20 +335,28 @@ class Soak:
     # Faults -----------------------------------------------------------------------------------
 
     async def chaos(self, layer: RabbitmqChannelLayer, run_start: float, stop_at: float) -> None:
-        """One fault at a time, with quiet periods between them, until shortly before ``stop_at``."""
+        """One fault at a time, quiet periods between them, until shortly before ``stop_at``.
+
+        The kinds come in rounds: each round has every kind once, in a random order.
+        """
         assert self.ledger is not None
         options = self.options
         kinds = options.faults
         if not kinds:
             return
         await asyncio.sleep(options.warmup)
+        deck: list[str] = []
         while True:
             await asyncio.sleep(self.fault_random.uniform(options.quiet_min, options.quiet_max))
-            kind = self.fault_random.choice(kinds)
+            room = stop_at - time.monotonic() - END_ROOM
+            if not deck:  # every kind once per round, in a random order
+                deck = self.fault_random.sample(kinds, len(kinds))
+            kind = next((kind for kind in deck if FAULT_LENGTH[kind] <= room), None)
+            if kind is None:
+                return
+            deck.remove(kind)
             node_index = self.fault_random.randrange(len(self.nodes.nodes))
             stall_seconds = self.fault_random.uniform(*STALL_SECONDS)
-            if time.monotonic() + FAULT_LENGTH[kind] + options.recovery_timeout / 2 > stop_at:
-                return
             node = self.nodes[node_index]
             target = f"node {node_index + 1}" + (" (its proxy)" if kind in ("cut", "stall") else "")
             started = time.monotonic()
