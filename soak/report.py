@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .ledger import FaultWindow, Percentiles, Summary
@@ -40,6 +40,7 @@ def summary_table(
     memory: Sequence[ProcessMemory],
     error_examples: dict[str, str],
     receive_errors: dict[str, int],
+    lost_outside_by_process: Mapping[str, int] | None = None,
 ) -> str:
     """The main table: sends, deliveries, losses, latency, memory."""
     rows: list[tuple[str, str]] = [
@@ -60,6 +61,11 @@ def summary_table(
         ("received exactly once", str(summary.exactly_once)),
         ("lost in a fault window", str(summary.lost_in_fault)),
         ("lost outside any fault", _must_be_zero(summary.lost_outside_fault)),
+        *(
+            (f"&nbsp;&nbsp;of which to channels of {process}", str(count))
+            for process, count in sorted((lost_outside_by_process or {}).items())
+            if count
+        ),
         ("duplicates", _must_be_zero(summary.duplicates)),
         ("deliveries to a channel that was not a receiver", _must_be_zero(summary.unexpected)),
         (
@@ -70,7 +76,7 @@ def summary_table(
         ("faults after which messages did not flow again in time", _must_be_zero(summary.unrecovered_faults)),
     ]
     for error_type, count in sorted(receive_errors.items()):
-        rows.append((f"  receive() raised {error_type}", str(count)))
+        rows.append((f"&nbsp;&nbsp;receive() raised {error_type}", str(count)))
     rows += [
         (
             "slow channel: received / sent to it (the rest: expected drops)",

@@ -34,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,6 +459,11 @@ class Soak:
                 raise chaos.exception()  # type: ignore[misc]
             run_end = time.monotonic()
             memory_end = {server.number: server.resident_kib() for server in self.servers}
+            died = [
+                f"server {server.number} exited during the run (status {server.process.returncode})"
+                for server in self.servers
+                if server.process.returncode is not None
+            ]
 
         summary = self.ledger.summarize()
         memory = [
@@ -467,11 +473,12 @@ class Soak:
         text = self.render(summary, memory, run_start, run_end, plan)
         print(text)
         (self.out / "report.md").write_text(text + "\n")
-        failures = summary.failures
+        failures = summary.failures + died
         if failures:
             say("FAILED: " + "; ".join(failures))
-            for channel, count in summary.lost_outside_by_channel.most_common(10):
-                say(f"  lost outside faults: {count} for {channel}")
+            for process, count in self.by_process(summary.lost_outside_by_channel).items():
+                if count:
+                    say(f"  lost outside any fault: {count} to channels of {process}")
             return 1
         say("every must-be-zero row is zero")
         return 0
@@ -487,6 +494,22 @@ class Soak:
     async def stop_servers(self) -> None:
         await asyncio.gather(*(server.stop() for server in self.servers))
 
+    def by_process(self, counts: Counter[str]) -> dict[str, int]:
+        """Counts per channel added up per server process, named with its slow or dead channel."""
+        assert self.ledger is not None
+        totals: Counter[str] = Counter()
+        for server in self.servers:
+            label = f"server {server.number}"
+            special = [
+                kind
+                for kind, names in (("slow", self.ledger.slow_channels), ("dead", self.ledger.dead_channels))
+                if names.intersection(server.names)
+            ]
+            if special:
+                label += f" (the {' and '.join(special)} channel's process)"
+            totals[label] += sum(counts[name] for name in server.names)
+        return dict(totals)
+
     def render(
         self, summary: Any, memory: list[ProcessMemory], run_start: float, run_end: float, plan: Any
     ) -> str:
@@ -500,6 +523,9 @@ class Soak:
             f"({options.group_share:.0%} group sends), 3-node cluster behind fault proxies; "
             f"{len(self.ledger.faults)} faults; run {run_end - run_start:.0f} s including the final wait."
         )
+        if json.loads(options.config):
+            heading += f" Extra CONFIG: `{options.config}`."
+
         return "\n\n".join(
             [
                 heading,
@@ -508,6 +534,7 @@ class Soak:
                     memory=memory,
                     error_examples=self.ledger.error_examples,
                     receive_errors=dict(self.ledger.receive_errors),
+                    lost_outside_by_process=self.by_process(summary.lost_outside_by_channel),
                 ),
                 faults_table(self.ledger.faults, run_start),
             ]
