@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ FAULT_LENGTH = {"cut": 1, "stall": 6, "close_all_connections": 5, "kill_node": 3
 END_ROOM = 15  # seconds left after the last fault's end, to see the layer recover before sends stop
 ALARM_SECONDS = 10
 STALL_SECONDS = (3.0, 6.0)
-PROBE_EVERY = 1.0  # seconds between probes while waiting for the layer to recover
+PROBE_EVERY = 0.25  # seconds between probes while waiting for the layer to recover
 DRAIN_QUIET = 3.0  # the end: stop waiting once no message arrived for this long...
 DRAIN_MAX = 30.0  # ...or after this long
 DOCUMENTED_SEND_ERRORS = (ChannelFull, BrokerConnectionError)
@@ -601,6 +601,31 @@ async def main_async(options: argparse.Namespace, nodes: Nodes, out: Path) -> in
     return await Soak(options, nodes, out).run()
 
 
+@contextlib.contextmanager
+def start_cluster(attempts: int = 2) -> Iterator[Nodes]:
+    """A 3-node cluster, stopped and deleted on exit; a second try when the first fails.
+
+    A node's port can be taken by another program between ``stop_app`` and ``start_app``
+    while the cluster forms (eaddrinuse): a fresh set of nodes on other ports then works.
+    """
+    for attempt in range(1, attempts + 1):
+        with Nodes("soak") as nodes:
+            for _ in range(3):
+                nodes.add()
+            say("starting a 3-node RabbitMQ cluster")
+            try:
+                nodes.start()
+                nodes.cluster()
+            except NodeError as error:
+                if attempt == attempts:
+                    raise
+                say(f"the cluster did not form ({str(error).splitlines()[0][:200]}); trying again")
+                continue
+            say(f"cluster up in {nodes.started_seconds + nodes.clustered_seconds:.1f}s")
+            yield nodes
+            return
+
+
 def main(argv: list[str] | None = None) -> int:
     options = parse_arguments(argv)
     out: Path = options.out
@@ -612,13 +637,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     say(f"logs and report in {out}")
     try:
-        with Nodes("soak") as nodes:
-            for _ in range(3):
-                nodes.add()
-            say("starting a 3-node RabbitMQ cluster")
-            nodes.start()
-            nodes.cluster()
-            say(f"cluster up in {nodes.started_seconds + nodes.clustered_seconds:.1f}s")
+        with start_cluster() as nodes:
             return asyncio.run(main_async(options, nodes, out))
     except KeyboardInterrupt:
         say("interrupted; everything was stopped")
