@@ -348,7 +348,8 @@ class Soak:
         await asyncio.sleep(options.warmup)
         deck: list[str] = []
         while True:
-            await asyncio.sleep(self.fault_random.uniform(options.quiet_min, options.quiet_max))
+            quiet = self.fault_random.uniform(options.quiet_min, options.quiet_max)
+            await asyncio.sleep(max(0.0, min(quiet, stop_at - time.monotonic())))
             room = stop_at - time.monotonic() - END_ROOM
             if not deck:  # every kind once per round, in a random order
                 deck = self.fault_random.sample(kinds, len(kinds))
@@ -448,15 +449,19 @@ class Soak:
                 f"sending for {options.seconds:g}s (seed {options.seed}); faults: {', '.join(options.faults)}"
             )
             chaos = asyncio.ensure_future(self.chaos(layer, run_start, stop_at))
+            drive = asyncio.ensure_future(self.drive(layer, stop_at))
             try:
-                await self.drive(layer, stop_at)
-                say("sends finished; waiting for the last deliveries")
+                await asyncio.wait({chaos, drive}, return_when=asyncio.FIRST_EXCEPTION)
+                if chaos.done():
+                    chaos.result()  # a fault that could not be injected or undone ends the run
+                await drive
+                say("sends finished; waiting for the fault in progress, if any, and the last deliveries")
+                await chaos  # it starts no new fault now, and returns once the last one is over
                 await self.drain()
             finally:
-                chaos.cancel()
-                await asyncio.gather(chaos, return_exceptions=True)
-            if chaos.done() and not chaos.cancelled() and chaos.exception() is not None:
-                raise chaos.exception()  # type: ignore[misc]
+                for task in (chaos, drive):
+                    task.cancel()
+                await asyncio.gather(chaos, drive, return_exceptions=True)
             run_end = time.monotonic()
             memory_end = {server.number: server.resident_kib() for server in self.servers}
             died = [
