@@ -78,6 +78,7 @@ class Summary:
     group_sends: int = 0
     returned: int = 0
     raised: Counter[str] = field(default_factory=Counter)
+    raised_outside_fault: Counter[str] = field(default_factory=Counter)
     unanswered: int = 0  # sends still pending at the end: the call never returned nor raised
     expected: int = 0  # (message, receiver) pairs for normal channels
     exactly_once: int = 0
@@ -206,6 +207,8 @@ class Ledger:
                 continue
             if send.outcome != "returned":
                 summary.raised[send.outcome] += 1
+                if not self.in_fault(send.sent_at):
+                    summary.raised_outside_fault[send.outcome] += 1
                 if not send.documented:
                     summary.undocumented_errors += 1
                 continue

@@ -50,7 +50,13 @@ def summary_table(
     for error_type, count in summary.raised.most_common():
         example = error_examples.get(error_type, "")
         why = f": {example}" if example else ""
-        rows.append((f"sends that raised {error_type}", f"{count} (e.g.{why[1:] or ' no message'})"))
+        outside = summary.raised_outside_fault[error_type]
+        rows.append(
+            (
+                f"sends that raised {error_type}",
+                f"{count}, {outside} of them outside fault windows (e.g.{why[1:] or ' no message'})",
+            )
+        )
     rows += [
         ("sends that raised an undocumented exception", _must_be_zero(summary.undocumented_errors)),
         ("sends that neither returned nor raised in time", _must_be_zero(summary.unanswered)),

@@ -61,9 +61,13 @@ def test_losses_are_in_a_fault_window_from_margin_before_the_start_to_margin_aft
     for message_id, sent_at in enumerate([98.9, 99.0, 103.0, 106.0, 106.1], start=1):
         ledger.sent(message_id, DIRECT, "a", sent_at)
         ledger.returned(message_id)
+    ledger.sent(6, DIRECT, "a", 104.0)
+    ledger.raised(6, "ChannelFull")
     summary = ledger.summarize()
     assert summary.lost_in_fault == 3  # 99.0, 103.0 and 106.0
     assert summary.lost_outside_fault == 2  # 98.9 and 106.1
+    assert summary.raised == {"ChannelFull": 1}
+    assert summary.raised_outside_fault == {}
 
 
 def test_a_fault_that_never_recovered_fails_and_its_window_closes_after_the_wait() -> None:
@@ -99,6 +103,7 @@ def test_raised_sends_are_counted_by_type_and_their_deliveries_are_allowed() -> 
     ledger.received(1, "a", 0.5)
     summary = ledger.summarize()
     assert summary.raised == {"BrokerConnectionError": 1, "OSError": 1}
+    assert summary.raised_outside_fault == {"BrokerConnectionError": 1, "OSError": 1}
     assert summary.returned == 0
     assert summary.expected == 0  # nothing is expected of a send that raised
     assert summary.received_after_raise == 1
