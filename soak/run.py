@@ -224,12 +224,10 @@ class Soak:
         self.servers: list[Server] = []
         self.proxies: list[FaultProxy] = []
         self.ledger: Ledger | None = None
-        self.channel_names: dict[tuple[int, int], str] = {}
         self.probes_sent: dict[int, float] = {}
         self.probes_seen: dict[int, dict[int, float]] = {}
         self.next_probe = 0
         self.last_receipt = time.monotonic()
-        self.receipts = 0
 
     # Reports from the servers --------------------------------------------------------------------
 
@@ -241,7 +239,6 @@ class Soak:
             self.ledger.received(message_id, channel, received_at)
             if channel not in self.ledger.slow_channels:  # the slow one reads its backlog for long
                 self.last_receipt = time.monotonic()
-            self.receipts += 1
         elif kind == "p":
             self.probes_seen.setdefault(int(fields[0]), {})[server.number] = float(fields[1])
         elif kind == "x" and self.ledger is not None:
