@@ -83,6 +83,7 @@ class Summary:
     expected: int = 0  # (message, receiver) pairs for normal channels
     exactly_once: int = 0
     lost_in_fault: int = 0
+    lost_in_fault_by_kind: Counter[str] = field(default_factory=Counter)  # the first fault covering it
     lost_outside_fault: int = 0
     lost_outside_by_channel: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
@@ -187,8 +188,12 @@ class Ledger:
         send = self._sends[message_id]
         return frozenset((send.target,)) if send.kind == DIRECT else self.memberships[send.target]
 
+    def fault_at(self, sent_at: float) -> FaultWindow | None:
+        """The first fault whose window covers a send at ``sent_at``, if any."""
+        return next((window for window in self.faults if window.covers(sent_at, self.margin)), None)
+
     def in_fault(self, sent_at: float) -> bool:
-        return any(window.covers(sent_at, self.margin) for window in self.faults)
+        return self.fault_at(sent_at) is not None
 
     def summarize(self) -> Summary:
         """Add everything up."""
@@ -213,7 +218,8 @@ class Ledger:
                     summary.undocumented_errors += 1
                 continue
             summary.returned += 1
-            during_fault = self.in_fault(send.sent_at)
+            fault = self.fault_at(send.sent_at)
+            during_fault = fault is not None
             for channel in self.receivers(message_id):
                 times = self._receipts.get((message_id, channel), [])
                 if channel in self.dead_channels:
@@ -227,8 +233,9 @@ class Ledger:
                     continue
                 summary.expected += 1
                 if not times:
-                    if during_fault:
+                    if fault is not None:
                         summary.lost_in_fault += 1
+                        summary.lost_in_fault_by_kind[fault.kind] += 1
                     else:
                         summary.lost_outside_fault += 1
                         summary.lost_outside_by_channel[channel] += 1

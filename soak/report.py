@@ -30,6 +30,11 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.1f} MiB"
 
 
+def _by_kind(total: int, by_kind: Mapping[str, int]) -> str:
+    details = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()) if count)
+    return f"{total} ({details})" if details else str(total)
+
+
 def _must_be_zero(count: int) -> str:
     return f"**{count}** (must be 0)" if count else "0 (must be 0)"
 
@@ -65,7 +70,7 @@ def summary_table(
             str(summary.expected),
         ),
         ("received exactly once", str(summary.exactly_once)),
-        ("lost in a fault window", str(summary.lost_in_fault)),
+        ("lost in a fault window", _by_kind(summary.lost_in_fault, summary.lost_in_fault_by_kind)),
         ("lost outside any fault", _must_be_zero(summary.lost_outside_fault)),
         *(
             (f"&nbsp;&nbsp;of which to channels of {process}", str(count))

@@ -65,6 +65,7 @@ def test_losses_are_in_a_fault_window_from_margin_before_the_start_to_margin_aft
     ledger.raised(6, "ChannelFull")
     summary = ledger.summarize()
     assert summary.lost_in_fault == 3  # 99.0, 103.0 and 106.0
+    assert summary.lost_in_fault_by_kind == {"cut": 3}
     assert summary.lost_outside_fault == 2  # 98.9 and 106.1
     assert summary.raised == {"ChannelFull": 1}
     assert summary.raised_outside_fault == {}
@@ -160,5 +161,10 @@ def test_the_tables_mark_the_must_be_zero_rows_that_are_not() -> None:
     )
     assert "| lost outside any fault | **1** (must be 0) |" in table
     assert "| duplicates | 0 (must be 0) |" in table
+    ledger.sent(2, DIRECT, "a", 10.5)
+    ledger.returned(2)
+    assert "| lost in a fault window | 1 (cut 1) |" in summary_table(
+        ledger.summarize(), memory=[], error_examples={}, receive_errors={}
+    )
     assert "20.0 MiB at start, 21.0 MiB at end" in table
     assert "| cut | node 1 (its proxy) | 5.0 | 0.0 | 1.5 |" in faults_table(ledger.faults, run_start=5.0)
