@@ -1,13 +1,15 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
 # make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, pytest
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
+# make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
+#             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
 # Each starts a private RabbitMQ node (scripts/with-broker) when nothing answers at AMQP_URL.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests bench example scripts/with-broker
+LINTED := src tests bench example soak scripts/with-broker
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +35,9 @@ format: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m channels_rabbitmq bench $(BENCH_ARGS)
+
+soak: $(BIN)/.installed
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts
