@@ -152,8 +152,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send a message to a channel; returns once RabbitMQ has accepted it.
 
-        Raises ``ChannelFull`` when the channel's process already has
-        ``remote_capacity`` messages waiting in RabbitMQ.
+        Raises ``ChannelFull`` when the channel's process is overwhelmed: it holds
+        ``local_capacity`` messages and ``remote_capacity`` more wait in RabbitMQ. A channel
+        that holds its own ``capacity`` drops what comes next instead (nobody is blocked).
+        Raises ``BrokerBlockedError`` when RabbitMQ blocks publishing for ``connection_wait``.
         """
         target = self._send_targets.get(channel)
         if target is None:
