@@ -176,4 +176,6 @@ async def test_while_blocked_the_write_buffer_stays_bounded(
     watcher.cancel()
     assert all(isinstance(outcome, BrokerBlockedError) for outcome in outcomes), outcomes[:3]
     print(f"peak write buffer while blocked: {peak} bytes for 100 sends of 200 KiB")
-    assert peak <= WRITE_BUFFER_HIGH + 256 * 1024
+    # The high-water mark, plus what one loop iteration may hand over past it (half of it), plus
+    # one message.
+    assert peak <= WRITE_BUFFER_HIGH * 3 // 2 + 256 * 1024
