@@ -213,14 +213,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             bridged.close()  # never started: no "coroutine was never awaited"
             raise StopConsumer() from None  # the channel's loop is closed
         try:
-            while True:
-                done, _ = await asyncio.wait((result,), timeout=LOOP_CHECK_INTERVAL)
-                if done:
-                    break
-                if not link.loop.is_running():
-                    result.cancel()
-                    task.cancel()
-                    raise StopConsumer()
+            if not await _done_while_running(result, link.loop):
+                result.cancel()
+                task.cancel()
+                raise StopConsumer()
         except asyncio.CancelledError:
             if result.done() and not result.cancelled() and result.exception() is None:
                 result.result()[1].give_back()  # handed over just now: it is read next
@@ -400,26 +396,35 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         deadline = time.monotonic() + bound
         outcome = asyncio.wrap_future(call)
         try:
-            while True:
-                done, _ = await asyncio.wait((outcome,), timeout=LOOP_CHECK_INTERVAL)
-                if done:
-                    break
-                if not link.loop.is_running():
-                    call.cancel()
-                    raise ChannelLayerClosedError(f"the event loop of {link.queue_name} stopped")
-                if time.monotonic() > deadline:
-                    call.cancel()
-                    raise BrokerTimeoutError(
-                        f"the call on the event loop of {link.queue_name} did not finish within {bound:g}s",
-                        operation=getattr(method, "__name__", "call"),
-                        timeout=bound,
-                    )
+            finished = await _done_while_running(outcome, link.loop, deadline)
         except asyncio.CancelledError:
             call.cancel()
             raise
+        if not finished:
+            call.cancel()
+            if not link.loop.is_running():
+                raise ChannelLayerClosedError(f"the event loop of {link.queue_name} stopped")
+            raise BrokerTimeoutError(
+                f"the call on the event loop of {link.queue_name} did not finish within {bound:g}s",
+                operation=getattr(method, "__name__", "call"),
+                timeout=bound,
+            )
         if outcome.cancelled():  # cancelled over there: its loop is shutting down, or close()
             raise ChannelLayerClosedError(f"the event loop of {link.queue_name} is shutting down")
         return outcome.result()
+
+
+async def _done_while_running(
+    future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop, deadline: float = float("inf")
+) -> bool:
+    """Wait for ``future``, made on another ``loop``; False once that loop stops running, or past
+    ``deadline`` (``time.monotonic()``). It is checked every ``LOOP_CHECK_INTERVAL``."""
+    while True:
+        done, _ = await asyncio.wait((future,), timeout=LOOP_CHECK_INTERVAL)
+        if done:
+            return True
+        if not loop.is_running() or time.monotonic() > deadline:
+            return False
 
 
 def _forget_links_in_child(layer_ref: weakref.ref[RabbitmqChannelLayer]) -> None:
