@@ -225,6 +225,22 @@ def test_without_rabbitmq_the_bench_stops_at_once_and_hides_the_password() -> No
     assert time.monotonic() - started < 10
 
 
+def children_mentioning(parent: int, text: str) -> list[int]:
+    """Ids of the child processes of ``parent`` whose environment contains ``text`` (cheap to poll)."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for child in children:
+        try:
+            if text.encode() in Path(f"/proc/{child}/environ").read_bytes():
+                found.append(int(child))
+        except OSError:
+            continue
+    return found
+
+
 def scenario_processes_mentioning(text: str) -> list[int]:
     """Ids of the running scenarios.py processes whose environment (the layer's config) contains ``text``.
 
@@ -259,11 +275,14 @@ def test_ctrl_c_stops_the_running_scenario_and_prints_what_was_measured(broker: 
     ) as bench:
         try:
             # The in-memory layer runs first; then this project's, with the run's vhost in its config.
+            # Its subprocess is frozen as soon as it is seen, so that it cannot finish before the
+            # Ctrl-C lands, however slow the machine (the bench kills it with SIGKILL).
             deadline = time.monotonic() + 30
-            while not scenario_processes_mentioning(broker.vhost):
+            while not (running := children_mentioning(bench.pid, broker.vhost)):
                 assert bench.poll() is None, bench.communicate()
                 assert time.monotonic() < deadline, "this project's scenario never started"
-                time.sleep(0.02)
+                time.sleep(0.005)
+            os.kill(running[0], signal.SIGSTOP)
             bench.send_signal(signal.SIGINT)
             stdout, stderr = bench.communicate(timeout=30)
         finally:
