@@ -1,5 +1,5 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
-# make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, pytest
+# make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, pytest
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := src tests bench example soak scripts/with-broker
 
-.PHONY: demo test lint format bench soak clean
+.PHONY: demo test lint typecheck format bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,15 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	scripts/ensure-chromium
 	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory typecheck
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix $(LINTED)

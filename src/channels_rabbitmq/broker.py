@@ -161,7 +161,7 @@ class BrokerLink:
         self._last_delivery_tag = self._acked_delivery_tag = 0
         try:
             await self._declare_groups_exchange(connection)
-            arguments = {
+            arguments: dict[str, Any] = {
                 "x-max-length": config.remote_capacity,
                 "x-overflow": "reject-publish",
                 "x-message-ttl": int(config.expiry * 1000),
@@ -309,12 +309,13 @@ class BrokerLink:
         probe = self._probe
         if probe is not None and not probe[1].done():
             probe[1].set_result(None)  # any delivery proves the new connection receives
-        if type(delivery) is UndecodableDelivery:
+        if isinstance(delivery, UndecodableDelivery):
             self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
             return
         # Where it was sent: the group (routing key on the groups exchange) or the channel.
         to_group = delivery.exchange == self._groups_exchange
+        destination: Any
         if to_group:
             destination = delivery.routing_key
         else:
@@ -474,7 +475,7 @@ class BrokerLink:
                 self.router.put_back(channel, message, time.monotonic())
             finish()
 
-        handoff = _Handoff(self.loop, finish, put_back_and_finish)
+        handoff = Handoff(self.loop, finish, put_back_and_finish)
 
         def settle() -> None:  # on the caller's loop
             if result.done():  # that receive() was cancelled meanwhile
@@ -695,7 +696,7 @@ def _call_on(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> bool
     return True
 
 
-class _Handoff:
+class Handoff:
     """What the receiving loop says about a message handed over from the channel's loop.
 
     ``is_taken`` is set at once, from the receiving thread, so that the channel's loop never

@@ -39,7 +39,7 @@ from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 from channels.layers import BaseChannelLayer
 
 from .background import BackgroundLoop
-from .broker import BrokerLink
+from .broker import BrokerLink, Handoff
 from .config import DEFAULT_HOST, LayerConfig
 from .encryption import BodyCipher
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
@@ -55,7 +55,7 @@ LOOP_CHECK_INTERVAL = 0.5  # how often a call waiting on another loop checks tha
 T = TypeVar("T")
 
 
-class RabbitmqChannelLayer(BaseChannelLayer):
+class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels ships no types
     """A channel layer that routes through RabbitMQ. See the README for every CONFIG key."""
 
     extensions = ["groups", "flush"]
@@ -101,7 +101,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
             encryption_keys=encryption_keys,
         )
         self._cipher = BodyCipher(self.config.encryption_keys) if self.config.encryption_keys else None
-        super().__init__(expiry=expiry, capacity=capacity)  # type: ignore[arg-type]
+        super().__init__(expiry=expiry, capacity=capacity)
         self.channel_capacity = list(self.config.channel_capacity)  # Channels' compiled form
         self.group_expiry = group_expiry
         self._groups_exchange = groups_exchange.encode()
@@ -203,7 +203,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):
         if link.loop is caller:
             return await link.receive(channel)
         # The channel's loop receives it for us; we watch that loop, which may end meanwhile.
-        result: asyncio.Future[dict[str, Any]] = caller.create_future()
+        result: asyncio.Future[tuple[dict[str, Any], Handoff]] = caller.create_future()
         if not link.loop.is_running():
             raise StopConsumer()
         bridged = link.receive_for(channel, caller, result)

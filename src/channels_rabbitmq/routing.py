@@ -26,13 +26,14 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from .wire import decode_message
 
 Message = dict[str, Any]
 
-EMPTY: Any = object()  # what take() returns when there is nothing to read
+#: What take() returns when there is nothing to read (compare with ``is``).
+EMPTY: Message = cast(Message, object())
 
 
 class _Inbox:
@@ -101,7 +102,8 @@ class LocalRouter:
             if expires_at > now:
                 if not entries and not inbox.waiters:
                     del self._inboxes[channel]
-                return payload if type(payload) is dict else decode_message(payload)
+                message: Message = payload if type(payload) is dict else decode_message(payload)
+                return message
         if not inbox.waiters:
             del self._inboxes[channel]
         return EMPTY

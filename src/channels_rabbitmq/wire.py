@@ -43,7 +43,7 @@ def encode_message(message: Any, max_size: int) -> bytes:
     except AttributeError:
         pack = _packers.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
     try:
-        body = pack(message)
+        body: bytes = pack(message)
     except (TypeError, ValueError, OverflowError) as error:
         raise TypeError(f"message cannot be encoded with msgpack: {error}") from None
     if len(body) > max_size:

@@ -409,9 +409,9 @@ class AmqpConnection(asyncio.Protocol):
                 if not future.done():
                     future.set_result(event.accepted)
         else:
-            future = pending.pop(event.delivery_tag, None)
-            if future is not None and not future.done():
-                future.set_result(event.accepted)
+            waiting = pending.pop(event.delivery_tag, None) if event.delivery_tag in pending else None
+            if waiting is not None and not waiting.done():
+                waiting.set_result(event.accepted)
 
     def _on_event(self, event: amqp.Event) -> None:
         if isinstance(event, amqp.MethodReceived):

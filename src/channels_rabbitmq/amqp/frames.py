@@ -65,7 +65,7 @@ def encode_publish(
     ``properties`` is the encoded property flags and values (``b"\\x00\\x00"`` for none);
     ``exchange`` and ``routing_key`` are at most 255 bytes each.
     """
-    parts = [
+    parts: list[bytes | memoryview] = [
         encode_publish_method(channel_id, exchange, routing_key),
         _content_header.pack(FRAME_HEADER, channel_id, 12 + len(properties), BASIC_CLASS, 0, len(body)),
         properties,
@@ -115,7 +115,7 @@ def encode_method(channel_id: int, method: Any) -> bytes:
 
 def encode_string_headers(headers: dict[str, str]) -> bytes:
     """Encode basic properties that hold only a ``headers`` table of strings."""
-    entries = []
+    entries: list[bytes] = []
     for key, value in headers.items():
         raw_key = key.encode()
         raw_value = value.encode()

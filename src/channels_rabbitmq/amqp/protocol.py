@@ -326,7 +326,7 @@ class AmqpProtocol:
         frame_type, header_channel, size, class_id, _weight, body_size, flags = (
             _content_frame_head.unpack_from(data, header)
         )
-        header_end = header + 7 + size
+        header_end: int = header + 7 + size
         if frame_type != frames.FRAME_HEADER or header_channel != channel_id or header_end >= end:
             return 0
         if data[header_end] != frames.FRAME_END or class_id != frames.BASIC_CLASS:
@@ -353,7 +353,7 @@ class AmqpProtocol:
         if end - body_start < 7:
             return 0
         frame_type, body_channel, size = _frame_head.unpack_from(data, body_start)
-        body_end = body_start + 7 + size
+        body_end: int = body_start + 7 + size
         if frame_type != frames.FRAME_BODY or body_channel != channel_id or size != body_size:
             return 0
         if body_end >= end or data[body_end] != frames.FRAME_END:
@@ -393,7 +393,11 @@ class AmqpProtocol:
             self._outgoing.append(frames.encode_method(channel_id, commands.Channel.CloseOk()))
             events.append(
                 ChannelClosed(
-                    channel_id, method.reply_code, method.reply_text, method.class_id, method.method_id
+                    channel_id,
+                    method.reply_code or 0,
+                    method.reply_text or "",
+                    method.class_id or 0,
+                    method.method_id or 0,
                 )
             )
         else:
@@ -448,7 +452,7 @@ class AmqpProtocol:
             if self.state is not State.CLOSED:
                 self._outgoing.append(frames.encode_method(0, commands.Connection.CloseOk()))
             self.state = State.CLOSED
-            events.append(ConnectionClosed(method.reply_code, method.reply_text))
+            events.append(ConnectionClosed(method.reply_code or 0, method.reply_text or ""))
         elif isinstance(method, commands.Connection.CloseOk):
             self.state = State.CLOSED
             events.append(ConnectionClosed(200, "closed by client", by_us=True))

@@ -96,7 +96,8 @@ def load_class(path: str) -> type:
     module_name, _, class_name = path.rpartition(".")
     if not module_name:
         raise ValueError(f"--layer must be a dotted path to a class, not {path!r}")
-    return getattr(importlib.import_module(module_name), class_name)
+    layer_class: type = getattr(importlib.import_module(module_name), class_name)
+    return layer_class
 
 
 def package_version(path: str) -> str:
@@ -327,6 +328,7 @@ def in_thread(func: Callable[[], T]) -> asyncio.Future[T]:
             outcome(value)
 
     def target() -> None:
+        value: Any
         try:
             value = func()
         except BaseException as error:

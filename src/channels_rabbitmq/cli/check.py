@@ -429,7 +429,7 @@ def describe_ssl_context(context: ssl.SSLContext) -> str:
         checks = "verifies the broker's certificate but NOT its host name"
     else:
         checks = "verifies the broker's certificate and host name"
-    authorities = [
+    authorities = [  # type: ignore[str-unpack]  # typeshed types the certificate's RDNs loosely
         value
         for certificate in context.get_ca_certs()
         for rdn in certificate.get("subject", ())
@@ -876,12 +876,12 @@ async def check_layer(layer: RabbitmqChannelLayer, timeout: float, report: Repor
     durations: list[float] = []
     try:
         for number in range(LATENCY_ROUND_TRIPS):
-            message = {"type": "check.ping", "number": number}
+            ping: dict[str, Any] = {"type": "check.ping", "number": number}
             started = time.perf_counter()
-            await within(timeout, "send()", layer.send(direct, message), layer)
+            await within(timeout, "send()", layer.send(direct, ping), layer)
             received = await within(timeout, "receive()", layer.receive(direct), layer)
-            if received != message:
-                _unexpected("receive()", received, message)
+            if received != ping:
+                _unexpected("receive()", received, ping)
             durations.append((time.perf_counter() - started) * 1000)
     except StepFailed as failed:
         report.fail(f"latency: round trip {len(durations) + 1}: {failed}", *failed.hints)
