@@ -282,6 +282,9 @@ def test_ctrl_c_stops_the_running_scenario_and_prints_what_was_measured(broker: 
                 assert bench.poll() is None, bench.communicate()
                 assert time.monotonic() < deadline, "this project's scenario never started"
                 time.sleep(0.005)
+            # Frozen once the bench is surely past starting it (its Popen() returns at the child's
+            # exec), long before the run can end (interpreter start, connecting, warm-up, 20,000 sends).
+            time.sleep(0.2)
             os.kill(running[0], signal.SIGSTOP)
             bench.send_signal(signal.SIGINT)
             stdout, stderr = bench.communicate(timeout=30)
