@@ -51,6 +51,20 @@ def bench_command(*options: str) -> list[str]:
     return [sys.executable, "-m", "channels_rabbitmq", "bench", *options]
 
 
+def interruptible(command: list[str]) -> list[str]:
+    """``command`` run with Ctrl-C's default action, even when this process ignores SIGINT.
+
+    A program started in the background by a non-interactive shell (as CI may start the suite)
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler; the action set
+    here survives the exec.
+    """
+    reset = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", reset, *command]
+
+
 def bench_environment() -> dict[str, str]:
     """This environment without the variable that would add the old release on its own."""
     return {key: value for key, value in os.environ.items() if key != "OLD_CHANNELS_RABBITMQ_PYTHON"}
@@ -264,7 +278,9 @@ def scenario_processes_mentioning(text: str) -> list[int]:
 
 def test_ctrl_c_stops_the_running_scenario_and_prints_what_was_measured(broker: Broker) -> None:
     dead_redis = f"redis://127.0.0.1:{free_port()}"
-    command = bench_command("--scenarios", "p2p", "--amqp-url", broker.url, "--redis-url", dead_redis)
+    command = interruptible(
+        bench_command("--scenarios", "p2p", "--amqp-url", broker.url, "--redis-url", dead_redis)
+    )
     with subprocess.Popen(
         command,
         env=bench_environment(),
