@@ -62,7 +62,8 @@ _ALPHABET = string.ascii_letters + string.digits
 RESOURCE_LOCKED = 405
 PRECONDITION_FAILED = 406
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
-LOOP_CHECK_INTERVAL = 0.5  # how often a message handed to another loop checks that loop
+#: How often a wait that spans two event loops checks that the other loop still runs.
+LOOP_CHECK_INTERVAL = 0.5
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
 
 # Why a delivery was dropped (the keys of BrokerLink.dropped).

@@ -39,7 +39,7 @@ from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 from channels.layers import BaseChannelLayer
 
 from .background import BackgroundLoop
-from .broker import BrokerLink, Handoff
+from .broker import LOOP_CHECK_INTERVAL, BrokerLink, Handoff
 from .config import DEFAULT_HOST, LayerConfig
 from .encryption import BodyCipher
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
-LOOP_CHECK_INTERVAL = 0.5  # how often a call waiting on another loop checks that loop still runs
 
 T = TypeVar("T")
 

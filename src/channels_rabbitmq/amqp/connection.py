@@ -165,7 +165,7 @@ class AmqpConnection(asyncio.Protocol):
         try:
             await asyncio.wait_for(open_and_handshake(), timeout)
         except asyncio.TimeoutError:
-            connection._abort()
+            connection.abort()
             raise BrokerConnectionError(
                 f"no AMQP answer from {description} within connect_timeout={timeout:g}s"
             ) from None
@@ -176,13 +176,13 @@ class AmqpConnection(asyncio.Protocol):
         except ssl.SSLError as error:
             raise BrokerConnectionError(f"TLS handshake with {description} failed: {error.reason}") from None
         except BrokerConnectionError:
-            connection._abort()
+            connection.abort()
             raise
         except OSError as error:
             reason = error.strerror or str(error) or type(error).__name__
             raise BrokerConnectionError(f"cannot connect to {description}: {reason}") from None
         except BaseException:
-            connection._abort()
+            connection.abort()
             raise
         return connection
 
@@ -364,7 +364,7 @@ class AmqpConnection(asyncio.Protocol):
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout)
         except asyncio.TimeoutError:
-            self._abort()
+            self.abort()
 
     # Internals -----------------------------------------------------------------------------
 
@@ -540,7 +540,7 @@ class AmqpConnection(asyncio.Protocol):
         if self._error is None:
             self._error = error
         self._report_lost(self._error)
-        self._abort()
+        self.abort()
 
     def _report_lost(self, error: BrokerConnectionError) -> None:
         """Tell the owner, once, as soon as an open connection is known to be over (not for our
@@ -554,8 +554,6 @@ class AmqpConnection(asyncio.Protocol):
         """Drop the connection at once (no closing handshake)."""
         if self._transport is not None:
             self._transport.abort()
-
-    _abort = abort
 
     def _fail_pending(self, error: BrokerConnectionError) -> None:
         for queue in self._calls.values():
