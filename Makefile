@@ -38,7 +38,7 @@ format: $(BIN)/.installed
 	$(BIN)/ruff format $(LINTED)
 
 bench: $(BIN)/.installed
-	$(BIN)/python scripts/with-broker -- $(BIN)/python -m channels_rabbitmq bench $(BENCH_ARGS)
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench $(BENCH_ARGS)
 
 soak: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)

@@ -237,7 +237,8 @@ def measure(args: argparse.Namespace, config: str) -> dict[str, Any]:
     lines = done.stdout.strip().splitlines()
     if not lines:
         return {"config": json.loads(config), "error": done.stderr.strip()[-300:] or "no output"}
-    return json.loads(lines[-1])
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def table(results: list[dict[str, Any]]) -> str:

@@ -2,10 +2,10 @@
 
 - ``check``: connect to a broker (a URL, or the layer of Django's settings) and say in
   plain words what works and what is wrong.
-- ``bench``: this layer beside its peers, with a progress bar and a final table.
 
 Each command lives in a module of its own with an ``add_arguments(parser)`` and a
-``run(args) -> int`` (the exit status).
+``run(args) -> int`` (the exit status). The benchmarks are not a command of the installed
+package: they live in the repository's ``bench/`` (``make bench``, or ``python -m bench``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import argparse
 from collections.abc import Sequence
 
 from .. import __version__
-from . import bench, check
+from . import check
 
-COMMANDS = {"check": check, "bench": bench}
+COMMANDS = {"check": check}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``python -m channels_rabbitmq bench`` against the real RabbitMQ (and Redis, when there is one).
+"""``python -m bench`` (the repository's benchmark) against the real RabbitMQ (and Redis, when there is one).
 
 One quick run of two scenarios is shared by most tests: it measures this project and every peer
 it can, and is asked for an old release at a python that does not exist, which must be skipped
@@ -27,9 +27,12 @@ from typing import TextIO
 
 import pytest
 
-from channels_rabbitmq.benchmarks.compare import SCENARIO_SCRIPT
-from channels_rabbitmq.cli.bench import ProgressBar
+from bench.compare import SCENARIO_SCRIPT
+from bench.run import ProgressBar
 from tests.conftest import Broker
+
+# python -m bench runs from the repository's root, as make bench runs it.
+REPOSITORY = Path(__file__).resolve().parents[2]
 
 THIS_PROJECT = "channels_rabbitmq (this project)"
 IN_MEMORY = "InMemoryChannelLayer"
@@ -48,7 +51,7 @@ class BenchRun:
 
 
 def bench_command(*options: str) -> list[str]:
-    return [sys.executable, "-m", "channels_rabbitmq", "bench", *options]
+    return [sys.executable, "-m", "bench", *options]
 
 
 def interruptible(command: list[str]) -> list[str]:
@@ -113,6 +116,7 @@ def quick_run(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Bench
             "--json-out",
             str(json_out),
         ),
+        cwd=REPOSITORY,
         env=bench_environment(),
         stdin=subprocess.DEVNULL,
         capture_output=True,  # bytes: text mode would turn a "\r" of a progress bar into "\n"
@@ -187,7 +191,7 @@ def test_the_report_names_the_machine_and_the_command_that_reproduces_the_run(qu
     assert f"Python {platform.python_version()}" in machine[0]
     reproduce = re.findall(r"^Reproduce: `(.+)`$", quick_run.stdout, re.MULTILINE)
     assert len(reproduce) == 1
-    assert " -m channels_rabbitmq bench --rounds 1 --scenarios p2p rtt --quick " in reproduce[0]
+    assert " -m bench --rounds 1 --scenarios p2p rtt --quick " in reproduce[0]
     assert f"--old-python {MISSING_PYTHON}" in reproduce[0]
     assert "--amqp-url 'amqp://guest:***@" in reproduce[0], "the password must not be shown"
 
@@ -203,7 +207,9 @@ def test_json_out_has_every_result(quick_run: BenchRun) -> None:
 
 
 def test_help_names_the_layers_and_the_options() -> None:
-    done = subprocess.run(bench_command("--help"), capture_output=True, text=True, timeout=30, check=False)
+    done = subprocess.run(
+        bench_command("--help"), cwd=REPOSITORY, capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 0, done.stderr
     for text in ("RedisPubSubChannelLayer", "InMemoryChannelLayer", "pip install channels-redis"):
         assert text in done.stdout
@@ -213,9 +219,27 @@ def test_help_names_the_layers_and_the_options() -> None:
         assert option in done.stdout
 
 
+def test_the_installed_package_has_no_bench_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "channels_rabbitmq", "bench", "--help"],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "invalid choice" in done.stderr
+
+
 def test_an_unknown_scenario_is_refused_with_the_choices() -> None:
     done = subprocess.run(
-        bench_command("--scenarios", "p2p,warp"), capture_output=True, text=True, timeout=30, check=False
+        bench_command("--scenarios", "p2p,warp"),
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == 2
     assert "unknown scenario warp; choose from p2p, many, fanout, rtt, sync" in done.stderr
@@ -227,6 +251,7 @@ def test_without_rabbitmq_the_bench_stops_at_once_and_hides_the_password() -> No
     done = subprocess.run(
         # A password with "#" and "/", which the layer accepts unencoded: it must not cut the URL short.
         bench_command("--quick", "--amqp-url", f"amqp://guest:hush#hu/sh@127.0.0.1:{port}/%2F"),
+        cwd=REPOSITORY,
         capture_output=True,
         text=True,
         timeout=30,
@@ -283,6 +308,7 @@ def test_ctrl_c_stops_the_running_scenario_and_prints_what_was_measured(broker: 
     )
     with subprocess.Popen(
         command,
+        cwd=REPOSITORY,
         env=bench_environment(),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -1,5 +1,8 @@
 """Measure this layer beside its peers on this machine: a progress bar, then Markdown tables.
 
+Run from the repository's root: python -m bench [options], or make bench, which also starts a
+private RabbitMQ when none answers at $AMQP_URL.
+
 Layers compared, each in a fresh subprocess per (round, scenario, layer):
 
   channels_rabbitmq (this project)  at --amqp-url, from this interpreter
@@ -29,11 +32,11 @@ each peer's, then the machine and the command line that reproduces the run.
 
 Examples:
 
-  python -m channels_rabbitmq bench                          # one round, full sizes
-  python -m channels_rabbitmq bench --quick --scenarios p2p rtt
-  python -m channels_rabbitmq bench --rounds 3 > bench.md
+  python -m bench                          # one round, full sizes
+  python -m bench --quick --scenarios p2p rtt
+  python -m bench --rounds 3 > bench.md
   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install channels-rabbitmq==4.0.1
-  python -m channels_rabbitmq bench --rounds 3 --old-python /tmp/peers/bin/python
+  python -m bench --rounds 3 --old-python /tmp/peers/bin/python
 """
 
 from __future__ import annotations
@@ -46,15 +49,29 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from ..benchmarks import compare
+from bench import compare
 
 INTERRUPTED_EXIT_STATUS = 130
 BAR_WIDTH = 24
 DEFAULT_TERMINAL_WIDTH = 80
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m bench``, with this module's docstring as the help's description."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run the benchmark; the exit status (1: no broker, 130: Ctrl-C)."""
+    return run(build_parser().parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,7 +231,7 @@ def machine_facts() -> str:
 
 def reproduce_command(settings: compare.Settings) -> str:
     """The command line of this run, with every setting spelled out (passwords hidden)."""
-    words = [shown_path(sys.executable), "-m", "channels_rabbitmq", "bench", "--rounds", str(settings.rounds)]
+    words = [shown_path(sys.executable), "-m", "bench", "--rounds", str(settings.rounds)]
     if settings.scenarios != compare.SCENARIO_NAMES:
         words += ["--scenarios", *settings.scenarios]
     if settings.quick:
@@ -308,3 +325,7 @@ class ProgressBar:
             self.stream.write("\r")
         self.stream.write(line + "\n")
         self.stream.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

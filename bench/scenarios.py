@@ -5,9 +5,9 @@ so any layer that follows the Channels layer API can be measured, from any
 virtualenv that has it installed. This file is run by its path, often by another
 virtualenv's python (the PyPI channels_rabbitmq has this project's import name), so
 it imports nothing from channels_rabbitmq but the layer class named by --layer.
-``python -m channels_rabbitmq bench`` runs it once per (layer, scenario, round)::
+``python -m bench`` runs it once per (layer, scenario, round)::
 
-    python .../channels_rabbitmq/benchmarks/scenarios.py --scenario p2p \\
+    python bench/scenarios.py --scenario p2p \\
         --layer channels_rabbitmq.core.RabbitmqChannelLayer \\
         --config '{"host": "amqp://guest:guest@127.0.0.1:5672/%2F"}'
 

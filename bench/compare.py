@@ -1,6 +1,6 @@
 """Run the scenarios for every layer in interleaved rounds, and make the Markdown tables.
 
-The pieces that ``python -m channels_rabbitmq bench`` puts together, usable from code too:
+The pieces that ``python -m bench`` puts together, usable from code too:
 
 - :func:`choose_layers`: the layers that can be measured here, and why the others cannot;
 - :func:`plan`: every (round, scenario, layer) run, in the order they are run;
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..config import parse_amqp_url
-from . import scenarios
+from bench import scenarios
+from channels_rabbitmq import __version__
+from channels_rabbitmq.config import parse_amqp_url
 
 SCENARIO_SCRIPT = Path(scenarios.__file__).resolve()
 SCENARIO_NAMES: tuple[str, ...] = tuple(scenarios.SCENARIOS)

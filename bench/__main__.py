@@ -1,0 +1,9 @@
+"""``python -m bench`` (from the repository's root): this layer beside its peers; see :mod:`bench.run`."""
+
+from __future__ import annotations
+
+import sys
+
+from bench.run import main
+
+sys.exit(main())
