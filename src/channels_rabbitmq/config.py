@@ -7,14 +7,18 @@ from sync code.
 from __future__ import annotations
 
 import base64
+import difflib
 import fnmatch
 import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 DEFAULT_HOST = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # 4 MiB
 
 #: The longest ``expiry`` accepted, in seconds. When the local buffers are full the layer
 #: withholds acks until buffered messages are read or expire, so up to about ``expiry``;
@@ -57,8 +61,7 @@ def parse_amqp_url(url: str) -> BrokerAddress:
     ``/asgi`` is the vhost ``asgi``; ``/%2F``, ``/`` or no path is the vhost ``/``.
     Errors never quote the password.
     """
-    if not isinstance(url, str):
-        raise TypeError(f"host must be an AMQP URL string, got {type(url).__name__}")
+    url = _url_string(url)
     # Split the credentials off first, at the last "@": a password may hold "/", "#" or "?"
     # that were not percent-encoded, and must then neither break parsing nor leak into errors.
     scheme_part, separator, rest = url.partition("://")
@@ -97,6 +100,13 @@ def parse_amqp_url(url: str) -> BrokerAddress:
     )
 
 
+def _url_string(url: object) -> str:
+    """``url`` if it is a string: a URL of another type is refused before it is parsed."""
+    if not isinstance(url, str):
+        raise TypeError(f"host must be an AMQP URL string, got {type(url).__name__}")
+    return url
+
+
 def _without_password(url: str) -> str:
     """The URL with its credentials masked, for error messages; safe for any malformed string.
 
@@ -116,7 +126,35 @@ def _without_password(url: str) -> str:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """Every CONFIG key of the layer, checked. See the README for what each one means."""
+    """Every CONFIG key of the layer, checked. See the README for what each one means.
+
+    ``DEFAULTS`` is the one place where the keys and their defaults are written: :meth:`build`
+    applies it, the layer's constructor passes its CONFIG through, and a test holds the README's
+    table to it.
+    """
+
+    #: Every CONFIG key and its default, as a user would write it in CONFIG.
+    DEFAULTS: ClassVar[Mapping[str, object]] = MappingProxyType(
+        {
+            "host": DEFAULT_HOST,
+            "expiry": 60,
+            "group_expiry": 86400,
+            "capacity": 100,
+            "channel_capacity": None,
+            "local_capacity": 100_000,
+            "remote_capacity": 100,
+            "prefetch_count": 100,
+            "groups_exchange": "groups",
+            "ssl_context": None,
+            "connect_timeout": 10,
+            "heartbeat": 60,
+            "connection_wait": 10,
+            "reconnect_delay_min": 0.1,
+            "reconnect_delay_max": 10,
+            "encryption_keys": None,
+            "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    )
 
     addresses: tuple[BrokerAddress, ...]  # cluster nodes, in the order given
     expiry: float
@@ -134,7 +172,7 @@ class LayerConfig:
     connection_wait: float
     reconnect_delay_min: float
     reconnect_delay_max: float
-    encryption_keys: tuple[bytes, ...] = field(default=(), repr=False)
+    encryption_keys: tuple[bytes, ...] = field(repr=False)  # () when encryption is off
 
     @property
     def address(self) -> BrokerAddress:
@@ -154,33 +192,15 @@ class LayerConfig:
         return self.capacity
 
     @classmethod
-    def build(
-        cls,
-        *,
-        host: str | list[str] | tuple[str, ...],
-        expiry: float,
-        group_expiry: float,
-        local_capacity: int,
-        capacity: int = 100,
-        channel_capacity: Mapping[str | re.Pattern[str], int] | None = None,
-        remote_capacity: int,
-        prefetch_count: int,
-        groups_exchange: str,
-        ssl_context: ssl.SSLContext | None,
-        connect_timeout: float,
-        heartbeat: int,
-        max_message_size: int,
-        connection_wait: float = 10,
-        reconnect_delay_min: float = 0.1,
-        reconnect_delay_max: float = 10,
-        encryption_keys: list[str | bytes] | tuple[str | bytes, ...] | None = None,
-    ) -> LayerConfig:
-        if isinstance(host, list | tuple):
-            if not host:
-                raise ValueError("host is an empty list: name at least one AMQP URL")
-            addresses = tuple(parse_amqp_url(url) for url in host)
-        else:
-            addresses = (parse_amqp_url(host),)
+    def build(cls, **config: object) -> LayerConfig:
+        """Check a CONFIG dict: unknown keys are refused, missing keys take their ``DEFAULTS``.
+
+        Every error names the key it is about, and none quotes a password.
+        """
+        _refuse_unknown_keys(config, cls.DEFAULTS)
+        settings = {**cls.DEFAULTS, **config}
+        addresses = _addresses(settings["host"])
+        ssl_context = settings["ssl_context"]
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise TypeError(
                 f"ssl_context must be an ssl.SSLContext or None, got {type(ssl_context).__name__}"
@@ -195,12 +215,13 @@ class LayerConfig:
                 raise ValueError(
                     f"ssl_context is set but host {address} is amqp://: use amqps:// to connect with TLS"
                 )
-        delay_min = _number("reconnect_delay_min", reconnect_delay_min, minimum=0.001)
-        delay_max = _number("reconnect_delay_max", reconnect_delay_max, minimum=0.001)
+        delay_min = _number("reconnect_delay_min", settings["reconnect_delay_min"], minimum=0.001)
+        delay_max = _number("reconnect_delay_max", settings["reconnect_delay_max"], minimum=0.001)
         if delay_max < delay_min:
             raise ValueError(
                 f"reconnect_delay_max ({delay_max:g}) must not be below reconnect_delay_min ({delay_min:g})"
             )
+        groups_exchange = settings["groups_exchange"]
         if not isinstance(groups_exchange, str):
             raise TypeError(f"groups_exchange must be a string, got {type(groups_exchange).__name__}")
         if not _EXCHANGE_NAME.match(groups_exchange):
@@ -212,32 +233,59 @@ class LayerConfig:
             raise ValueError(
                 f"groups_exchange may not start with 'amq.' (reserved by RabbitMQ): {groups_exchange!r}"
             )
-        checked_expiry = _number("expiry", expiry, minimum=0.001)
-        if checked_expiry > MAX_EXPIRY:
+        expiry = _number("expiry", settings["expiry"], minimum=0.001)
+        if expiry > MAX_EXPIRY:
             raise ValueError(
-                f"expiry must be at most {MAX_EXPIRY:g}s, got {checked_expiry:g}: with full buffers the "
+                f"expiry must be at most {MAX_EXPIRY:g}s, got {expiry:g}: with full buffers the "
                 "layer withholds an ack for up to expiry seconds, and RabbitMQ closes a consumer whose "
                 "ack is later than its consumer_timeout (30 minutes by default)"
             )
         return cls(
             addresses=addresses,
-            expiry=checked_expiry,
-            group_expiry=_number("group_expiry", group_expiry, minimum=0.001),
-            capacity=_integer("capacity", capacity, 1, 10_000_000),
-            channel_capacity=_channel_capacity(channel_capacity),
-            local_capacity=_integer("local_capacity", local_capacity, 1, 100_000_000),
-            remote_capacity=_integer("remote_capacity", remote_capacity, 1, 2**31 - 1),
-            prefetch_count=_integer("prefetch_count", prefetch_count, 1, 65535),
+            expiry=expiry,
+            group_expiry=_number("group_expiry", settings["group_expiry"], minimum=0.001),
+            capacity=_integer("capacity", settings["capacity"], 1, 10_000_000),
+            channel_capacity=_channel_capacity(settings["channel_capacity"]),
+            local_capacity=_integer("local_capacity", settings["local_capacity"], 1, 100_000_000),
+            remote_capacity=_integer("remote_capacity", settings["remote_capacity"], 1, 2**31 - 1),
+            prefetch_count=_integer("prefetch_count", settings["prefetch_count"], 1, 65535),
             groups_exchange=groups_exchange,
             ssl_context=ssl_context,
-            connect_timeout=_number("connect_timeout", connect_timeout, minimum=0.001),
-            heartbeat=_integer("heartbeat", heartbeat, 0, 65535),
-            max_message_size=_integer("max_message_size", max_message_size, 1, 128 * 1024 * 1024),
-            connection_wait=_number("connection_wait", connection_wait, minimum=0),
+            connect_timeout=_number("connect_timeout", settings["connect_timeout"], minimum=0.001),
+            heartbeat=_integer("heartbeat", settings["heartbeat"], 0, 65535),
+            max_message_size=_integer("max_message_size", settings["max_message_size"], 1, 128 * 1024 * 1024),
+            connection_wait=_number("connection_wait", settings["connection_wait"], minimum=0),
             reconnect_delay_min=delay_min,
             reconnect_delay_max=delay_max,
-            encryption_keys=_encryption_keys(encryption_keys),
+            encryption_keys=_encryption_keys(settings["encryption_keys"]),
         )
+
+
+def _refuse_unknown_keys(config: Mapping[str, object], known: Mapping[str, object]) -> None:
+    """Raise ``TypeError`` naming every key of ``config`` the layer does not know, and the known ones.
+
+    A misspelt key would otherwise be ignored silently and its default used instead.
+    """
+    unknown = [key for key in config if key not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    plural = "s" if len(unknown) > 1 else ""
+    raise TypeError(
+        f"unknown CONFIG key{plural} {', '.join(hints)}; the keys are: {', '.join(sorted(known))}"
+    )
+
+
+def _addresses(host: object) -> tuple[BrokerAddress, ...]:
+    """The broker addresses of ``host``: one AMQP URL, or a list (or tuple) of them."""
+    if isinstance(host, list | tuple):
+        if not host:
+            raise ValueError("host is an empty list: name at least one AMQP URL")
+        return tuple(parse_amqp_url(url) for url in host)
+    return (parse_amqp_url(_url_string(host)),)
 
 
 def _channel_capacity(patterns: object) -> tuple[tuple[re.Pattern[str], int], ...]:

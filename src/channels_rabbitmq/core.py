@@ -28,7 +28,6 @@ import asyncio
 import functools
 import logging
 import os
-import ssl
 import threading
 import time
 import weakref
@@ -48,7 +47,6 @@ from .wire import NO_PROPERTIES, channel_properties, encode_message
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024
 NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
 
 T = TypeVar("T")
@@ -59,51 +57,14 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
 
     extensions = ["groups", "flush"]
 
-    def __init__(
-        self,
-        host: str | list[str] = DEFAULT_HOST,
-        *,
-        expiry: float = 60,
-        group_expiry: float = 86400,
-        capacity: int = 100,
-        channel_capacity: dict[Any, int] | None = None,
-        local_capacity: int = 100_000,
-        remote_capacity: int = 100,
-        prefetch_count: int = 100,
-        groups_exchange: str = "groups",
-        ssl_context: ssl.SSLContext | None = None,
-        connect_timeout: float = 10,
-        heartbeat: int = 60,
-        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        connection_wait: float = 10,
-        reconnect_delay_min: float = 0.1,
-        reconnect_delay_max: float = 10,
-        encryption_keys: list[str | bytes] | None = None,
-    ) -> None:
-        self.config = LayerConfig.build(
-            host=host,
-            expiry=expiry,
-            group_expiry=group_expiry,
-            capacity=capacity,
-            channel_capacity=channel_capacity,
-            local_capacity=local_capacity,
-            remote_capacity=remote_capacity,
-            prefetch_count=prefetch_count,
-            groups_exchange=groups_exchange,
-            ssl_context=ssl_context,
-            connect_timeout=connect_timeout,
-            heartbeat=heartbeat,
-            max_message_size=max_message_size,
-            connection_wait=connection_wait,
-            reconnect_delay_min=reconnect_delay_min,
-            reconnect_delay_max=reconnect_delay_max,
-            encryption_keys=encryption_keys,
-        )
+    def __init__(self, host: str | list[str] = DEFAULT_HOST, **config: Any) -> None:
+        """Check the CONFIG (``LayerConfig.build``: unknown keys refused, defaults applied); no I/O."""
+        self.config = LayerConfig.build(host=host, **config)
         self._cipher = BodyCipher(self.config.encryption_keys) if self.config.encryption_keys else None
-        super().__init__(expiry=expiry, capacity=capacity)
+        super().__init__(expiry=self.config.expiry, capacity=self.config.capacity)
         self.channel_capacity = list(self.config.channel_capacity)  # Channels' compiled form
-        self.group_expiry = group_expiry
-        self._groups_exchange = groups_exchange.encode()
+        self.group_expiry = self.config.group_expiry
+        self._groups_exchange = self.config.groups_exchange.encode()
         self._full_group_log = RateLimitedLogger(logger)
         self._closed = False
         self._lock = threading.Lock()

@@ -15,27 +15,9 @@ from hypothesis import strategies as st
 
 from channels_rabbitmq.broker import BrokerLink
 from channels_rabbitmq.config import DEFAULT_HOST, MAX_EXPIRY, BrokerAddress, LayerConfig, parse_amqp_url
-from channels_rabbitmq.core import DEFAULT_MAX_MESSAGE_SIZE, RabbitmqChannelLayer
+from channels_rabbitmq.core import RabbitmqChannelLayer
 
 PASSWORD = "Sup3r-S3cret-Pw"
-
-DEFAULTS = {
-    "host": DEFAULT_HOST,
-    "expiry": 60,
-    "group_expiry": 86400,
-    "local_capacity": 100,
-    "remote_capacity": 100,
-    "prefetch_count": 100,
-    "groups_exchange": "groups",
-    "ssl_context": None,
-    "connect_timeout": 10,
-    "heartbeat": 60,
-    "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
-}
-
-
-def build(**overrides) -> LayerConfig:
-    return LayerConfig.build(**{**DEFAULTS, **overrides})
 
 
 def tls_context() -> ssl.SSLContext:
@@ -79,6 +61,38 @@ def test_layer_defaults():
     assert layer.capacity == 100
     assert layer.group_expiry == 86400
     assert set(layer.extensions) >= {"groups", "flush"}
+
+
+def test_build_applies_the_default_of_every_missing_key():
+    config = LayerConfig.build()
+    assert config == RabbitmqChannelLayer().config  # the layer adds no default of its own
+    assert config.addresses == (parse_amqp_url(DEFAULT_HOST),)
+    assert (config.connection_wait, config.reconnect_delay_min, config.reconnect_delay_max) == (10, 0.1, 10)
+    assert config.encryption_keys == ()
+    assert config.max_message_size == LayerConfig.DEFAULTS["max_message_size"] == 4 * 1024 * 1024
+
+
+def test_build_applies_defaults_only_to_the_keys_not_given():
+    config = LayerConfig.build(expiry=5, capacity=7)
+    assert (config.expiry, config.capacity) == (5.0, 7)
+    assert (config.group_expiry, config.local_capacity) == (86400.0, 100_000)
+
+
+def test_the_layer_takes_its_defaults_from_the_config_object(monkeypatch):
+    changed = {**LayerConfig.DEFAULTS, "expiry": 30, "capacity": 9, "groups_exchange": "elsewhere"}
+    monkeypatch.setattr(LayerConfig, "DEFAULTS", changed)
+    layer = RabbitmqChannelLayer()
+    assert (layer.config.expiry, layer.config.capacity, layer.config.groups_exchange) == (30, 9, "elsewhere")
+    assert (layer.expiry, layer.capacity) == (30, 9)  # what Channels reads too
+
+
+def test_defaults_are_read_only():
+    with pytest.raises(TypeError):
+        LayerConfig.DEFAULTS["expiry"] = 1  # type: ignore[index]
+
+
+def test_defaults_pass_their_own_checks():
+    assert LayerConfig.build(**LayerConfig.DEFAULTS) == LayerConfig.build()
 
 
 def test_layer_keeps_the_given_values():
@@ -186,6 +200,32 @@ async def test_construction_inside_a_running_loop_does_no_io(no_network, monkeyp
 def test_unknown_key_raises_type_error_naming_it():
     with pytest.raises(TypeError, match="capacity_per_channel"):
         RabbitmqChannelLayer(capacity_per_channel=10)
+
+
+def test_unknown_key_error_lists_the_known_keys_and_suggests_a_close_one():
+    with pytest.raises(TypeError) as caught:
+        RabbitmqChannelLayer(expiri=10)
+    message = str(caught.value)
+    assert message.startswith("unknown CONFIG key 'expiri' (did you mean 'expiry'?); the keys are: ")
+    listed = message.split("the keys are: ")[1].split(", ")
+    assert listed == sorted(LayerConfig.DEFAULTS)
+
+
+def test_every_unknown_key_is_named_and_nothing_is_built():
+    with pytest.raises(TypeError, match=r"^unknown CONFIG keys 'nope', 'BACKEND'; ") as caught:
+        LayerConfig.build(expiry=10, nope=1, BACKEND="x")
+    assert "did you mean" not in str(caught.value)
+
+
+def test_unknown_key_is_refused_before_the_values_are_checked():
+    with pytest.raises(TypeError, match="unknown CONFIG key 'hosts'"):
+        RabbitmqChannelLayer(hosts=["amqp://a"], expiry=-1)
+
+
+def test_unknown_key_error_never_shows_a_value():
+    with pytest.raises(TypeError) as caught:
+        RabbitmqChannelLayer(password=PASSWORD)
+    assert PASSWORD not in str(caught.value)
 
 
 def test_host_is_the_only_positional_argument():
@@ -297,7 +337,7 @@ def test_values_at_the_range_limits_are_accepted(key, value):
 
 
 def test_integer_seconds_are_stored_as_floats():
-    config = build(expiry=5, group_expiry=7, connect_timeout=3)
+    config = LayerConfig.build(expiry=5, group_expiry=7, connect_timeout=3)
     assert (type(config.expiry), type(config.group_expiry), type(config.connect_timeout)) == (float,) * 3
 
 
@@ -312,7 +352,7 @@ def test_ssl_context_with_amqp_scheme_raises():
 
 
 def test_config_is_immutable():
-    config = build()
+    config = LayerConfig.build()
     with pytest.raises(AttributeError):
         config.expiry = 1  # type: ignore[misc]
 
@@ -497,13 +537,13 @@ def test_malformed_host_without_scheme_separator_never_shows_the_password(url):
 
 
 def test_expiry_up_to_the_maximum_is_accepted():
-    assert build(expiry=MAX_EXPIRY).expiry == MAX_EXPIRY
+    assert LayerConfig.build(expiry=MAX_EXPIRY).expiry == MAX_EXPIRY
 
 
 @pytest.mark.parametrize("expiry", [MAX_EXPIRY + 0.5, 1800, 86400])
 def test_expiry_above_the_broker_consumer_timeout_margin_is_refused(expiry):
     with pytest.raises(ValueError, match="expiry") as caught:
-        build(expiry=expiry)
+        LayerConfig.build(expiry=expiry)
     assert "consumer_timeout" in str(caught.value)
     with pytest.raises(ValueError, match="consumer_timeout"):
         RabbitmqChannelLayer(DEFAULT_HOST, expiry=expiry)
