@@ -119,7 +119,8 @@ async def receive_nothing(args: argparse.Namespace, config: dict[str, Any]) -> d
     layer = RabbitmqChannelLayer(host=args.host, **config)
     try:
         channels = [await layer.new_channel() for _ in range(args.channels)]
-        link = layer._loop_links[asyncio.get_running_loop()]
+        link = layer._links.of_loop(asyncio.get_running_loop())
+        assert link is not None  # new_channel() made it
         router = link.router
         delivered = 0
         deliver = router.deliver

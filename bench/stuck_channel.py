@@ -47,7 +47,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.gather(
                 *(sender.send(stuck, {"type": "fill", "i": i}) for i in range(start, start + 500))
             )
-        link = next(iter(receiver._loop_links.values()))
+        link = next(iter(receiver._links.all()))
         await asyncio.sleep(1)
         backlog_held = len(link.router._inboxes[stuck].entries)
 

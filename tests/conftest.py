@@ -27,8 +27,8 @@ import pytest
 import uvloop
 from pytest_asyncio import is_async_test
 
-from channels_rabbitmq.broker import BrokerLink
 from channels_rabbitmq.core import RabbitmqChannelLayer
+from channels_rabbitmq.link import BrokerLink
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -168,7 +168,7 @@ LayerFactory = Callable[..., RabbitmqChannelLayer]
 
 def link_of(layer: RabbitmqChannelLayer) -> BrokerLink:
     """The layer's link for the running loop (made by its first new_channel() on this loop)."""
-    return layer._loop_links[asyncio.get_running_loop()]
+    return layer._links.of_loop(asyncio.get_running_loop())
 
 
 @pytest.fixture

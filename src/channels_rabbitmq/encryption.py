@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 
-from .wire import MalformedMessage
+from .codec import MalformedMessage
 
 #: Seconds added to ``expiry`` before a sealed body counts as too old: the clocks of the
 #: sending and receiving hosts may differ by that much (Fernet itself refuses bodies

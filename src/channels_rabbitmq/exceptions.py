@@ -3,11 +3,48 @@
 Channels' exceptions keep their meaning: ``ChannelFull`` when the broker refuses a
 ``send()`` for capacity, ``MessageTooLarge`` for a message over ``max_message_size``,
 ``StopConsumer`` from ``receive()`` after ``close()``, ``TypeError`` for bad names and
-messages. Everything about the broker connection maps to the small tree below: no raw
-frame error, ``OSError`` or ``ssl.SSLError`` leaks out of the layer.
+messages. Everything about the broker maps to the tree below: no raw frame error,
+``OSError`` or ``ssl.SSLError`` leaks out of the layer. Decide by type and fields; the
+messages are for people and may change.
+
+    RabbitmqLayerError
+      BrokerConnectionError           no usable connection (catch this for all of them)
+        BrokerUnreachableError        no TCP connection: errno, reason
+        BrokerTimeoutError            no answer in time: operation, timeout
+        BrokerTLSError                the TLS handshake failed: reason, verify_code, verify_message
+        BrokerLoginRefusedError       wrong username or password: reply_code, reply_text
+        BrokerVhostRefusedError       no such vhost, or not allowed: virtual_host, reply_code, reply_text
+        BrokerAccessRefusedError      set-up refused, e.g. no permission: request, reply_code, reply_text
+        BrokerProtocolError           the peer does not speak AMQP 0-9-1 as we do
+        BrokerConnectionLostError     the connection ended: reply_code, reply_text, during_handshake
+        BrokerBlockedError            a resource alarm outlasted connection_wait: reason
+      BrokerRefusedError              one request refused (bind, purge): request, reply_code, reply_text
+      ChannelLayerClosedError         the layer was closed
+
+Every :class:`BrokerConnectionError` has ``url`` (the broker's URL without its password)
+and ``address`` (``"ip:port"`` tried), each None when not known.
 """
 
 from __future__ import annotations
+
+from .amqp.errors import ReplyCode
+
+__all__ = [
+    "BrokerAccessRefusedError",
+    "BrokerBlockedError",
+    "BrokerConnectionError",
+    "BrokerConnectionLostError",
+    "BrokerLoginRefusedError",
+    "BrokerProtocolError",
+    "BrokerRefusedError",
+    "BrokerTLSError",
+    "BrokerTimeoutError",
+    "BrokerUnreachableError",
+    "BrokerVhostRefusedError",
+    "ChannelLayerClosedError",
+    "RabbitmqLayerError",
+    "ReplyCode",
+]
 
 
 class RabbitmqLayerError(Exception):
@@ -17,9 +54,165 @@ class RabbitmqLayerError(Exception):
 class BrokerConnectionError(RabbitmqLayerError, ConnectionError):
     """The broker could not be reached, refused the connection, or the connection was lost.
 
-    The message names the cause (address, refused login, unknown vhost, TLS failure,
-    timeout, lost connection) and never the password.
+    The message names the cause and never the password. ``attempts`` holds each node's
+    error when several addresses were tried (this error is the most telling of them).
     """
+
+    def __init__(self, message: str, *, url: str | None = None, address: str | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.address = address
+        self.attempts: tuple[BrokerConnectionError, ...] = ()
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class BrokerUnreachableError(BrokerConnectionError):
+    """No TCP connection to the broker: ``errno`` (e.g. ``errno.ECONNREFUSED``; None when the
+    host name did not resolve or the cause is unknown) and ``reason`` in the system's words."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: int | None,
+        reason: str,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, address=address)
+        self.errno = errno
+        self.reason = reason
+
+
+class BrokerTimeoutError(BrokerConnectionError):
+    """``operation`` got no answer within ``timeout`` seconds: ``"connect"`` (TCP, TLS and the
+    AMQP handshake), ``"set-up"``, ``"reconnect"`` (an outage outlasted ``connection_wait``),
+    ``"publish"``, ``"bind"``, ``"unbind"``, ``"purge"``, ``"flush"``, or a layer call made from
+    another event loop."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        timeout: float,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, address=address)
+        self.operation = operation
+        self.timeout = timeout
+
+
+class BrokerTLSError(BrokerConnectionError):
+    """The TLS handshake failed.
+
+    ``reason`` is OpenSSL's code (``"CERTIFICATE_VERIFY_FAILED"``,
+    ``"TLSV13_ALERT_CERTIFICATE_REQUIRED"``, ``"WRONG_VERSION_NUMBER"``, ...) or None;
+    ``verify_code`` and ``verify_message`` are set when the broker's certificate was not
+    accepted (``verify_code`` 10: expired, 62: issued for another host name, 20: unknown CA).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None,
+        verify_code: int | None = None,
+        verify_message: str | None = None,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, address=address)
+        self.reason = reason
+        self.verify_code = verify_code
+        self.verify_message = verify_message
+
+
+class _BrokerReply(BrokerConnectionError):
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply_code: ReplyCode | int,
+        reply_text: str,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, address=address)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+
+class BrokerLoginRefusedError(_BrokerReply):
+    """RabbitMQ refused the username or password (``reply_code`` 403 ACCESS_REFUSED)."""
+
+
+class BrokerVhostRefusedError(_BrokerReply):
+    """RabbitMQ refused ``virtual_host``: it does not exist, or the user has no permission on
+    it (``reply_code`` 530 NOT_ALLOWED for both)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        virtual_host: str,
+        reply_code: ReplyCode | int,
+        reply_text: str,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, reply_code=reply_code, reply_text=reply_text, url=url, address=address)
+        self.virtual_host = virtual_host
+
+
+class BrokerAccessRefusedError(_BrokerReply):
+    """RabbitMQ refused ``request`` (e.g. ``"Queue.Declare"``) while the layer set a connection
+    up; usually 403 ACCESS_REFUSED: the user lacks configure, write or read permission."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: str,
+        reply_code: ReplyCode | int,
+        reply_text: str,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, reply_code=reply_code, reply_text=reply_text, url=url, address=address)
+        self.request = request
+
+
+class BrokerProtocolError(BrokerConnectionError):
+    """The peer sent bytes that are not AMQP 0-9-1, or that this client cannot go on from
+    (is it a RabbitMQ port?)."""
+
+
+class BrokerConnectionLostError(BrokerConnectionError):
+    """The connection ended: a socket error, missed heartbeats, or the broker closed it.
+
+    ``reply_code`` and ``reply_text`` are the broker's when it closed the connection (e.g.
+    320 CONNECTION_FORCED from ``rabbitmqctl close_connection``), else None.
+    ``during_handshake`` is True when the peer hung up before the AMQP handshake finished.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reply_code: ReplyCode | int | None = None,
+        reply_text: str | None = None,
+        during_handshake: bool = False,
+        url: str | None = None,
+        address: str | None = None,
+    ) -> None:
+        super().__init__(message, url=url, address=address)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        self.during_handshake = during_handshake
 
 
 class BrokerBlockedError(BrokerConnectionError):
@@ -29,33 +222,26 @@ class BrokerBlockedError(BrokerConnectionError):
     during an alarm; only publishing waits.
     """
 
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, *, reason: str, url: str | None = None, address: str | None = None
+    ) -> None:
+        super().__init__(message, url=url, address=address)
         self.reason = reason
 
 
-class BrokerTimeoutError(BrokerConnectionError):
-    """A request to the broker (``operation``) got no answer within ``timeout`` seconds."""
-
-    def __init__(self, message: str, *, operation: str, timeout: float) -> None:
-        super().__init__(message)
-        self.operation = operation
-        self.timeout = timeout
-
-
 class BrokerRefusedError(RabbitmqLayerError):
-    """The broker refused one request (a declaration, a binding, a purge).
+    """The broker refused one request (``request``: a binding, an unbinding, a purge).
 
-    ``reply_code`` and ``reply_text`` are the broker's own, e.g. 403 ACCESS_REFUSED
-    when the user lacks a permission.
+    ``reply_code`` (a :class:`ReplyCode` when AMQP defines it) and ``reply_text`` are the
+    broker's own, e.g. 403 ACCESS_REFUSED when the user lacks a permission.
     """
 
-    def __init__(self, reply_code: int, reply_text: str, request: str = "") -> None:
+    def __init__(self, reply_code: ReplyCode | int, reply_text: str, request: str = "") -> None:
         self.reply_code = reply_code
         self.reply_text = reply_text
         self.request = request
         where = f" to {request}" if request else ""
-        super().__init__(f"RabbitMQ refused the request{where}: {reply_code} {reply_text}")
+        super().__init__(f"RabbitMQ refused the request{where}: {int(reply_code)} {reply_text}")
 
 
 class ChannelLayerClosedError(RabbitmqLayerError, RuntimeError):

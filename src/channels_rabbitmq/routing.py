@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from .wire import decode_message
+from .codec import decode_message
 
 Message = dict[str, Any]
 

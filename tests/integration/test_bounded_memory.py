@@ -119,7 +119,7 @@ async def test_ten_thousand_groups_joined_and_left_leave_no_binding_and_no_resid
     assert list(link.router.groups) == []
     assert link.router._groups == {}
     assert len(link.router._membership_expiry) == 0
-    assert link._syncing == {}
+    assert link.topology._syncing == {}
     assert link.router.inbox_count == 0
     assert link.router.held == 0
     # The queue is still bound and unbound as usual afterwards.
@@ -127,5 +127,5 @@ async def test_ten_thousand_groups_joined_and_left_leave_no_binding_and_no_resid
     await layer.group_send("many.after", {"type": "after"})
     assert await asyncio.wait_for(layer.receive(channel), 10) == {"type": "after"}
     await layer.group_discard("many.after", channel)
-    assert link._syncing == {}
+    assert link.topology._syncing == {}
     assert list(link.router.groups) == []

@@ -119,7 +119,7 @@ async def bound_when_member(layer: RabbitmqChannelLayer, broker: Broker, group: 
     """(the queue is bound to ``group`` on the broker, ``group`` has a local member), once settled."""
     link = link_of(layer)
     for _ in range(100):  # let a binding change still in flight finish
-        if group not in link._syncing:
+        if group not in link.topology._syncing:
             break
         await asyncio.sleep(0.02)
     bound = (link.queue_name, group) in await asyncio.to_thread(broker.bindings)
@@ -282,8 +282,8 @@ def test_a_forked_child_forgets_the_parent_links_at_once_and_sends_on_its_own(
             # Even before any call checks the process id, the parent's links are gone: no fast
             # path can reach the parent's sockets. (Running the parent's loop object here would
             # share its epoll instance with the parent: asyncio does not support that.)
-            assert not layer._loop_links
-            assert not layer._links_by_queue
+            assert not layer._links.all()
+            assert not layer._links.all()
             asyncio.run(layer.send(channel, {"type": "from.child"}))
             code = 0
         finally:
@@ -313,7 +313,7 @@ async def settled_bindings(layer: RabbitmqChannelLayer, broker: Broker) -> tuple
     """(groups the queue is bound to on the broker, groups with a local member), once settled."""
     link = link_of(layer)
     for _ in range(500):
-        if not link._syncing and link.is_connected:
+        if not link.topology._syncing and link.is_connected:
             break
         await asyncio.sleep(0.02)
     bound = {key for name, key in await asyncio.to_thread(broker.bindings) if name == link.queue_name}
@@ -369,7 +369,7 @@ async def test_flush_during_a_reconnection_leaves_no_binding_without_a_member(
     await asyncio.sleep(0)
     for _ in range(200):  # flush at some point of the recovery's set-up
         await layer.flush()
-        if link._setting_up is not None or link.is_connected:
+        if link.topology.setting_up is not None or link.is_connected:
             break
         await asyncio.sleep(0.005)
     bound, members = await settled_bindings(layer, broker)

@@ -223,7 +223,7 @@ RESOLVER_CHILD = textwrap.dedent(
             channel = await layer.new_channel()
             await layer.send(channel, {"type": "ok"})
             message = await asyncio.wait_for(layer.receive(channel), 10)
-            link = layer._loop_links[asyncio.get_running_loop()]
+            link = layer._links.of_loop(asyncio.get_running_loop())
             description = link.consuming.connection.description
         finally:
             await layer.close()

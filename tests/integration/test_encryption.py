@@ -10,8 +10,8 @@ import time
 import msgpack
 import pytest
 
-from channels_rabbitmq.broker import DROPPED_UNDECODABLE
 from channels_rabbitmq.encryption import CLOCK_SKEW_ALLOWANCE, generate_key
+from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, LayerFactory, link_of
 
@@ -91,8 +91,8 @@ async def test_a_body_sealed_for_one_channel_and_republished_to_another_channel_
     link = link_of(receiver)
     queue = link.queue_name.encode()
     # The very bodies the sender publishes for `target` and for the group "room".
-    for_target = sender._encode({"type": "for target"}, target)
-    for_room = sender._encode({"type": "for room"}, "room")
+    for_target = sender._codec.encode({"type": "for target"}, target)
+    for_room = sender._codec.encode({"type": "for room"}, "room")
     # Captured and republished elsewhere: to another channel, to a group, to another group.
     assert await link.publish(b"", queue, channel_properties(other), for_target)
     assert await link.publish(GROUPS, b"room", NO_PROPERTIES, for_target)

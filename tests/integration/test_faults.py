@@ -399,9 +399,9 @@ async def test_during_an_outage_sends_wait_connection_wait_then_raise_and_work_a
 
 
 async def in_set_up(layer: RabbitmqChannelLayer) -> None:
-    """Wait until the link's (re)connection is past the AMQP handshake and setting up (the probe sent)."""
+    """Wait until the link's consuming (re)connection is past the AMQP handshake and setting up."""
     link = link_of(layer)
-    await eventually(lambda: link._probe is not None, "the link to reach its probe")
+    await eventually(lambda: link.inbound.arrival is not None, "the link to set a connection up")
 
 
 async def test_reconnections_lost_while_setting_up_are_debug_lines_not_warnings(
@@ -432,7 +432,7 @@ async def test_a_cut_while_first_setting_up_raises_once_and_leaves_one_connectio
     layer = layers(connect_timeout=2)
     proxy.slow(0.02)
     connecting = asyncio.create_task(layer.new_channel())
-    await eventually(lambda: bool(layer._loop_links), "the layer to make its link")
+    await eventually(lambda: bool(layer._links.all()), "the layer to make its link")
     await in_set_up(layer)
     proxy.cut()
     with pytest.raises(BrokerConnectionError):

@@ -31,9 +31,12 @@ from pamqp import header as pamqp_header
 from channels_rabbitmq.amqp.connection import AmqpConnection
 from channels_rabbitmq.amqp.frames import HEADERS_FLAG, encode_string_headers
 from channels_rabbitmq.amqp.protocol import Credentials
-from channels_rabbitmq.broker import DROPPED_TOO_LARGE, DROPPED_UNDECODABLE, PUBLISH_CHANNEL, BrokerLink
+from channels_rabbitmq.codec import MalformedMessage, decode_message
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.wire import NO_PROPERTIES, MalformedMessage, channel_properties, decode_message
+from channels_rabbitmq.link import BrokerLink
+from channels_rabbitmq.link.inbound import DROPPED_TOO_LARGE, DROPPED_UNDECODABLE
+from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
+from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, link_of
 from tests.unit.test_properties import HOSTILE_BODIES, encode_table, nested_table
 
@@ -259,7 +262,7 @@ async def make_pair(url: str) -> Pair:
     await receiver.group_add(GROUP, channel)
     await producer.new_channel()
     loop = asyncio.get_running_loop()
-    return Pair(receiver, producer, channel, receiver._loop_links[loop], producer._loop_links[loop])
+    return Pair(receiver, producer, channel, receiver._links.of_loop(loop), producer._links.of_loop(loop))
 
 
 @dataclass

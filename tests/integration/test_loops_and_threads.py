@@ -167,8 +167,8 @@ def test_async_to_sync_from_the_main_thread_without_a_loop(broker: Broker, loop_
         received = [async_to_sync(layer.receive)(channel)["n"] for _ in range(20)]
         assert received == list(range(20))
         assert broker.connection_count() == 2  # one link: a publishing and a consuming connection
-        assert layer._background is not None
-        assert loop_kind_of(layer._background.loop) == loop_kind
+        assert layer._links._io_thread is not None
+        assert loop_kind_of(layer._links._io_thread.loop) == loop_kind
         async_to_sync(layer.close)()
     assert broker.connection_count() == 0
     assert not layer_threads()
@@ -289,5 +289,5 @@ async def test_every_loop_of_a_variant_is_of_its_kind(
 
     assert await wait_for_threads(1, lambda _index: async_to_sync(in_a_thread)()) == []
     assert kinds == [loop_kind]
-    assert layer._background is not None
-    assert loop_kind_of(layer._background.loop) == loop_kind
+    assert layer._links._io_thread is not None
+    assert loop_kind_of(layer._links._io_thread.loop) == loop_kind

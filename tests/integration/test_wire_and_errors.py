@@ -10,9 +10,9 @@ import time
 import msgpack
 import pytest
 
-from channels_rabbitmq.broker import PUBLISH_CHANNEL
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
+from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, LayerFactory, link_of
 

@@ -13,9 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels_rabbitmq.broker import BrokerLink
+from channels_rabbitmq.codec import MessageCodec
 from channels_rabbitmq.config import DEFAULT_HOST, MAX_EXPIRY, BrokerAddress, LayerConfig, parse_amqp_url
 from channels_rabbitmq.core import RabbitmqChannelLayer
+from channels_rabbitmq.link import BrokerLink
 
 PASSWORD = "Sup3r-S3cret-Pw"
 
@@ -155,10 +156,8 @@ def test_bad_capacity_is_refused_naming_the_key(value, error):
 
 async def test_each_link_has_its_own_queue_name():
     loop = asyncio.get_running_loop()
-    first, second = (
-        BrokerLink(RabbitmqChannelLayer().config, loop),
-        BrokerLink(RabbitmqChannelLayer().config, loop),
-    )
+    config = RabbitmqChannelLayer().config
+    first, second = (BrokerLink(config, loop, MessageCodec(config)) for _ in range(2))
     assert first.queue_name.startswith("channels.")
     assert len(first.queue_name) == len("channels.") + 12
     assert first.queue_name != second.queue_name

@@ -26,8 +26,20 @@ from typing import Any, Protocol, runtime_checkable
 
 from pamqp import commands
 
-from ..exceptions import BrokerConnectionError, BrokerRefusedError
 from . import protocol as amqp
+from .errors import (
+    ChannelRefused,
+    ConnectionFailed,
+    ConnectionLost,
+    HandshakeTimeout,
+    LoginRefused,
+    ProtocolError,
+    ProtocolViolation,
+    ReplyCode,
+    TlsFailed,
+    Unreachable,
+    VhostRefused,
+)
 from .protocol import AmqpProtocol, Credentials
 
 logger = logging.getLogger(__name__)
@@ -37,19 +49,6 @@ DeliveryHandler = Callable[[amqp.Delivery | amqp.UndecodableDelivery], None]
 #: Bytes the transport may buffer before publishing pauses (a bound on memory while the
 #: broker reads slowly or not at all); writes of other frames are not held back.
 WRITE_BUFFER_HIGH = 1024 * 1024
-
-_REPLY_CODE_NAMES = {
-    320: "CONNECTION_FORCED",
-    402: "INVALID_PATH",
-    403: "ACCESS_REFUSED",
-    404: "NOT_FOUND",
-    405: "RESOURCE_LOCKED",
-    406: "PRECONDITION_FAILED",
-    501: "FRAME_ERROR",
-    505: "UNEXPECTED_FRAME",
-    530: "NOT_ALLOWED",
-    541: "INTERNAL_ERROR",
-}
 
 
 @runtime_checkable
@@ -74,13 +73,17 @@ class AmqpConnection(asyncio.Protocol):
         machine: AmqpProtocol,
         description: str,
         *,
+        host: str | None = None,
+        port: int | None = None,
         on_delivery: DeliveryHandler | None,
         on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
+        on_lost: Callable[[AmqpConnection, ConnectionFailed], None],
         on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
     ) -> None:
         self.machine = machine
-        self.description = description  # the broker address, without password
+        self.description = description  # the broker, as the owner names it (no password)
+        self.host = host  # the address connected to
+        self.port = port
         self._loop = asyncio.get_running_loop()
         self._on_delivery = on_delivery
         self._on_deliveries_done = on_deliveries_done
@@ -94,7 +97,7 @@ class AmqpConnection(asyncio.Protocol):
         self._channel_setup: dict[int, list[Any]] = {}
         self._essential_channels: set[int] = set()
         self._unconfirmed: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
-        self._error: BrokerConnectionError | None = None  # why the connection ended, once it has
+        self._error: ConnectionFailed | None = None  # why the connection ended, once it has
         self._closing = False
         self._lost_reported = False
         self._last_received = self._loop.time()
@@ -126,11 +129,11 @@ class AmqpConnection(asyncio.Protocol):
         description: str,
         on_delivery: DeliveryHandler | None,
         on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[AmqpConnection, BrokerConnectionError], None],
+        on_lost: Callable[[AmqpConnection, ConnectionFailed], None],
         on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
         max_body_size: int | None = None,
     ) -> AmqpConnection:
-        """Connect, authenticate and open the vhost, or raise :class:`BrokerConnectionError`.
+        """Connect, authenticate and open the vhost, or raise :class:`~.errors.ConnectionFailed`.
 
         Deliveries with a body over ``max_body_size`` bytes are skipped unread and handed
         to ``on_delivery`` as an :class:`~.protocol.UndecodableDelivery` marked too large.
@@ -146,6 +149,8 @@ class AmqpConnection(asyncio.Protocol):
         connection = cls(
             machine,
             description,
+            host=host,
+            port=port,
             on_delivery=on_delivery,
             on_deliveries_done=on_deliveries_done,
             on_lost=on_lost,
@@ -166,21 +171,44 @@ class AmqpConnection(asyncio.Protocol):
             await asyncio.wait_for(open_and_handshake(), timeout)
         except asyncio.TimeoutError:
             connection.abort()
-            raise BrokerConnectionError(
-                f"no AMQP answer from {description} within connect_timeout={timeout:g}s"
+            raise HandshakeTimeout(
+                f"no AMQP answer from {description} within connect_timeout={timeout:g}s",
+                peer=description,
+                host=host,
+                port=port,
+                timeout=timeout,
             ) from None
         except ssl.SSLCertVerificationError as error:
-            raise BrokerConnectionError(
-                f"TLS: the certificate of {description} was not accepted: {error.verify_message}"
+            raise TlsFailed(
+                f"TLS: the certificate of {description} was not accepted: {error.verify_message}",
+                peer=description,
+                host=host,
+                port=port,
+                reason=error.reason,
+                verify_code=error.verify_code,
+                verify_message=error.verify_message,
             ) from None
         except ssl.SSLError as error:
-            raise BrokerConnectionError(f"TLS handshake with {description} failed: {error.reason}") from None
-        except BrokerConnectionError:
+            raise TlsFailed(
+                f"TLS handshake with {description} failed: {error.reason}",
+                peer=description,
+                host=host,
+                port=port,
+                reason=error.reason,
+            ) from None
+        except ConnectionFailed:
             connection.abort()
             raise
         except OSError as error:
             reason = error.strerror or str(error) or type(error).__name__
-            raise BrokerConnectionError(f"cannot connect to {description}: {reason}") from None
+            raise Unreachable(
+                f"cannot connect to {description}: {reason}",
+                peer=description,
+                host=host,
+                port=port,
+                errno=error.errno,
+                reason=reason,
+            ) from None
         except BaseException:
             connection.abort()
             raise
@@ -191,9 +219,10 @@ class AmqpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # By behaviour, not class: uvloop's transports do not subclass asyncio.Transport.
         if not isinstance(transport, StreamTransport):
-            error = BrokerConnectionError(
+            error = ConnectionLost(
                 f"the event loop gave a {type(transport).__name__} for {self.description}, "
-                "which cannot write or abort: not a stream transport"
+                "which cannot write or abort: not a stream transport",
+                **self._peer(),
             )
             self._error = error
             transport.close()
@@ -212,9 +241,11 @@ class AmqpConnection(asyncio.Protocol):
         self._last_received = self._loop.time()
         try:
             events = self.machine.receive_data(data)
-        except amqp.ProtocolError as error:
+        except ProtocolError as error:
             logger.error("AMQP protocol error from %s: %s; dropping the connection", self.description, error)
-            self._fail(BrokerConnectionError(f"AMQP protocol error from {self.description}: {error}"))
+            self._fail(
+                ProtocolViolation(f"AMQP protocol error from {self.description}: {error}", **self._peer())
+            )
             return
         delivered = False
         for event in events:
@@ -241,11 +272,18 @@ class AmqpConnection(asyncio.Protocol):
             self._heartbeat_timer.cancel()
         if self._error is None:
             if self._closing:
-                self._error = BrokerConnectionError(f"the connection to {self.description} was closed")
+                self._error = ConnectionLost(
+                    f"the connection to {self.description} was closed", **self._peer()
+                )
             else:
                 reason = f": {exc}" if exc else ""
-                what = "was lost" if self._opened.done() else "was closed during the handshake"
-                self._error = BrokerConnectionError(f"the connection to {self.description} {what}{reason}")
+                opened = self._opened.done()
+                what = "was lost" if opened else "was closed during the handshake"
+                self._error = ConnectionLost(
+                    f"the connection to {self.description} {what}{reason}",
+                    **self._peer(),
+                    during_handshake=not opened,
+                )
         error = self._error
         if not self._opened.done():
             self._opened.set_exception(error)
@@ -292,7 +330,7 @@ class AmqpConnection(asyncio.Protocol):
         """Send a request on a channel; the future gets the reply or a broker error."""
         future: asyncio.Future[Any] = self._loop.create_future()
         if not self.is_open:
-            future.set_exception(self._error or BrokerConnectionError(f"not connected to {self.description}"))
+            future.set_exception(self._error or self._not_connected())
             return future
         queue = self._calls.setdefault(channel_id, deque())
         queue.append((method, future))
@@ -321,10 +359,10 @@ class AmqpConnection(asyncio.Protocol):
     ) -> asyncio.Future[bool]:
         """Publish on a confirming channel; the future is True (ack) or False (nack)."""
         if not self.is_open:
-            raise self._error or BrokerConnectionError(f"not connected to {self.description}")
+            raise self._error or self._not_connected()
         unconfirmed = self._unconfirmed.get(channel_id)
         if unconfirmed is None:
-            raise BrokerConnectionError(f"AMQP channel {channel_id} is not (yet) in confirm mode")
+            raise ConnectionLost(f"AMQP channel {channel_id} is not (yet) in confirm mode", **self._peer())
         tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
         future: asyncio.Future[bool] = self._loop.create_future()
         unconfirmed[tag] = future
@@ -445,7 +483,9 @@ class AmqpConnection(asyncio.Protocol):
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method
         if isinstance(method, commands.Basic.Cancel):
-            self._fail(BrokerConnectionError(f"RabbitMQ cancelled our consumer on {self.description}"))
+            self._fail(
+                ConnectionLost(f"RabbitMQ cancelled our consumer on {self.description}", **self._peer())
+            )
             return
         if isinstance(method, commands.Channel.Flow):
             self._send_request(event.channel_id, commands.Channel.FlowOk(method.active))
@@ -467,14 +507,17 @@ class AmqpConnection(asyncio.Protocol):
         queue = self._calls.get(event.channel_id, deque())
         request = queue.popleft() if queue else None
         request_name = request[0].name if request is not None else ""
-        error = BrokerRefusedError(event.reply_code, event.reply_text, request_name)
+        error = ChannelRefused(event.reply_code, event.reply_text, request_name)
         if request is not None and not request[1].done():
             request[1].set_exception(error)
         pending = self._unconfirmed.get(event.channel_id)
         if pending:
-            lost = BrokerConnectionError(
+            lost = ConnectionLost(
                 "RabbitMQ closed the publishing channel before confirming "
-                f"({event.reply_code} {event.reply_text})"
+                f"({event.reply_code} {event.reply_text})",
+                **self._peer(),
+                reply_code=event.reply_code,
+                reply_text=event.reply_text,
             )
             for future in pending.values():
                 if not future.done():
@@ -484,9 +527,12 @@ class AmqpConnection(asyncio.Protocol):
             return
         if event.channel_id in self._essential_channels:
             self._fail(
-                BrokerConnectionError(
+                ConnectionLost(
                     f"RabbitMQ closed AMQP channel {event.channel_id} on {self.description}: "
-                    f"{event.reply_code} {event.reply_text}"
+                    f"{event.reply_code} {event.reply_text}",
+                    **self._peer(),
+                    reply_code=event.reply_code,
+                    reply_text=event.reply_text,
                 )
             )
             return
@@ -499,21 +545,38 @@ class AmqpConnection(asyncio.Protocol):
         self._calls[event.channel_id] = queue
         self._send_request(event.channel_id, queue[0][0])
 
-    def _describe_close(self, event: amqp.ConnectionClosed) -> BrokerConnectionError:
-        code = f"{event.reply_code} {_REPLY_CODE_NAMES.get(event.reply_code, '')}".strip()
+    def _describe_close(self, event: amqp.ConnectionClosed) -> ConnectionFailed:
+        code = _code_and_name(event.reply_code)
         if not self._opened.done():
-            if event.reply_code == 403:
-                return BrokerConnectionError(
-                    f"RabbitMQ refused the login of {self.description}: wrong username or password ({code})"
+            if event.reply_code == ReplyCode.ACCESS_REFUSED:
+                return LoginRefused(
+                    f"RabbitMQ refused the login of {self.description}: wrong username or password ({code})",
+                    **self._peer(),
+                    reply_code=event.reply_code,
+                    reply_text=event.reply_text,
                 )
-            if event.reply_code == 530:
-                return BrokerConnectionError(
+            if event.reply_code == ReplyCode.NOT_ALLOWED:
+                return VhostRefused(
                     f"RabbitMQ refused the vhost of {self.description}: it does not exist "
-                    f"or the user may not use it ({event.reply_text})"
+                    f"or the user may not use it ({event.reply_text})",
+                    **self._peer(),
+                    reply_code=event.reply_code,
+                    reply_text=event.reply_text,
                 )
-        return BrokerConnectionError(
-            f"RabbitMQ closed the connection to {self.description}: {event.reply_text}"
+        return ConnectionLost(
+            f"RabbitMQ closed the connection to {self.description}: {event.reply_text}",
+            **self._peer(),
+            reply_code=event.reply_code,
+            reply_text=event.reply_text,
+            during_handshake=not self._opened.done(),
         )
+
+    def _peer(self) -> dict[str, Any]:
+        """The fields every connection error of this connection carries."""
+        return {"peer": self.description, "host": self.host, "port": self.port}
+
+    def _not_connected(self) -> ConnectionLost:
+        return ConnectionLost(f"not connected to {self.description}", **self._peer())
 
     def _start_heartbeats(self, interval: int) -> None:
         if interval > 0:
@@ -524,8 +587,8 @@ class AmqpConnection(asyncio.Protocol):
             return
         if self._loop.time() - self._last_received > 2 * interval:
             self._fail(
-                BrokerConnectionError(
-                    f"{self.description} missed heartbeats: nothing heard for {2 * interval}s"
+                ConnectionLost(
+                    f"{self.description} missed heartbeats: nothing heard for {2 * interval}s", **self._peer()
                 )
             )
             return
@@ -535,14 +598,14 @@ class AmqpConnection(asyncio.Protocol):
         self._sent_since_tick = False
         self._heartbeat_timer = self._loop.call_later(interval / 2, self._heartbeat_tick, interval)
 
-    def _fail(self, error: BrokerConnectionError) -> None:
+    def _fail(self, error: ConnectionFailed) -> None:
         """End the connection now because of ``error``."""
         if self._error is None:
             self._error = error
         self._report_lost(self._error)
         self.abort()
 
-    def _report_lost(self, error: BrokerConnectionError) -> None:
+    def _report_lost(self, error: ConnectionFailed) -> None:
         """Tell the owner, once, as soon as an open connection is known to be over (not for our
         own close, nor for a connection that never finished its handshake)."""
         opened = self._opened.done() and not self._opened.cancelled() and self._opened.exception() is None
@@ -555,7 +618,7 @@ class AmqpConnection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
-    def _fail_pending(self, error: BrokerConnectionError) -> None:
+    def _fail_pending(self, error: ConnectionFailed) -> None:
         for queue in self._calls.values():
             for _method, future in queue:
                 if not future.done():
@@ -563,9 +626,12 @@ class AmqpConnection(asyncio.Protocol):
             queue.clear()
         for pending in self._unconfirmed.values():
             if pending:
-                lost = BrokerConnectionError(
+                lost = ConnectionLost(
                     f"{error}; the broker had not confirmed the message: "
-                    "it may or may not have been delivered"
+                    "it may or may not have been delivered",
+                    **self._peer(),
+                    reply_code=getattr(error, "reply_code", None),
+                    reply_text=getattr(error, "reply_text", None),
                 )
                 for future in pending.values():
                     if not future.done():
@@ -576,3 +642,11 @@ class AmqpConnection(asyncio.Protocol):
 def _log_failed_reopen(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         logger.error("could not reopen an AMQP channel: %s", future.exception())
+
+
+def _code_and_name(code: int) -> str:
+    """``"403 ACCESS_REFUSED"``, or the bare number for a code AMQP does not define."""
+    try:
+        return f"{code} {ReplyCode(code).name}"
+    except ValueError:
+        return str(code)

@@ -16,6 +16,7 @@ from typing import Any
 from pamqp import commands
 
 from . import frames
+from .errors import ProtocolError
 
 _frame_head = struct.Struct(">BHI")
 _method_index = struct.Struct(">I")
@@ -129,10 +130,6 @@ Event = (
     | ConnectionBlocked
     | ConnectionUnblocked
 )
-
-
-class ProtocolError(Exception):
-    """The broker broke the protocol, or refused the handshake in a way we cannot go on from."""
 
 
 class State(enum.Enum):

@@ -57,11 +57,11 @@ from urllib.parse import quote, unquote
 from pamqp import commands
 
 from ..amqp.connection import AmqpConnection
-from ..broker import random_name
 from ..config import BrokerAddress, LayerConfig, parse_amqp_url
-from ..connector import distinct_ips, open_connection
 from ..core import RabbitmqChannelLayer
 from ..exceptions import BrokerConnectionError, BrokerRefusedError
+from ..link.connector import distinct_ips, open_connection
+from ..link.topology import random_name
 from ..wire import NO_PROPERTIES
 
 T = TypeVar("T")

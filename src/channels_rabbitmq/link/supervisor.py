@@ -23,10 +23,20 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
-from .amqp.connection import AmqpConnection, DeliveryHandler
-from .config import BrokerAddress, LayerConfig
+from ..amqp.connection import AmqpConnection, DeliveryHandler
+from ..amqp.errors import ChannelRefused, ConnectionFailed
+from ..config import BrokerAddress, LayerConfig
+from ..exceptions import (
+    BrokerAccessRefusedError,
+    BrokerConnectionError,
+    BrokerConnectionLostError,
+    BrokerRefusedError,
+    BrokerTimeoutError,
+    BrokerUnreachableError,
+    ChannelLayerClosedError,
+)
 from .connector import describe_target, distinct_ips, open_connection
-from .exceptions import BrokerConnectionError, BrokerRefusedError, ChannelLayerClosedError
+from .errors import connection_error
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +72,7 @@ class ConnectionSupervisor:
         self.role = role
         self.state = State.IDLE
         self.connection: AmqpConnection | None = None  # the installed connection, while UP
+        self.address: BrokerAddress | None = None  # the URL it was opened from
         self.last_error: BrokerConnectionError | None = None
         self.reconnections = 0
         self._connection_name = connection_name
@@ -116,13 +127,16 @@ class ConnectionSupervisor:
         try:
             await asyncio.wait_for(self._up.wait(), wait)
         except asyncio.TimeoutError:
-            raise BrokerConnectionError(
+            raise BrokerTimeoutError(
                 f"RabbitMQ ({self.config.description}) has been unreachable for connection_wait={wait:g}s: "
-                f"{self.last_error}"
+                f"{self.last_error}",
+                operation="reconnect",
+                timeout=wait,
+                url=self.config.description,
             ) from None
         connection = self.connection
         if connection is None or not connection.is_open:
-            raise self.last_error or BrokerConnectionError("the connection was lost again")
+            raise self.last_error or BrokerConnectionLostError("the connection was lost again")
         return connection
 
     async def close(self) -> None:
@@ -150,22 +164,23 @@ class ConnectionSupervisor:
             self.state = State.IDLE  # the next call tries again, and reports its own error
 
     async def _connect_first(self) -> AmqpConnection:
-        connection = await self._connect_any()
-        self._install(connection)
+        connection, address = await self._connect_any()
+        self._install(connection, address)
         return connection
 
-    def _install(self, connection: AmqpConnection) -> None:
+    def _install(self, connection: AmqpConnection, address: BrokerAddress) -> None:
         if self.state is State.CLOSED:
             connection.abort()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
         self.connection = connection
+        self.address = address
         self.state = State.UP
         self.last_error = None
         self._up.set()
         if self._on_up is not None:
             self._on_up(connection)
 
-    async def _connect_any(self) -> AmqpConnection:
+    async def _connect_any(self) -> tuple[AmqpConnection, BrokerAddress]:
         """Connect to the first node that answers: each URL in order, each of its addresses in turn.
 
         Reconnections start at a random node, which spreads the processes of a cluster's
@@ -178,7 +193,7 @@ class ConnectionSupervisor:
             addresses = addresses[start:] + addresses[:start]
         deadline = loop.time() + self.config.connect_timeout
         targets: list[tuple[BrokerAddress, str]] = []
-        errors: list[str] = []
+        errors: list[BrokerConnectionError] = []
         for address in addresses:
             try:
                 infos = await asyncio.wait_for(
@@ -186,23 +201,36 @@ class ConnectionSupervisor:
                     max(0.001, deadline - loop.time()),
                 )
             except (OSError, asyncio.TimeoutError) as error:
-                errors.append(f"cannot resolve {address.host} ({address}): {error or 'timed out'}")
+                reason = str(error) or "timed out"
+                errors.append(
+                    BrokerUnreachableError(
+                        f"cannot resolve {address.host} ({address}): {reason}",
+                        errno=None,
+                        reason=reason,
+                        url=str(address),
+                    )
+                )
                 continue
             targets += [(address, ip) for ip in distinct_ips(infos)]
         for index, (address, ip) in enumerate(targets):
             remaining = deadline - loop.time()
             if remaining <= 0:
-                errors.append(f"connect_timeout={self.config.connect_timeout:g}s ran out")
+                timeout = self.config.connect_timeout
+                errors.append(
+                    BrokerTimeoutError(
+                        f"connect_timeout={timeout:g}s ran out", operation="connect", timeout=timeout
+                    )
+                )
                 break
             if self.state is State.CLOSED:
                 raise ChannelLayerClosedError("the channel layer was closed while connecting")
             try:
-                return await self._connect(address, ip, remaining / (len(targets) - index))
+                connection = await self._connect(address, ip, remaining / (len(targets) - index))
             except BrokerConnectionError as error:
-                errors.append(str(error))
-        if len(errors) == 1:
-            raise BrokerConnectionError(errors[0])
-        raise BrokerConnectionError("could not connect to any broker: " + "; ".join(errors))
+                errors.append(error)
+                continue
+            return connection, address
+        raise _most_telling(errors)
 
     async def _connect(self, address: BrokerAddress, ip: str, timeout: float) -> AmqpConnection:
         """Connect to one node and let the owner set the connection up there."""
@@ -223,17 +251,30 @@ class ConnectionSupervisor:
             await self._set_up_while_progressing(connection)
         except BaseException as error:
             await connection.close()
+            url = str(address)
             if isinstance(error, asyncio.TimeoutError):
-                raise BrokerConnectionError(
+                timeout = self.config.connect_timeout
+                raise BrokerTimeoutError(
                     f"{described} stopped answering while setting up: nothing heard for connect_timeout="
-                    f"{self.config.connect_timeout:g}s"
+                    f"{timeout:g}s",
+                    operation="set-up",
+                    timeout=timeout,
+                    url=url,
+                    address=f"{ip}:{address.port}",
                 ) from None
-            if isinstance(error, BrokerRefusedError):
-                raise BrokerConnectionError(
+            if isinstance(error, BrokerRefusedError | ChannelRefused):
+                raise BrokerAccessRefusedError(
                     f"{described}: RabbitMQ refused {error.request} while setting up: "
-                    f"{error.reply_code} {error.reply_text} (the user needs configure, write and read "
-                    "permissions on the vhost)"
+                    f"{int(error.reply_code)} {error.reply_text} (the user needs configure, write and read "
+                    "permissions on the vhost)",
+                    request=error.request,
+                    reply_code=error.reply_code,
+                    reply_text=error.reply_text,
+                    url=url,
+                    address=f"{ip}:{address.port}",
                 ) from None
+            if isinstance(error, ConnectionFailed):
+                raise connection_error(error, url, address.virtual_host) from None
             raise
         finally:
             self._attempt = None
@@ -265,9 +306,11 @@ class ConnectionSupervisor:
 
     # Losing and recovering ------------------------------------------------------------------
 
-    def _on_lost(self, connection: AmqpConnection, error: BrokerConnectionError) -> None:
+    def _on_lost(self, connection: AmqpConnection, lost: ConnectionFailed) -> None:
         if connection is not self.connection:
             return  # an attempt still setting up: it fails by itself, and its caller reports it
+        address = self.address
+        error = connection_error(lost, str(address) if address else None)
         self.connection = None
         self._up.clear()
         self.last_error = error
@@ -289,7 +332,7 @@ class ConnectionSupervisor:
         started = time.monotonic()
         while self.state is State.RECOVERING:
             try:
-                connection = await self._connect_any()
+                connection, address = await self._connect_any()
             except ChannelLayerClosedError:
                 return
             except BrokerConnectionError as error:
@@ -299,7 +342,7 @@ class ConnectionSupervisor:
                 delay = min(delay * 2, self.config.reconnect_delay_max)
                 continue
             try:
-                self._install(connection)
+                self._install(connection, address)
             except ChannelLayerClosedError:
                 return
             self.reconnections += 1
@@ -314,3 +357,18 @@ class ConnectionSupervisor:
 
 def _nothing() -> None:
     pass
+
+
+def _most_telling(errors: list[BrokerConnectionError]) -> BrokerConnectionError:
+    """One error for a failed attempt at every address: a broker's answer (a refused login, a
+    TLS failure) says more than an address that did not answer. ``attempts`` keeps them all."""
+    if not errors:
+        return BrokerUnreachableError("no address to connect to", errno=None, reason="no address")
+    if len(errors) == 1:
+        return errors[0]
+    silent = (BrokerUnreachableError, BrokerTimeoutError)
+    answered = [error for error in errors if not isinstance(error, silent)]
+    chosen = answered[0] if answered else errors[-1]  # made by this attempt: ours to amend
+    chosen.args = ("could not connect to any broker: " + "; ".join(str(error) for error in errors),)
+    chosen.attempts = tuple(errors)
+    return chosen

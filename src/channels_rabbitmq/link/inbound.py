@@ -1,0 +1,173 @@
+"""The inbound side of a link: deliveries into the router, acknowledgements, expiry.
+
+Every delivery of the consuming connection comes here straight from ``data_received``
+(no task per message): it is decoded, checked and handed to the
+:class:`~channels_rabbitmq.routing.LocalRouter`. Deliveries are acknowledged in batches
+once they are in memory, unless the router is full: then RabbitMQ keeps the rest until
+room is made. A timer expires buffered messages and group memberships.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ..amqp.connection import AmqpConnection
+from ..amqp.protocol import Delivery, UndecodableDelivery
+from ..codec import MalformedMessage, MessageCodec
+from ..config import LayerConfig
+from ..logs import RateLimitedLogger
+from ..routing import LocalRouter
+from ..wire import CHANNEL_HEADER
+from .topology import CONSUME_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+# Why a delivery was dropped (the keys of Inbound.dropped).
+DROPPED_CHANNEL_FULL = "channel_full"  # its channel already held its capacity of unread messages
+DROPPED_EXPIRED = "expired"  # nobody read it within expiry
+DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
+DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
+
+
+class Inbound:
+    """Deliveries to the router, the ack window and expiry housekeeping of one link's queue."""
+
+    def __init__(
+        self,
+        config: LayerConfig,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        queue_name: str,
+        router: LocalRouter,
+        codec: MessageCodec,
+        consuming_connection: Callable[[], AmqpConnection | None],
+        on_group_emptied: Callable[[str], None],
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.queue_name = queue_name
+        self.router = router
+        self.codec = codec
+        #: Deliveries dropped, by reason (``DROPPED_*``).
+        self.dropped: Counter[str] = Counter()
+        #: Set while a new consuming connection proves that it receives: any delivery does.
+        self.arrival: asyncio.Future[None] | None = None
+        self._consuming_connection = consuming_connection
+        self._on_group_emptied = on_group_emptied
+        self._groups_exchange = config.groups_exchange
+        self._channel_prefix = queue_name + "!"
+        self.probe_prefix = self._channel_prefix + "probe."  # never a channel's: those have no dot
+        self._last_delivery_tag = 0
+        self._acked_delivery_tag = 0
+        self._housekeeping: asyncio.TimerHandle | None = None
+        self._dropped_log = RateLimitedLogger(logger)
+        self._expired_log = RateLimitedLogger(logger)
+        self._full_log = RateLimitedLogger(logger)
+        router.on_room = self.ack
+        router.on_channel_full = self._on_channel_full
+
+    def new_connection(self) -> None:
+        """A new consuming connection starts: its delivery tags start again."""
+        self._last_delivery_tag = self._acked_delivery_tag = 0
+
+    # Deliveries -----------------------------------------------------------------------------
+
+    def on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
+        self._last_delivery_tag = delivery.delivery_tag
+        arrival = self.arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(None)
+        if isinstance(delivery, UndecodableDelivery):
+            self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1
+            self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
+            return
+        # Where it was sent: the group (routing key on the groups exchange) or the channel.
+        to_group = delivery.exchange == self._groups_exchange
+        destination: Any
+        if to_group:
+            destination = delivery.routing_key
+        else:
+            headers = delivery.headers
+            destination = headers.get(CHANNEL_HEADER) if headers else None
+            if type(destination) is not str or not destination.startswith(self._channel_prefix):
+                self.dropped[DROPPED_UNDECODABLE] += 1
+                self._dropped_log.warning(
+                    "dropped a message from the wire: no %s header naming a channel of queue %s",
+                    CHANNEL_HEADER,
+                    self.queue_name,
+                )
+                return
+        try:
+            message, body = self.codec.decode(delivery.body, destination)
+        except MalformedMessage as error:
+            self.dropped[DROPPED_UNDECODABLE] += 1
+            self._dropped_log.warning("dropped a message from the wire: %s", error)
+            return
+        now = time.monotonic()
+        if to_group:
+            self.router.deliver_to_group(destination, message, body, now)
+            return
+        if destination.startswith(self.probe_prefix):  # ours, or a late one from an alarm
+            return
+        self.router.deliver(destination, message, now)
+
+    def _on_channel_full(self, channel: str, group: str | None) -> None:
+        self.dropped[DROPPED_CHANNEL_FULL] += 1
+        capacity = self.config.capacity_of(channel)
+        if group is None:
+            self._full_log.warning(
+                "dropped a message for %s: the channel holds %d unread message(s), its capacity",
+                channel,
+                capacity,
+            )
+        else:
+            self._full_log.warning(
+                "dropped a message of group %r for member %s: the channel holds %d unread message(s), "
+                "its capacity",
+                group,
+                channel,
+                capacity,
+            )
+
+    def ack(self) -> None:
+        """Acknowledge what arrived, unless the router is full (then RabbitMQ keeps the rest)."""
+        tag = self._last_delivery_tag
+        if tag > self._acked_delivery_tag and not self.router.is_full:
+            connection = self._consuming_connection()
+            if connection is not None:
+                # RabbitMQ sends no more than prefetch_count unacknowledged messages: once
+                # half of them await an ack, write it at once, or delivery stalls; below
+                # that, it goes out with the iteration's other writes.
+                unacked = tag - self._acked_delivery_tag
+                connection.ack(CONSUME_CHANNEL, tag, now=unacked * 2 >= self.config.prefetch_count)
+                self._acked_delivery_tag = tag
+
+    # Expiry ---------------------------------------------------------------------------------
+
+    def start_housekeeping(self) -> None:
+        self.stop_housekeeping()
+        interval = min(1.0, self.config.expiry / 4, self.config.group_expiry / 4)
+        self._housekeeping = self.loop.call_later(interval, self._housekeep, interval)
+
+    def stop_housekeeping(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            self._housekeeping = None
+
+    def _housekeep(self, interval: float) -> None:
+        """Expire buffered messages and memberships; have groups that lost every member unbound."""
+        now = time.monotonic()
+        dropped = self.router.expire_messages(now)
+        if dropped:
+            self.dropped[DROPPED_EXPIRED] += dropped
+            self._expired_log.warning(
+                "dropped %d message(s) nobody read within expiry=%gs", dropped, self.config.expiry
+            )
+        for group in self.router.expire_memberships(now):
+            self._on_group_emptied(group)
+        self._housekeeping = self.loop.call_later(interval, self._housekeep, interval)

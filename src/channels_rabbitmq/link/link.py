@@ -1,0 +1,297 @@
+"""The broker link: the layer's operations for one event loop, on one queue.
+
+A link has two connections, each kept up by a :class:`~.supervisor.ConnectionSupervisor`:
+
+- the *consuming* connection declares the groups exchange and the link's exclusive
+  queue, binds the groups that have local members, consumes and acknowledges
+  (:mod:`.topology`, :mod:`.inbound`); it never publishes, so a broker resource alarm,
+  which stops RabbitMQ reading from connections that publish, never stops delivery;
+- the *publishing* connection carries ``send()`` and ``group_send()`` with publisher
+  confirms. While the broker blocks it, publishes wait at most ``connection_wait``.
+
+Each connects on first need. When one drops, it is replaced in the background; a new
+consuming connection re-declares the queue under the same name and re-binds every group
+that still has local members. Every method runs on the link's loop (:mod:`..loops`
+carries calls from other loops here) and raises only the layer's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from channels.exceptions import StopConsumer
+
+from ..amqp.connection import AmqpConnection
+from ..amqp.errors import AmqpError
+from ..codec import MessageCodec
+from ..config import LayerConfig
+from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
+from ..routing import EMPTY, LocalRouter
+from .errors import layer_error
+from .inbound import Inbound
+from .supervisor import ConnectionSupervisor
+from .topology import PUBLISH_CHANNEL, Topology, random_name
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerLink:
+    """One event loop's queue, consumer, publisher, inboxes and group bindings."""
+
+    def __init__(self, config: LayerConfig, loop: asyncio.AbstractEventLoop, codec: MessageCodec) -> None:
+        self.config = config
+        self.loop = loop
+        #: The queue of this link; every channel it receives on starts with it and ``!``.
+        self.queue_name = queue_name = f"channels.{random_name(12)}"
+        self.router = router = LocalRouter(
+            capacity=config.local_capacity,
+            expiry=config.expiry,
+            group_expiry=config.group_expiry,
+            channel_capacity=config.capacity_of if config.channel_capacity else config.capacity,
+        )
+        self.topology = Topology(
+            config,
+            loop,
+            queue_name=queue_name,
+            router=router,
+            consuming_connection=lambda: self.consuming.connection,
+            publishing_connection=lambda: self.publishing.connected(),
+            seal=codec.seal,
+        )
+        self.inbound = Inbound(
+            config,
+            loop,
+            queue_name=queue_name,
+            router=router,
+            codec=codec,
+            consuming_connection=lambda: self.consuming.connection or self.topology.setting_up,
+            on_group_emptied=self.topology.sync_binding_in_background,
+        )
+        self.consuming = ConnectionSupervisor(
+            config,
+            role="consume",
+            connection_name=f"channels_rabbitmq {queue_name}",
+            set_up=self._set_up_consuming,
+            on_delivery=self.inbound.on_delivery,
+            on_deliveries_done=self.inbound.ack,
+            on_up=self._on_consuming_up,
+            on_down=self._on_consuming_down,
+        )
+        self.publishing = ConnectionSupervisor(
+            config,
+            role="publish",
+            connection_name=f"channels_rabbitmq {queue_name} publishing",
+            set_up=self._set_up_publishing,
+            on_up=lambda connection: self._connection_back("publish", connection),
+            on_down=lambda error: self._connection_down("publish", error),
+            on_blocked=self._on_blocked,
+        )
+        self.loop_watcher: Any = None  # see loops.Links._close_with_loop
+        #: Per channel, the last receive() carried here from another loop (they take turns).
+        self.bridged_receives: dict[str, asyncio.Future[None]] = {}
+        self._channel_prefix = queue_name + "!"
+        self._outage: dict[str, float] = {}  # role -> when its connection was lost
+        self._blocked_timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def dropped(self) -> Counter[str]:
+        """Deliveries dropped, by reason (``inbound.DROPPED_*``)."""
+        return self.inbound.dropped
+
+    @property
+    def is_connected(self) -> bool:
+        """The queue is consumed and no connection of the link is being recovered."""
+        return self.consuming.is_up and not self._outage
+
+    # The layer's operations -----------------------------------------------------------------
+
+    async def connect_first(self) -> None:
+        """The first connection of a link that receives: both connections, so that a send
+        made during a later outage waits for recovery like every other call."""
+        await asyncio.gather(self.consuming.connected(), self.publishing.connected())
+
+    async def new_channel(self) -> str:
+        if not self.consuming.ever_connected:
+            await self.connect_first()  # the queue must exist before anyone sends to the channel
+        return f"{self._channel_prefix}{random_name(12)}"
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        router = self.router
+        message = router.take(channel, time.monotonic())
+        if message is not EMPTY:
+            return message
+        if self._closed:
+            raise StopConsumer()
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        # During an outage, keep waiting: the reconnection re-declares the queue.
+        waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        router.add_waiter(channel, waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                router.put_back(channel, waiter.result(), time.monotonic())
+            else:
+                router.remove_waiter(channel, waiter)
+            raise
+
+    async def group_add(self, group: str, channel: str) -> None:
+        """Add a membership and bind; returns once bound (or once an outage will bind it)."""
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        self.router.add_membership(group, channel, time.monotonic())
+        try:
+            await self.topology.binding_settled(group)
+        except BrokerRefusedError:
+            if self.router.discard_membership(group, channel):
+                self.topology.sync_binding_in_background(group)
+            raise
+        except BrokerConnectionError:
+            pass  # lost mid-way: the reconnection binds every group that has members
+
+    async def group_discard(self, group: str, channel: str) -> None:
+        if self.router.discard_membership(group, channel):
+            try:
+                await self.topology.binding_settled(group)
+            except BrokerConnectionError:
+                pass  # lost mid-way: the binding went with the queue
+
+    async def flush(self) -> None:
+        """Drop every buffered message and membership, unbind, purge the queue."""
+        groups = set(self.router.flush()) | self.topology.bound
+        # Unbinding starts now, before any await: whatever happens to this call, no binding
+        # is left without a member.
+        unbinding = [self.topology.sync_binding(group) for group in groups]
+        connection = self.consuming.connection
+        if not self._closed and connection is not None and connection.is_open:
+            await self.topology.purge(connection)
+            self.router.flush()  # and what was on its way
+        for outcome in await asyncio.gather(
+            *(asyncio.shield(task) for task in unbinding), return_exceptions=True
+        ):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerConnectionError):
+                raise outcome  # a lost connection took the bindings with the queue
+
+    async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
+        """Publish and wait for the broker's confirm: True when accepted, False when refused."""
+        try:
+            connection = self.publishing.connection
+            if connection is not None and connection.can_publish:
+                return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+            return await self._publish_when_possible(exchange, routing_key, properties, body)
+        except AmqpError as error:
+            raise layer_error(error, self.config.description) from None
+
+    async def _publish_when_possible(
+        self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+    ) -> bool:
+        """Connect, or wait out a block or a full write buffer, at most ``connection_wait``."""
+        wait = self.config.connection_wait
+        deadline = self.loop.time() + wait
+        connection = await self.publishing.connected()
+        while not connection.can_publish:
+            if not connection.is_open:
+                connection = await self.publishing.connected()
+                continue
+            remaining = deadline - self.loop.time()
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(connection.wait_until_publishable(), remaining)
+            except asyncio.TimeoutError:
+                reason = connection.blocked_reason
+                if reason is not None:
+                    raise BrokerBlockedError(
+                        f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
+                        f"for connection_wait={wait:g}s: the message was not sent",
+                        reason=reason,
+                        url=self.config.description,
+                    ) from None
+                raise BrokerTimeoutError(
+                    f"{connection.description} read none of our writes for connection_wait={wait:g}s: "
+                    "the message was not sent",
+                    operation="publish",
+                    timeout=wait,
+                    url=self.config.description,
+                ) from None
+        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+
+    async def close(self) -> None:
+        """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
+        self._closed = True
+        self.router.close(StopConsumer)
+        self.inbound.stop_housekeeping()
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+        self.topology.close()
+        await asyncio.gather(self.consuming.close(), self.publishing.close())
+
+    # Connections coming and going -------------------------------------------------------------
+
+    async def _set_up_publishing(self, connection: AmqpConnection) -> None:
+        await self.topology.set_up_publishing(connection)
+
+    async def _set_up_consuming(self, connection: AmqpConnection) -> None:
+        self.inbound.new_connection()
+        arrival = self.inbound.arrival = self.loop.create_future()
+        try:
+            await self.topology.set_up_consuming(connection, arrival)
+        finally:
+            self.inbound.arrival = None
+
+    def _on_consuming_up(self, connection: AmqpConnection) -> None:
+        self.topology.setting_up = None
+        self.inbound.start_housekeeping()
+        self.inbound.ack()  # what arrived while we were still setting up
+        self._connection_back("consume", connection)
+
+    def _on_consuming_down(self, error: BrokerConnectionError) -> None:
+        self.topology.connection_lost()
+        self.inbound.stop_housekeeping()
+        self._connection_down("consume", error)
+
+    def _connection_down(self, role: str, error: BrokerConnectionError) -> None:
+        """One warning per outage, however many of the link's connections it took."""
+        if not self._outage:
+            logger.warning("%s; reconnecting", error)
+        self._outage.setdefault(role, time.monotonic())
+
+    def _connection_back(self, role: str, connection: AmqpConnection) -> None:
+        lost_at = self._outage.pop(role, None)
+        if lost_at is not None and not self._outage:
+            logger.warning(
+                "reconnected to %s after %.1fs", connection.description, time.monotonic() - lost_at
+            )
+
+    def _on_blocked(self, connection: AmqpConnection, reason: str | None) -> None:
+        """The broker blocked (``reason``) or unblocked (None) the publishing connection."""
+        if self._blocked_timer is not None:
+            self._blocked_timer.cancel()
+            self._blocked_timer = None
+        if reason is None:
+            logger.warning("RabbitMQ unblocked publishing on %s", connection.description)
+            return
+        logger.warning(
+            "RabbitMQ blocked publishing on %s (%s); receiving goes on, sends wait up to connection_wait=%gs",
+            connection.description,
+            reason,
+            self.config.connection_wait,
+        )
+        # Publishes already written wait for their confirms no longer than new ones may wait.
+        self._blocked_timer = self.loop.call_later(
+            self.config.connection_wait,
+            connection.fail_unconfirmed,
+            BrokerBlockedError(
+                f"RabbitMQ blocked publishing ({reason}) for connection_wait="
+                f"{self.config.connection_wait:g}s before confirming the message: "
+                "it may or may not be delivered once the alarm clears",
+                reason=reason,
+                url=self.config.description,
+            ),
+        )

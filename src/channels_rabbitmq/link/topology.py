@@ -1,0 +1,332 @@
+"""What a link declares and binds on the broker: the groups exchange, its queue, group bindings.
+
+- Each connection declares the groups exchange (a ``group_send()`` before any consumer
+  declared it must not fail).
+- The consuming connection declares the link's exclusive queue, binds every group that
+  has local members, starts consuming and proves with a probe that it receives.
+- Group calls change bindings through :meth:`Topology.sync_binding`: one task per group
+  makes the binding match whether the group has local members.
+- :meth:`Topology.request` bounds every request by the broker's progress.
+
+AMQP channels on each connection: 1 publishes (confirm mode), 2 consumes, 3 runs
+declarations and bindings, so a refused request never disturbs publishing or consuming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import string
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+from pamqp import commands
+
+from ..amqp.connection import AmqpConnection
+from ..amqp.errors import AmqpError, ChannelRefused, ReplyCode
+from ..config import LayerConfig
+from ..exceptions import (
+    BrokerConnectionError,
+    BrokerConnectionLostError,
+    BrokerRefusedError,
+    BrokerTimeoutError,
+    ChannelLayerClosedError,
+)
+from ..routing import LocalRouter
+from ..wire import channel_properties
+from .errors import layer_error
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_CHANNEL = 1
+CONSUME_CHANNEL = 2
+CONTROL_CHANNEL = 3
+
+PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
+PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
+QUEUE_LOCKED_RETRIES = 50  # 5 s for the broker to delete our previous connection's queue
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def random_name(length: int) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+class Topology:
+    """The exchange, queue and group bindings of one link, and the probe of a new consumer."""
+
+    def __init__(
+        self,
+        config: LayerConfig,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        queue_name: str,
+        router: LocalRouter,
+        consuming_connection: Callable[[], AmqpConnection | None],
+        publishing_connection: Callable[[], Awaitable[AmqpConnection]],
+        seal: Callable[[bytes, str], bytes],
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.queue_name = queue_name
+        self.router = router
+        self.closed = False
+        self._consuming_connection = consuming_connection
+        self._publishing_connection = publishing_connection
+        self._seal = seal
+        self._groups_exchange = config.groups_exchange
+        self._bound: set[str] = set()  # groups bound on the current consuming connection
+        self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
+        # A consuming connection past its queue declaration, not yet installed: bindings go there.
+        self.setting_up: AmqpConnection | None = None
+
+    @property
+    def bound(self) -> frozenset[str]:
+        return frozenset(self._bound)
+
+    # Setting connections up -----------------------------------------------------------------
+
+    async def declare_groups_exchange(self, connection: AmqpConnection) -> None:
+        await connection.open_channel(CONTROL_CHANNEL, [])
+        try:
+            await connection.call(
+                CONTROL_CHANNEL,
+                commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct"),
+            )
+        except ChannelRefused as error:
+            if error.reply_code != ReplyCode.PRECONDITION_FAILED:
+                raise
+            # Declared elsewhere with other flags (durable, say): use it as it is.
+            await connection.call(
+                CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, passive=True)
+            )
+
+    async def set_up_publishing(self, connection: AmqpConnection) -> None:
+        """The exchange, then confirm mode on the publishing channel."""
+        await self.declare_groups_exchange(connection)
+        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()], essential=True)
+
+    async def set_up_consuming(self, connection: AmqpConnection, arrival: asyncio.Future[None]) -> None:
+        """Declare the exchange and queue, bind the groups with members, consume; then probe.
+
+        ``arrival`` is resolved by the first delivery on the new connection.
+        """
+        config = self.config
+        try:
+            await self.declare_groups_exchange(connection)
+            arguments: dict[str, Any] = {
+                "x-max-length": config.remote_capacity,
+                "x-overflow": "reject-publish",
+                "x-message-ttl": int(config.expiry * 1000),
+            }
+            declare = commands.Queue.Declare(queue=self.queue_name, exclusive=True, arguments=arguments)
+            for attempt in range(QUEUE_LOCKED_RETRIES):
+                try:
+                    await connection.call(CONTROL_CHANNEL, declare)
+                    break
+                except ChannelRefused as error:
+                    # The exclusive queue of our previous connection is still being deleted.
+                    last = attempt == QUEUE_LOCKED_RETRIES - 1
+                    if error.reply_code != ReplyCode.RESOURCE_LOCKED or last:
+                        raise
+                    await asyncio.sleep(0.1)
+            # From here on, group calls bind and unbind on this connection themselves, so the
+            # groups bound below plus theirs are every group with members.
+            self.setting_up = connection
+            self._bound = set()
+            binds = [asyncio.shield(self.sync_binding(group)) for group in list(self.router.groups)]
+            for outcome in await asyncio.gather(*binds, return_exceptions=True):
+                # A refused bind already dropped its group's members (and said so); anything
+                # else means this connection cannot be set up.
+                if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerRefusedError):
+                    raise outcome
+            await connection.open_channel(
+                CONSUME_CHANNEL,
+                [
+                    commands.Basic.Qos(prefetch_count=config.prefetch_count),
+                    commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
+                ],
+                essential=True,
+            )
+            await self._probe(connection, arrival)
+        except BaseException:
+            if self.setting_up is connection:
+                self.setting_up = None
+            raise
+
+    async def _probe(self, connection: AmqpConnection, arrival: asyncio.Future[None]) -> None:
+        """Never "open but deaf": a message to ourselves must come back before we say we are up.
+
+        The probe goes out on the publishing connection: the consuming one never publishes,
+        so a resource alarm, which stops RabbitMQ reading from connections that publish,
+        never stops its acknowledgements. While the broker blocks publishing, the probe
+        cannot travel, and consuming starts without it.
+        """
+        try:
+            publisher = await self._publishing_connection()
+        except BrokerConnectionError:
+            return  # the publishing side reports its own trouble; consuming works without it
+        if not publisher.can_publish or self.router.is_full:
+            # Blocked (an alarm) or its buffer full: it would not come back now. With the
+            # router full, deliveries wait for room: the probe could wait behind them.
+            return
+        probe = f"{self.queue_name}!probe.{random_name(12)}"
+        try:
+            confirm = publisher.publish(
+                PUBLISH_CHANNEL,
+                b"",
+                self.queue_name.encode(),
+                channel_properties(probe),
+                self._seal(PROBE_BODY, probe),
+            )
+        except AmqpError:
+            raise BrokerConnectionLostError(
+                f"the connection to {publisher.description} was lost while checking that we receive"
+            ) from None
+        confirm.add_done_callback(retrieve)
+        while not arrival.done():
+            if not connection.is_open:
+                raise BrokerConnectionLostError(
+                    f"the connection to {connection.description} was lost while checking that it receives"
+                )
+            if publisher.blocked_reason is not None:
+                return  # an alarm began: the probe waits in the broker, and is dropped on arrival
+            confirmed = confirm.done() and not confirm.cancelled() and confirm.exception() is None
+            if confirmed and not confirm.result():
+                raise BrokerConnectionError(f"{connection.description} refused the probe message")
+            await asyncio.wait((arrival,), timeout=PROBE_CHECK_INTERVAL)
+
+    def connection_lost(self) -> None:
+        self._bound.clear()  # the bindings went with the queue
+
+    # Group bindings -------------------------------------------------------------------------
+
+    def sync_binding(self, group: str) -> asyncio.Task[None]:
+        """Make the queue's binding to ``group`` match whether the group has local members.
+
+        One task per group at a time does every bind and unbind of that group, checking
+        again after each one, so concurrent and cancelled group calls and flush() always
+        leave a binding exactly when there is a member.
+        """
+        task = self._syncing.get(group)
+        if task is None or task.done():
+            task = self._syncing[group] = self.loop.create_task(self._reconcile_binding(group))
+        return task
+
+    def sync_binding_in_background(self, group: str) -> None:
+        self.sync_binding(group).add_done_callback(_log_failure)
+
+    async def binding_settled(self, group: str) -> None:
+        """Wait for the group's binding to match its membership; a cancelled wait leaves it going."""
+        task = self.sync_binding(group)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise  # our caller was cancelled; the binding task goes on
+            if self.closed:
+                raise ChannelLayerClosedError("the channel layer was closed during the group call") from None
+            # A connection's set-up that gave up took the task with it: an outage.
+            raise BrokerConnectionLostError(f"the connection was lost while binding {group!r}") from None
+
+    def _current(self) -> AmqpConnection | None:
+        return self.setting_up or self._consuming_connection()
+
+    async def _reconcile_binding(self, group: str) -> None:
+        try:
+            while True:
+                connection = self._current()
+                if connection is None or not connection.is_open:
+                    return  # no queue: the next connection binds every group with members
+                wanted = self.router.has_members(group)
+                if wanted == (group in self._bound):
+                    return
+                method: commands.Queue.Bind | commands.Queue.Unbind = (
+                    commands.Queue.Bind if wanted else commands.Queue.Unbind
+                )(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group)
+                try:
+                    await self.request(connection, method, "bind" if wanted else "unbind")
+                except BrokerConnectionError:
+                    if self._current() is connection:
+                        raise
+                    continue  # that connection is gone; the loop looks at the next one
+                except BrokerRefusedError as error:
+                    if wanted:  # a member without a binding would wait for messages that never come
+                        dropped = self.router.discard_group(group)
+                        logger.warning(
+                            "RabbitMQ refused to bind group %r (%s %s): %d local member(s) left it",
+                            group,
+                            int(error.reply_code),
+                            error.reply_text,
+                            len(dropped),
+                        )
+                    raise
+                if wanted:
+                    self._bound.add(group)
+                else:
+                    self._bound.discard(group)
+        finally:
+            if self._syncing.get(group) is asyncio.current_task():
+                del self._syncing[group]
+
+    # Requests -------------------------------------------------------------------------------
+
+    async def request(
+        self, connection: AmqpConnection, method: Any, operation: str, channel_id: int = CONTROL_CHANNEL
+    ) -> Any:
+        """One request; the connection is dropped if its channel makes no progress for ``connect_timeout``.
+
+        Requests on a channel go one at a time: a request queued behind many others waits
+        as long as the ones ahead of it are being answered. Raises the layer's errors.
+        """
+        limit = self.config.connect_timeout
+        reply = connection.call(channel_id, method)
+        reply.add_done_callback(retrieve)  # seen even when nobody waits any more
+        while True:
+            done, _ = await asyncio.wait(
+                (reply,), timeout=max(0.01, limit - connection.quiet_for(channel_id))
+            )
+            if done:
+                try:
+                    return reply.result()
+                except AmqpError as error:
+                    raise layer_error(error, self.config.description) from None
+            if connection.quiet_for(channel_id) >= limit:
+                # A connection that leaves a request unanswered this long is not usable: the
+                # reconnection sets everything up again.
+                connection.abort()
+                raise BrokerTimeoutError(
+                    f"{connection.description} did not answer {operation} within connect_timeout={limit:g}s",
+                    operation=operation,
+                    timeout=limit,
+                    url=self.config.description,
+                )
+
+    async def purge(self, connection: AmqpConnection) -> None:
+        """Empty the queue, and let deliveries already on their way arrive first.
+
+        A request on the consuming channel is answered after the deliveries ahead of it
+        (one channel's frames keep their order).
+        """
+        await self.request(connection, commands.Queue.Purge(queue=self.queue_name), "purge")
+        qos = commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
+        await self.request(connection, qos, "flush", CONSUME_CHANNEL)
+
+    def close(self) -> None:
+        self.closed = True
+        for task in list(self._syncing.values()):
+            task.cancel()
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an outcome nobody waits for as seen (no "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("could not change a group binding: %s", future.exception())
