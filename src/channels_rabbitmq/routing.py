@@ -235,6 +235,7 @@ class LocalRouter:
 
     @property
     def inbox_count(self) -> int:
+        """Channels with an inbox (buffered messages or a waiting receive); bench/memory.py reports it."""
         return len(self._inboxes)
 
     # Groups -----------------------------------------------------------------------------------
@@ -285,9 +286,6 @@ class LocalRouter:
 
     def has_members(self, group: str) -> bool:
         return group in self._groups
-
-    def is_member(self, group: str, channel: str) -> bool:
-        return channel in self._groups.get(group, ())
 
     @property
     def groups(self) -> Iterable[str]:

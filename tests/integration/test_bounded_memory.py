@@ -108,7 +108,7 @@ async def test_ten_thousand_groups_joined_and_left_leave_no_binding_and_no_resid
     for start in range(0, GROUPS, GROUP_CHUNK):
         chunk = groups[start : start + GROUP_CHUNK]
         await asyncio.gather(*(layer.group_add(group, channel) for group in chunk))
-        assert all(link.router.is_member(group, channel) for group in chunk)
+        assert all(channel in link.router._groups.get(group, ()) for group in chunk)
         if start == 0:  # the bindings are really made (rabbitmqctl is slow: once)
             bound = {key for name, key in broker.bindings() if name == queue}
             assert bound == set(chunk)

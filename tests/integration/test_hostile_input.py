@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from pamqp import commands
 from pamqp import header as pamqp_header
 
-from channels_rabbitmq.amqp.connection import AmqpConnection
 from channels_rabbitmq.amqp.frames import HEADERS_FLAG, encode_string_headers
+from channels_rabbitmq.amqp.opening import connect as amqp_connect
 from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.codec import MalformedMessage, decode_message
 from channels_rabbitmq.core import RabbitmqChannelLayer
@@ -395,7 +395,7 @@ async def test_cancelling_connect_during_the_handshake_leaves_no_error_in_the_lo
     server = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     connecting = asyncio.ensure_future(
-        AmqpConnection.connect(
+        amqp_connect(
             "127.0.0.1",
             port,
             Credentials("guest", "guest"),

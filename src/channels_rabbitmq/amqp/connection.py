@@ -1,10 +1,8 @@
 """A thin asyncio layer over :class:`~.protocol.AmqpProtocol`: it moves bytes and resolves futures.
 
 - Writes are coalesced: whatever a loop iteration queues goes out in one ``write()``.
-- Requests on a channel are sent one at a time, in order, each resolving its own future;
-  a refused request fails alone and the channel is reopened for the next ones.
-- Publishes on a confirming channel get one future each, resolved by the broker's
-  ``basic.ack``/``basic.nack`` (``multiple`` included); no lock is held while waiting.
+- Requests and publish confirms are kept per channel by :mod:`.channels`; no lock is
+  held while waiting for either.
 - Deliveries go straight to a callback from ``data_received``: no task per message.
 - Heartbeats are sent when the connection is otherwise quiet, and a broker that stays
   silent for two intervals is taken as gone.
@@ -19,36 +17,31 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from pamqp import commands
+from pamqp.base import Frame
 
 from . import protocol as amqp
+from .channels import ChannelRequests, PublishConfirms
 from .errors import (
-    ChannelRefused,
     ConnectionFailed,
     ConnectionLost,
-    HandshakeTimeout,
     LoginRefused,
     ProtocolError,
     ProtocolViolation,
     ReplyCode,
-    TlsFailed,
-    Unreachable,
     VhostRefused,
 )
-from .protocol import AmqpProtocol, Credentials
+from .flow import WRITE_BUFFER_HIGH, CoalescingWriter, Heartbeats, PublishGate
+from .protocol import AmqpProtocol
 
 logger = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[amqp.Delivery | amqp.UndecodableDelivery], None]
-
-#: Bytes the transport may buffer before publishing pauses (a bound on memory while the
-#: broker reads slowly or not at all); writes of other frames are not held back.
-WRITE_BUFFER_HIGH = 1024 * 1024
+LostHandler = Callable[["AmqpConnection", ConnectionFailed], None]
+BlockedHandler = Callable[["AmqpConnection", str | None], None]
 
 
 @runtime_checkable
@@ -66,7 +59,7 @@ class StreamTransport(Protocol):
 
 
 class AmqpConnection(asyncio.Protocol):
-    """One open AMQP connection. Build it with :meth:`connect`."""
+    """One open AMQP connection. Open it with :func:`.opening.connect`."""
 
     def __init__(
         self,
@@ -77,8 +70,8 @@ class AmqpConnection(asyncio.Protocol):
         port: int | None = None,
         on_delivery: DeliveryHandler | None,
         on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[AmqpConnection, ConnectionFailed], None],
-        on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
+        on_lost: LostHandler,
+        on_blocked: BlockedHandler | None = None,
     ) -> None:
         self.machine = machine
         self.description = description  # the broker, as the owner names it (no password)
@@ -92,127 +85,15 @@ class AmqpConnection(asyncio.Protocol):
         self._transport: StreamTransport | None = None
         self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
-        self._flush_scheduled = False
-        self._calls: dict[int, deque[tuple[Any, asyncio.Future[Any]]]] = {}
-        self._channel_setup: dict[int, list[Any]] = {}
-        self._essential_channels: set[int] = set()
-        self._unconfirmed: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
+        self._requests = ChannelRequests(self._loop, self._send_method)
+        self._confirms = PublishConfirms()
         self._error: ConnectionFailed | None = None  # why the connection ended, once it has
         self._closing = False
         self._lost_reported = False
         self._last_received = self._loop.time()
-        self._sent_since_tick = False
-        self._heartbeat_timer: asyncio.TimerHandle | None = None
-        #: Why the broker blocks this connection's publishes (a resource alarm), or None.
-        self.blocked_reason: str | None = None
-        self._writing_paused = False  # the transport's buffer is over its high-water mark
-        self._held_back = 0  # bytes of publishes queued this loop iteration, not yet written
-        self._progress: dict[int, float] = {}  # channel -> last request sent or reply received
-        self._publishable = asyncio.Event()
-        self._publishable.set()
-
-    # Opening --------------------------------------------------------------------------------
-
-    @classmethod
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        credentials: Credentials,
-        virtual_host: str,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        server_hostname: str | None = None,
-        timeout: float,
-        heartbeat: int,
-        client_properties: dict[str, Any],
-        description: str,
-        on_delivery: DeliveryHandler | None,
-        on_deliveries_done: Callable[[], None],
-        on_lost: Callable[[AmqpConnection, ConnectionFailed], None],
-        on_blocked: Callable[[AmqpConnection, str | None], None] | None = None,
-        max_body_size: int | None = None,
-    ) -> AmqpConnection:
-        """Connect, authenticate and open the vhost, or raise :class:`~.errors.ConnectionFailed`.
-
-        Deliveries with a body over ``max_body_size`` bytes are skipped unread and handed
-        to ``on_delivery`` as an :class:`~.protocol.UndecodableDelivery` marked too large.
-        """
-        machine = AmqpProtocol(
-            credentials,
-            virtual_host,
-            heartbeat=heartbeat,
-            client_properties=client_properties,
-            max_body_size=max_body_size,
-        )
-        loop = asyncio.get_running_loop()
-        connection = cls(
-            machine,
-            description,
-            host=host,
-            port=port,
-            on_delivery=on_delivery,
-            on_deliveries_done=on_deliveries_done,
-            on_lost=on_lost,
-            on_blocked=on_blocked,
-        )
-
-        async def open_and_handshake() -> None:
-            await loop.create_connection(
-                lambda: connection,
-                host,
-                port,
-                ssl=ssl_context,
-                server_hostname=(server_hostname or host) if ssl_context is not None else None,
-            )
-            await connection._opened
-
-        try:
-            await asyncio.wait_for(open_and_handshake(), timeout)
-        except asyncio.TimeoutError:
-            connection.abort()
-            raise HandshakeTimeout(
-                f"no AMQP answer from {description} within connect_timeout={timeout:g}s",
-                peer=description,
-                host=host,
-                port=port,
-                timeout=timeout,
-            ) from None
-        except ssl.SSLCertVerificationError as error:
-            raise TlsFailed(
-                f"TLS: the certificate of {description} was not accepted: {error.verify_message}",
-                peer=description,
-                host=host,
-                port=port,
-                reason=error.reason,
-                verify_code=error.verify_code,
-                verify_message=error.verify_message,
-            ) from None
-        except ssl.SSLError as error:
-            raise TlsFailed(
-                f"TLS handshake with {description} failed: {error.reason}",
-                peer=description,
-                host=host,
-                port=port,
-                reason=error.reason,
-            ) from None
-        except ConnectionFailed:
-            connection.abort()
-            raise
-        except OSError as error:
-            reason = error.strerror or str(error) or type(error).__name__
-            raise Unreachable(
-                f"cannot connect to {description}: {reason}",
-                peer=description,
-                host=host,
-                port=port,
-                errno=error.errno,
-                reason=reason,
-            ) from None
-        except BaseException:
-            connection.abort()
-            raise
-        return connection
+        self._heartbeats = Heartbeats(self._loop, self._send_heartbeat, self._missed_heartbeats)
+        self._writer = CoalescingWriter(self._loop, machine.take_outgoing, self._write)
+        self._gate = PublishGate()
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -258,7 +139,7 @@ class AmqpConnection(asyncio.Protocol):
                 except Exception:
                     logger.exception("dropped a delivery that could not be routed")
             elif type(event) is amqp.PublishConfirmed:
-                self._on_confirm(event)
+                self._confirms.on_confirm(event)
             else:
                 self._on_event(event)
         if delivered:
@@ -268,8 +149,7 @@ class AmqpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        if self._heartbeat_timer is not None:
-            self._heartbeat_timer.cancel()
+        self._heartbeats.stop()
         if self._error is None:
             if self._closing:
                 self._error = ConnectionLost(
@@ -291,17 +171,14 @@ class AmqpConnection(asyncio.Protocol):
         self._fail_pending(error)
         if not self._closed.done():
             self._closed.set_result(None)
-        self._publishable.set()  # waiters wake up and find the connection gone
+        self._gate.release()  # waiters wake up and find the connection gone
         self._report_lost(error)
 
     def pause_writing(self) -> None:
-        self._writing_paused = True
-        self._publishable.clear()
+        self._gate.set_buffer_full(True)
 
     def resume_writing(self) -> None:
-        self._writing_paused = False
-        if self.blocked_reason is None:
-            self._publishable.set()
+        self._gate.set_buffer_full(False)
 
     # Requests -----------------------------------------------------------------------------
 
@@ -312,47 +189,42 @@ class AmqpConnection(asyncio.Protocol):
     @property
     def can_publish(self) -> bool:
         """Open, not blocked by the broker, and the write buffer below its high-water mark."""
-        return self._publishable.is_set() and self.is_open
+        return self._gate.is_open and self.is_open
+
+    @property
+    def blocked_reason(self) -> str | None:
+        """Why the broker blocks this connection's publishes (a resource alarm), or None."""
+        return self._gate.blocked_reason
 
     async def wait_until_publishable(self) -> None:
         """Wait until publishing may go on, or the connection has ended (check :attr:`is_open`)."""
-        await self._publishable.wait()
+        await self._gate.wait()
 
     def fail_unconfirmed(self, error: BaseException) -> None:
         """Give up on every publish still waiting for its confirm (the broker may still take it)."""
-        for pending in self._unconfirmed.values():
-            for future in pending.values():
-                if not future.done():
-                    future.set_exception(error)
-            pending.clear()
+        self._confirms.fail_all(error)
 
-    def call(self, channel_id: int, method: Any) -> asyncio.Future[Any]:
+    def call(self, channel_id: int, method: Frame) -> asyncio.Future[Frame]:
         """Send a request on a channel; the future gets the reply or a broker error."""
-        future: asyncio.Future[Any] = self._loop.create_future()
         if not self.is_open:
+            future: asyncio.Future[Frame] = self._loop.create_future()
             future.set_exception(self._error or self._not_connected())
             return future
-        queue = self._calls.setdefault(channel_id, deque())
-        queue.append((method, future))
-        if len(queue) == 1:
-            self._send_request(channel_id, method)
-        return future
+        return self._requests.call(channel_id, method)
 
-    async def open_channel(self, channel_id: int, setup: list[Any], *, essential: bool = False) -> None:
+    async def open_channel(self, channel_id: int, setup: list[Frame], *, essential: bool = False) -> None:
         """Open a channel and run ``setup`` on it.
 
         When the broker closes the channel, it is reopened and set up the same way; or,
         for an ``essential`` channel (publishing, consuming), the whole connection is
         dropped, so that its owner reconnects with every counter and tag fresh.
         """
-        if essential:
-            self._essential_channels.add(channel_id)
-        self._channel_setup[channel_id] = setup
+        self._requests.configure(channel_id, setup, essential=essential)
         for method in [commands.Channel.Open(), *setup]:
             future = self.call(channel_id, method)
         await future
         if any(isinstance(method, commands.Confirm.Select) for method in setup):
-            self._unconfirmed.setdefault(channel_id, OrderedDict())
+            self._confirms.enable(channel_id)
 
     def publish(
         self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
@@ -360,24 +232,13 @@ class AmqpConnection(asyncio.Protocol):
         """Publish on a confirming channel; the future is True (ack) or False (nack)."""
         if not self.is_open:
             raise self._error or self._not_connected()
-        unconfirmed = self._unconfirmed.get(channel_id)
+        unconfirmed = self._confirms.waiting_on(channel_id)
         if unconfirmed is None:
             raise ConnectionLost(f"AMQP channel {channel_id} is not (yet) in confirm mode", **self._peer())
         tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
         future: asyncio.Future[bool] = self._loop.create_future()
         unconfirmed[tag] = future
-        if not self._flush_scheduled:
-            # The first publish of a loop iteration goes out at once (latency); the rest of
-            # the iteration's publishes go out together in the flush scheduled here (throughput).
-            self._flush()
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-        else:
-            self._held_back += len(body)
-            if self._held_back > WRITE_BUFFER_HIGH // 2:
-                # Hand a large batch to the transport now: past its high-water mark it pauses
-                # us (can_publish turns False) before the next publish of this iteration.
-                self._write_outgoing()
+        self._writer.published(len(body))
         return future
 
     def ack(self, channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
@@ -406,8 +267,7 @@ class AmqpConnection(asyncio.Protocol):
 
     # Internals -----------------------------------------------------------------------------
 
-    def _send_request(self, channel_id: int, method: Any) -> None:
-        self._progress[channel_id] = self._loop.time()
+    def _send_method(self, channel_id: int, method: Frame) -> None:
         self.machine.send_method(channel_id, method)
         self._schedule_flush()
 
@@ -416,67 +276,44 @@ class AmqpConnection(asyncio.Protocol):
         or reply received there; otherwise anything received at all."""
         if channel_id is None:
             return self._loop.time() - self._last_received
-        return self._loop.time() - self._progress.get(channel_id, self._last_received)
+        progress = self._requests.last_progress(channel_id)
+        return self._loop.time() - (self._last_received if progress is None else progress)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._writer.schedule()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._write_outgoing()
+        self._writer.write_now()
 
-    def _write_outgoing(self) -> None:
-        self._held_back = 0
-        data = self.machine.take_outgoing()
-        if data and self._transport is not None:
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None:
             self._transport.write(data)
-            self._sent_since_tick = True
-
-    def _on_confirm(self, event: amqp.PublishConfirmed) -> None:
-        pending = self._unconfirmed.get(event.channel_id)
-        if not pending:
-            return
-        if event.multiple:
-            while pending:
-                tag = next(iter(pending))
-                if tag > event.delivery_tag:
-                    break
-                future = pending.pop(tag)
-                if not future.done():
-                    future.set_result(event.accepted)
-        else:
-            waiting = pending.pop(event.delivery_tag, None) if event.delivery_tag in pending else None
-            if waiting is not None and not waiting.done():
-                waiting.set_result(event.accepted)
+            self._heartbeats.sent_since_tick = True
 
     def _on_event(self, event: amqp.Event) -> None:
         if isinstance(event, amqp.MethodReceived):
             self._on_method(event)
         elif isinstance(event, amqp.ConnectionOpened):
-            self._start_heartbeats(event.heartbeat)
+            self._heartbeats.start(event.heartbeat)
             if not self._opened.done():
                 self._opened.set_result(event)
         elif isinstance(event, amqp.ChannelClosed):
             self._on_channel_closed(event)
         elif isinstance(event, amqp.ConnectionClosed):
             if not event.by_us:
-                self._error = self._describe_close(event)
+                self._error = _close_error(event, opened=self._opened.done(), **self._peer())
                 logger.debug("%s", self._error)  # the owner reports it, once
                 self._report_lost(self._error)
             self._flush()
             if self._transport is not None:
                 self._transport.close()
         elif isinstance(event, amqp.ConnectionBlocked):
-            self.blocked_reason = event.reason or "a resource alarm"
-            self._publishable.clear()
+            reason = event.reason or "a resource alarm"
+            self._gate.set_blocked(reason)
             if self._on_blocked is not None:
-                self._on_blocked(self, self.blocked_reason)
+                self._on_blocked(self, reason)
         elif isinstance(event, amqp.ConnectionUnblocked):
-            self.blocked_reason = None
-            if not self._writing_paused:
-                self._publishable.set()
+            self._gate.set_blocked(None)
             if self._on_blocked is not None:
                 self._on_blocked(self, None)
 
@@ -488,44 +325,27 @@ class AmqpConnection(asyncio.Protocol):
             )
             return
         if isinstance(method, commands.Channel.Flow):
-            self._send_request(event.channel_id, commands.Channel.FlowOk(method.active))
+            self._send_method(event.channel_id, commands.Channel.FlowOk(method.active))
             return
         if isinstance(method, commands.Basic.Return):
             return
-        queue = self._calls.get(event.channel_id)
-        if not queue:
-            logger.debug("unexpected %s on channel %d", method.name, event.channel_id)
-            return
-        _request, future = queue.popleft()
-        self._progress[event.channel_id] = self._loop.time()
-        if not future.done():
-            future.set_result(method)
-        if queue:
-            self._send_request(event.channel_id, queue[0][0])
+        self._requests.on_reply(event.channel_id, method)
 
     def _on_channel_closed(self, event: amqp.ChannelClosed) -> None:
-        queue = self._calls.get(event.channel_id, deque())
-        request = queue.popleft() if queue else None
-        request_name = request[0].name if request is not None else ""
-        error = ChannelRefused(event.reply_code, event.reply_text, request_name)
-        if request is not None and not request[1].done():
-            request[1].set_exception(error)
-        pending = self._unconfirmed.get(event.channel_id)
-        if pending:
-            lost = ConnectionLost(
+        self._requests.on_channel_closed(event)
+        self._confirms.fail_channel(
+            event.channel_id,
+            ConnectionLost(
                 "RabbitMQ closed the publishing channel before confirming "
                 f"({event.reply_code} {event.reply_text})",
                 **self._peer(),
                 reply_code=event.reply_code,
                 reply_text=event.reply_text,
-            )
-            for future in pending.values():
-                if not future.done():
-                    future.set_exception(lost)
-            pending.clear()
+            ),
+        )
         if self._closing or self._error is not None:
             return
-        if event.channel_id in self._essential_channels:
+        if event.channel_id in self._requests.essential:
             self._fail(
                 ConnectionLost(
                     f"RabbitMQ closed AMQP channel {event.channel_id} on {self.description}: "
@@ -536,40 +356,7 @@ class AmqpConnection(asyncio.Protocol):
                 )
             )
             return
-        # Reopen the channel, set it up again, then go on with the requests still queued.
-        reopen = [commands.Channel.Open(), *self._channel_setup.get(event.channel_id, [])]
-        for method in reversed(reopen):
-            future = self._loop.create_future()
-            future.add_done_callback(_log_failed_reopen)
-            queue.appendleft((method, future))
-        self._calls[event.channel_id] = queue
-        self._send_request(event.channel_id, queue[0][0])
-
-    def _describe_close(self, event: amqp.ConnectionClosed) -> ConnectionFailed:
-        code = _code_and_name(event.reply_code)
-        if not self._opened.done():
-            if event.reply_code == ReplyCode.ACCESS_REFUSED:
-                return LoginRefused(
-                    f"RabbitMQ refused the login of {self.description}: wrong username or password ({code})",
-                    **self._peer(),
-                    reply_code=event.reply_code,
-                    reply_text=event.reply_text,
-                )
-            if event.reply_code == ReplyCode.NOT_ALLOWED:
-                return VhostRefused(
-                    f"RabbitMQ refused the vhost of {self.description}: it does not exist "
-                    f"or the user may not use it ({event.reply_text})",
-                    **self._peer(),
-                    reply_code=event.reply_code,
-                    reply_text=event.reply_text,
-                )
-        return ConnectionLost(
-            f"RabbitMQ closed the connection to {self.description}: {event.reply_text}",
-            **self._peer(),
-            reply_code=event.reply_code,
-            reply_text=event.reply_text,
-            during_handshake=not self._opened.done(),
-        )
+        self._requests.reopen(event.channel_id)
 
     def _peer(self) -> dict[str, Any]:
         """The fields every connection error of this connection carries."""
@@ -578,25 +365,21 @@ class AmqpConnection(asyncio.Protocol):
     def _not_connected(self) -> ConnectionLost:
         return ConnectionLost(f"not connected to {self.description}", **self._peer())
 
-    def _start_heartbeats(self, interval: int) -> None:
-        if interval > 0:
-            self._heartbeat_timer = self._loop.call_later(interval / 2, self._heartbeat_tick, interval)
+    def _send_heartbeat(self) -> None:
+        if self._transport is not None:
+            self.machine.heartbeat_frame()
+            self._flush()
 
-    def _heartbeat_tick(self, interval: int) -> None:
-        if self._transport is None:
-            return
-        if self._loop.time() - self._last_received > 2 * interval:
+    def _missed_heartbeats(self, interval: int) -> bool:
+        """Fail the connection if the broker said nothing for two intervals; True when it did."""
+        if self._transport is not None and self._loop.time() - self._last_received > 2 * interval:
             self._fail(
                 ConnectionLost(
                     f"{self.description} missed heartbeats: nothing heard for {2 * interval}s", **self._peer()
                 )
             )
-            return
-        if not self._sent_since_tick:
-            self.machine.heartbeat_frame()
-            self._flush()
-        self._sent_since_tick = False
-        self._heartbeat_timer = self._loop.call_later(interval / 2, self._heartbeat_tick, interval)
+            return True
+        return self._transport is None
 
     def _fail(self, error: ConnectionFailed) -> None:
         """End the connection now because of ``error``."""
@@ -619,29 +402,17 @@ class AmqpConnection(asyncio.Protocol):
             self._transport.abort()
 
     def _fail_pending(self, error: ConnectionFailed) -> None:
-        for queue in self._calls.values():
-            for _method, future in queue:
-                if not future.done():
-                    future.set_exception(error)
-            queue.clear()
-        for pending in self._unconfirmed.values():
-            if pending:
-                lost = ConnectionLost(
+        self._requests.fail_all(error)
+        if self._confirms.any_pending():
+            self._confirms.fail_all(
+                ConnectionLost(
                     f"{error}; the broker had not confirmed the message: "
                     "it may or may not have been delivered",
                     **self._peer(),
                     reply_code=getattr(error, "reply_code", None),
                     reply_text=getattr(error, "reply_text", None),
                 )
-                for future in pending.values():
-                    if not future.done():
-                        future.set_exception(lost)
-                pending.clear()
-
-
-def _log_failed_reopen(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        logger.error("could not reopen an AMQP channel: %s", future.exception())
+            )
 
 
 def _code_and_name(code: int) -> str:
@@ -650,3 +421,39 @@ def _code_and_name(code: int) -> str:
         return f"{code} {ReplyCode(code).name}"
     except ValueError:
         return str(code)
+
+
+def _close_error(
+    event: amqp.ConnectionClosed, *, opened: bool, peer: str, host: str | None, port: int | None
+) -> ConnectionFailed:
+    """Why the broker closed the connection: before it opened, a 403 is the login and a 530 the vhost."""
+    code = _code_and_name(event.reply_code)
+    if not opened:
+        if event.reply_code == ReplyCode.ACCESS_REFUSED:
+            return LoginRefused(
+                f"RabbitMQ refused the login of {peer}: wrong username or password ({code})",
+                peer=peer,
+                host=host,
+                port=port,
+                reply_code=event.reply_code,
+                reply_text=event.reply_text,
+            )
+        if event.reply_code == ReplyCode.NOT_ALLOWED:
+            return VhostRefused(
+                f"RabbitMQ refused the vhost of {peer}: it does not exist "
+                f"or the user may not use it ({event.reply_text})",
+                peer=peer,
+                host=host,
+                port=port,
+                reply_code=event.reply_code,
+                reply_text=event.reply_text,
+            )
+    return ConnectionLost(
+        f"RabbitMQ closed the connection to {peer}: {event.reply_text}",
+        peer=peer,
+        host=host,
+        port=port,
+        reply_code=event.reply_code,
+        reply_text=event.reply_text,
+        during_handshake=not opened,
+    )

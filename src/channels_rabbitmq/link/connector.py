@@ -13,6 +13,7 @@ from typing import Any
 from .. import __version__
 from ..amqp.connection import AmqpConnection, DeliveryHandler
 from ..amqp.errors import ConnectionFailed
+from ..amqp.opening import connect as amqp_connect
 from ..amqp.protocol import Credentials
 from ..config import BrokerAddress, LayerConfig
 from .errors import connection_error
@@ -58,7 +59,7 @@ async def open_connection(
     gets the AMQP client's error (map it with :func:`.errors.connection_error`).
     """
     try:
-        return await AmqpConnection.connect(
+        return await amqp_connect(
             ip,
             address.port,
             Credentials(address.username, address.password),

@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 from pamqp import commands
+from pamqp.base import Frame
 
 from ..amqp.connection import AmqpConnection
 from ..amqp.errors import AmqpError, ChannelRefused, ReplyCode
@@ -275,8 +276,8 @@ class Topology:
     # Requests -------------------------------------------------------------------------------
 
     async def request(
-        self, connection: AmqpConnection, method: Any, operation: str, channel_id: int = CONTROL_CHANNEL
-    ) -> Any:
+        self, connection: AmqpConnection, method: Frame, operation: str, channel_id: int = CONTROL_CHANNEL
+    ) -> Frame:
         """One request; the connection is dropped if its channel makes no progress for ``connect_timeout``.
 
         Requests on a channel go one at a time: a request queued behind many others waits
