@@ -12,21 +12,17 @@
 
 from __future__ import annotations
 
-import struct
 import threading
 from typing import Any
 
 import msgpack
 from channels.exceptions import MessageTooLarge
 
-from .amqp.frames import HEADERS_FLAG
+from .amqp.frames import encode_string_header
 
 CHANNEL_HEADER = "asgi_channel"
 NO_PROPERTIES = b"\x00\x00"
 
-_header_start = struct.pack(">H", HEADERS_FLAG)
-_channel_key = bytes((len(CHANNEL_HEADER),)) + CHANNEL_HEADER.encode() + b"S"
-_uint32 = struct.Struct(">I")
 _packers = threading.local()  # a msgpack Packer is not thread-safe: one per thread
 
 
@@ -91,6 +87,4 @@ def decode_message(body: bytes, max_size: int | None = None) -> dict[str, Any]:
 
 def channel_properties(channel: str) -> bytes:
     """The basic properties of a ``send()``: a headers table naming the target channel."""
-    raw = channel.encode()
-    entry = _channel_key + _uint32.pack(len(raw)) + raw
-    return _header_start + _uint32.pack(len(entry)) + entry
+    return encode_string_header(CHANNEL_HEADER, channel)
