@@ -10,20 +10,12 @@
 
 from __future__ import annotations
 
-import struct
-
-from .amqp.frames import HEADERS_FLAG
+from .amqp.frames import encode_string_header
 
 CHANNEL_HEADER = "asgi_channel"
 NO_PROPERTIES = b"\x00\x00"
 
-_header_start = struct.pack(">H", HEADERS_FLAG)
-_channel_key = bytes((len(CHANNEL_HEADER),)) + CHANNEL_HEADER.encode() + b"S"
-_uint32 = struct.Struct(">I")
-
 
 def channel_properties(channel: str) -> bytes:
     """The basic properties of a ``send()``: a headers table naming the target channel."""
-    raw = channel.encode()
-    entry = _channel_key + _uint32.pack(len(raw)) + raw
-    return _header_start + _uint32.pack(len(entry)) + entry
+    return encode_string_header(CHANNEL_HEADER, channel)

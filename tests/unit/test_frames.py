@@ -190,6 +190,50 @@ def test_protocol_header_is_amqp_0_9_1():
     assert frames.PROTOCOL_HEADER == b"AMQP\x00\x00\x09\x01"
 
 
+# Frame heads and method indexes -----------------------------------------------------------------
+
+
+def test_decode_frame_head_reads_every_frame_the_encoders_write():
+    data = frames.encode_publish(7, b"ex", b"rk", NO_PROPERTIES, b"z" * 5000, 4096)
+    data += frames.encode_ack(7, 3, False) + frames.HEARTBEAT_FRAME
+    heads = []
+    offset = 0
+    while offset < len(data):
+        frame_type, channel, size = frames.decode_frame_head(data, offset)
+        heads.append((frame_type, channel))
+        offset += frames.FRAME_HEAD_SIZE + size
+        assert data[offset] == frames.FRAME_END
+        offset += 1
+    assert heads == [
+        (frames.FRAME_METHOD, 7),
+        (frames.FRAME_HEADER, 7),
+        (frames.FRAME_BODY, 7),
+        (frames.FRAME_BODY, 7),
+        (frames.FRAME_METHOD, 7),
+        (frames.FRAME_HEARTBEAT, 0),
+    ]
+
+
+@pytest.mark.parametrize(("method", "index"), [
+    (commands.Basic.Deliver("c", 1, False, "", "q"), frames.BASIC_DELIVER_INDEX),
+    (commands.Basic.Ack(1, False), frames.BASIC_ACK_INDEX),
+    (commands.Basic.Nack(1, False, True), frames.BASIC_NACK_INDEX),
+    (commands.Basic.Publish(0, "", "q"), frames.BASIC_PUBLISH_INDEX),
+])  # fmt: skip
+def test_method_indexes_are_pamqps_and_decode_method_index_reads_them(method, index):
+    assert index == method.index
+    data = pamqp_frame.marshal(method, 1)
+    assert frames.decode_method_index(data, frames.FRAME_HEAD_SIZE) == (index,)
+    assert frames.decode_method_index(method_payload(method)) == (index,)
+
+
+def test_our_publish_and_ack_frames_carry_their_method_index():
+    publish = frames.encode_publish_method(1, b"", b"q")
+    ack = frames.encode_ack(1, 5, True)
+    assert frames.decode_method_index(publish, frames.FRAME_HEAD_SIZE) == (frames.BASIC_PUBLISH_INDEX,)
+    assert frames.decode_method_index(ack, frames.FRAME_HEAD_SIZE) == (frames.BASIC_ACK_INDEX,)
+
+
 # Headers ----------------------------------------------------------------------------------------
 
 
@@ -199,6 +243,21 @@ def test_string_headers_decode_with_pamqp_to_the_same_table():
     content_header = pamqp_header.ContentHeader()
     content_header.unmarshal(b"\x00" * 12 + encoded)
     assert content_header.properties.headers == headers
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("asgi_channel", "channels.q!abc"),
+    ("asgi_channel", ""),
+    ("ünï", "héllo ✓" * 100),
+    ("k" * 255, "v" * 70_000),
+])  # fmt: skip
+def test_one_string_header_is_the_same_bytes_as_a_table_of_one(key, value):
+    encoded = frames.encode_string_header(key, value)
+    assert encoded == frames.encode_string_headers({key: value})
+    content_header = pamqp_header.ContentHeader()
+    content_header.unmarshal(b"\x00" * 12 + encoded)
+    assert content_header.properties.headers == {key: value}
+    assert frames.decode_headers(memoryview(encoded)) == {key: value}
 
 
 def test_empty_string_headers_table_decodes_to_empty_dict():
@@ -348,3 +407,146 @@ def test_decode_deliver_of_a_routing_key_overrunning_the_frame_raises_frame_erro
     arguments = bytes(deliver_arguments(b"groups", b"room"))[:-2]
     with pytest.raises(frames.FrameError):
         frames.decode_deliver(memoryview(arguments))
+
+
+# decode_whole_delivery: the fast path ---------------------------------------------------------
+
+
+def pamqp_delivery(
+    body: bytes,
+    properties: commands.Basic.Properties | None = None,
+    *,
+    channel: int = 2,
+    frame_max: int = 131072,
+    header_channel: int | None = None,
+) -> bytes:
+    """basic.deliver, content header and body frames as a broker sends them, written by pamqp."""
+    parts = [
+        pamqp_frame.marshal(commands.Basic.Deliver("ctag.1", 2**40 + 1, True, "groups", "röom-1"), channel),
+        pamqp_frame.marshal(
+            pamqp_header.ContentHeader(0, len(body), properties or commands.Basic.Properties()),
+            channel if header_channel is None else header_channel,
+        ),
+    ]
+    chunk = frame_max - frames.FRAME_OVERHEAD
+    parts += [
+        pamqp_frame.marshal(pamqp_body.ContentBody(body[start : start + chunk]), channel)
+        for start in range(0, len(body), chunk)
+    ]
+    return b"".join(parts)
+
+
+def read_whole(data: bytes, offset: int = 0, *, channel: int = 2, max_body_size: int = 2**64):
+    method_end = offset + frames.FRAME_HEAD_SIZE + frames.decode_frame_head(data, offset)[2]
+    return frames.decode_whole_delivery(data, offset, method_end, channel, max_body_size)
+
+
+def read_frame_by_frame(data: bytes) -> tuple:
+    """The same fields as the fast path's (but the offset), read with the per-frame decoders."""
+    payloads = []
+    offset = 0
+    while offset < len(data):
+        _, _, size = frames.decode_frame_head(data, offset)
+        payloads.append(
+            memoryview(data)[offset + frames.FRAME_HEAD_SIZE : offset + frames.FRAME_HEAD_SIZE + size]
+        )
+        offset += frames.FRAME_HEAD_SIZE + size + 1
+    deliver = frames.decode_deliver(payloads[0][frames.METHOD_INDEX_SIZE :])
+    body_size, properties = frames.decode_content_header(payloads[1])
+    body = b"".join(payloads[2:])
+    assert len(body) == body_size
+    headers = frames.decode_headers(properties)
+    return deliver.delivery_tag, deliver.exchange, deliver.routing_key, headers, body, deliver.redelivered
+
+
+PLAIN_DELIVERIES = {
+    "no-properties": (b"hello", None),
+    "asgi-channel": (b"hello", commands.Basic.Properties(headers={"asgi_channel": "q!abc"})),
+    "string-headers": (b"x" * 300, commands.Basic.Properties(headers={"asgi_channel": "q!é", "k": "✓"})),
+    "empty-body": (b"", commands.Basic.Properties(headers={"asgi_channel": "q!abc"})),
+    "empty-body-no-properties": (b"", None),
+    "one-full-frame": (b"f" * (4096 - frames.FRAME_OVERHEAD), None),
+}
+
+
+@pytest.mark.parametrize(("body", "properties"), PLAIN_DELIVERIES.values(), ids=PLAIN_DELIVERIES.keys())
+def test_fast_path_reads_a_plain_delivery_as_the_per_frame_decoders_do(body, properties):
+    data = pamqp_delivery(body, properties, frame_max=4096)
+    whole = read_whole(data)
+    assert whole == (len(data), *read_frame_by_frame(data))
+    assert whole[1:] == (2**40 + 1, "groups", "röom-1", properties and properties.headers, body, True)
+    assert type(whole[5]) is bytes
+
+
+def test_fast_path_reads_a_delivery_in_the_middle_of_a_buffer_and_says_where_it_ends():
+    first = pamqp_delivery(b"first")
+    second = pamqp_delivery(b"second", commands.Basic.Properties(headers={"asgi_channel": "q!x"}))
+    data = first + second + frames.HEARTBEAT_FRAME
+    assert read_whole(data)[0] == len(first)
+    whole = read_whole(data, len(first))
+    assert whole[0] == len(first) + len(second)
+    assert whole[4:6] == ({"asgi_channel": "q!x"}, b"second")
+
+
+NOT_FAST = {
+    "content-type": pamqp_delivery(b"b", commands.Basic.Properties(content_type="text/plain")),
+    "non-string-header": pamqp_delivery(b"b", commands.Basic.Properties(headers={"n": 1})),
+    "headers-and-more": pamqp_delivery(b"b", commands.Basic.Properties(headers={"a": "b"}, delivery_mode=2)),
+    "body-in-two-frames": pamqp_delivery(b"z" * 5000, frame_max=4096),
+    "header-on-another-channel": pamqp_delivery(b"b", header_channel=4),
+}
+
+
+@pytest.mark.parametrize("data", NOT_FAST.values(), ids=NOT_FAST.keys())
+def test_fast_path_leaves_other_deliveries_to_the_per_frame_decoders(data):
+    assert read_whole(data) is None
+
+
+def test_fast_path_leaves_a_body_over_max_body_size_to_the_per_frame_decoders():
+    data = pamqp_delivery(b"12345")
+    assert read_whole(data, max_body_size=4) is None
+    assert read_whole(data, max_body_size=5) is not None
+
+
+def test_fast_path_leaves_a_delivery_whose_frames_are_not_all_there_yet():
+    data = pamqp_delivery(b"body", commands.Basic.Properties(headers={"asgi_channel": "q!abc"}))
+    method_end = frames.FRAME_HEAD_SIZE + frames.decode_frame_head(data, 0)[2]
+    for cut in range(method_end + 1, len(data)):
+        assert read_whole(data[:cut]) is None, f"cut at {cut}"
+    assert read_whole(data) is not None
+
+
+def raw_deliver(exchange: bytes, routing_key: bytes) -> bytes:
+    """A basic.deliver frame with any bytes for names (pamqp writes only str)."""
+    arguments = (
+        struct.pack(">I", frames.BASIC_DELIVER_INDEX)
+        + b"\x01c"
+        + struct.pack(">QB", 5, 0)
+        + bytes((len(exchange),))
+        + exchange
+        + bytes((len(routing_key),))
+        + routing_key
+    )
+    return struct.pack(">BHI", frames.FRAME_METHOD, 2, len(arguments)) + arguments + frames.FRAME_END_BYTE
+
+
+def content_frames(body: bytes) -> bytes:
+    """The content header and body frames of a delivery, without its method frame."""
+    data = pamqp_delivery(body)
+    return data[frames.FRAME_HEAD_SIZE + frames.decode_frame_head(data, 0)[2] + 1 :]
+
+
+def test_fast_path_leaves_names_that_are_not_utf8_to_the_per_frame_decoders():
+    rest = content_frames(b"b")
+    for exchange, routing_key in [(b"\xff", b"q"), (b"", b"q\xc3")]:
+        method = raw_deliver(exchange, routing_key)
+        assert read_whole(method + rest) is None
+        assert frames.decode_deliver(memoryview(method)[11:-1]).error is not None
+    assert read_whole(raw_deliver(b"", b"q") + rest)[1:3] == (5, "")
+
+
+def test_fast_path_of_a_routing_key_overrunning_its_frame_raises_frame_error():
+    method = raw_deliver(b"ex", b"room")
+    method = method[:-6] + b"\x09" + method[-5:]  # the routing key's size claims 9 bytes of 4
+    with pytest.raises(frames.FrameError, match="overrun"):
+        read_whole(method + content_frames(b"b"))

@@ -26,6 +26,7 @@ from pamqp import frame as pamqp_frame
 from pamqp import header as pamqp_header
 from pamqp import heartbeat as pamqp_heartbeat
 
+from channels_rabbitmq.amqp.frames import decode_whole_delivery
 from channels_rabbitmq.amqp.protocol import (
     AmqpProtocol,
     ConnectionOpened,
@@ -453,6 +454,41 @@ def test_valid_deliveries_give_the_same_events_however_they_are_split(
     byte_by_byte = open_protocol(frame_max)
     if len(data) < 2000:
         assert [event for byte in data for event in byte_by_byte.receive_data(bytes([byte]))] == expected
+
+
+def takes_the_fast_path(spec: Spec, frame_max: int) -> bool:
+    """A delivery the fast path must read: no properties or only a table of strings, one body frame."""
+    properties = spec.properties or commands.Basic.Properties()
+    (flags,) = struct.unpack_from(">H", properties.marshal())
+    strings_only = flags == 0x2000 and all(type(value) is str for value in properties.headers.values())
+    return (flags == 0 or strings_only) and len(spec.body) <= frame_max - 8
+
+
+@FAST
+@given(specs, st.sampled_from(FRAME_MAXES), st.binary(max_size=30))
+def test_the_fast_path_reads_a_delivery_as_the_frame_by_frame_path_does(
+    spec: Spec, frame_max: int, after: bytes
+) -> None:
+    data = delivery_bytes(spec, frame_max)
+    (method_size,) = struct.unpack_from(">I", data, 3)
+    whole = decode_whole_delivery(data + after, 0, 7 + method_size, spec.channel, 2**64)
+    # one frame per call: the fast path never has the three frames at once
+    protocol = open_protocol(frame_max)
+    frame_by_frame = [event for frame in split_frames(data) for event in protocol.receive_data(frame)]
+    assert frame_by_frame == [spec.expected()]
+    assert (whole is not None) is takes_the_fast_path(spec, frame_max)
+    if whole is not None:
+        assert whole[0] == len(data)
+        assert [Delivery(spec.channel, *whole[1:])] == frame_by_frame
+
+
+def split_frames(data: bytes) -> list[bytes]:
+    frames = []
+    while data:
+        (size,) = struct.unpack_from(">I", data, 3)
+        frames.append(data[: 8 + size])
+        data = data[8 + size :]
+    return frames
 
 
 def raw_deliver(consumer_tag: bytes, redelivered_octet: int) -> bytes:

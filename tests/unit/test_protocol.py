@@ -12,6 +12,7 @@ from pamqp import header as pamqp_header
 from pamqp import heartbeat as pamqp_heartbeat
 
 from channels_rabbitmq.amqp import frames
+from channels_rabbitmq.amqp import protocol as protocol_module
 from channels_rabbitmq.amqp.protocol import (
     AmqpProtocol,
     ChannelClosed,
@@ -549,20 +550,20 @@ FAST_PATH_KINDS = {
 
 
 @pytest.mark.parametrize(("name", "kwargs", "expected"), MESSAGE_KINDS, ids=KIND_IDS)
-def test_whole_deliveries_with_plain_properties_take_the_fast_path_and_others_do_not(name, kwargs, expected):
+def test_whole_deliveries_with_plain_properties_take_the_fast_path_and_others_do_not(
+    name, kwargs, expected, monkeypatch
+):
     # the equivalence tests above only compare two code paths if the fast one is really taken
-    protocol = open_protocol()
     results = []
-    whole_delivery = protocol._whole_delivery
 
     def spy(*args):
-        results.append(whole_delivery(*args))
+        results.append(frames.decode_whole_delivery(*args))
         return results[-1]
 
-    protocol._whole_delivery = spy
-    assert protocol.receive_data(delivery_frames(**kwargs)) == [expected]
+    monkeypatch.setattr(protocol_module, "decode_whole_delivery", spy)
+    assert open_protocol().receive_data(delivery_frames(**kwargs)) == [expected]
     assert len(results) == 1
-    assert bool(results[0]) is (name in FAST_PATH_KINDS)
+    assert (results[0] is not None) is (name in FAST_PATH_KINDS)
 
 
 def test_delivery_with_long_exchange_routing_key_and_consumer_tag():
@@ -830,6 +831,16 @@ TRUNCATED_METHODS = {
 def test_truncated_method_frame_raises_protocol_error(data):
     with pytest.raises(ProtocolError):
         open_protocol().receive_data(data)
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes"])
+def test_deliver_whose_routing_key_overruns_its_frame_raises_protocol_error_saying_so(how):
+    # a frames.FrameError, reported as itself, as soon as the method frame is whole
+    method = raw_deliver_frame(b"ex", b"room")
+    method = method[:-6] + b"\x09" + method[-5:]  # the routing key's size claims 9 bytes of 4
+    data = method + raw_content_header(2, 0, NO_PROPERTIES)
+    with pytest.raises(ProtocolError, match=r"^basic\.deliver arguments overrun their frame$"):
+        feed(open_protocol(), data, how)
 
 
 # Hostile deliveries: bodies over max_body_size, non-UTF-8 names, a tiny frame_max ---------------

@@ -9,7 +9,6 @@ plain unit test on bytes.
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,16 +16,16 @@ from pamqp import commands
 
 from . import frames
 from .errors import ProtocolError
-
-_frame_head = struct.Struct(">BHI")
-_method_index = struct.Struct(">I")
-_deliver_tail = struct.Struct(">QB")  # delivery tag, redelivered
-_content_frame_head = struct.Struct(">BHIHHQH")  # frame head, class, weight, body size, property flags
-
-_BASIC_DELIVER = (frames.BASIC_CLASS << 16) | frames.BASIC_DELIVER
-_BASIC_ACK = (frames.BASIC_CLASS << 16) | frames.BASIC_ACK
-_BASIC_NACK = (frames.BASIC_CLASS << 16) | frames.BASIC_NACK
-
+from .frames import (
+    BASIC_ACK_INDEX,
+    BASIC_DELIVER_INDEX,
+    BASIC_NACK_INDEX,
+    FRAME_HEAD_SIZE,
+    METHOD_INDEX_SIZE,
+    decode_frame_head,
+    decode_method_index,
+    decode_whole_delivery,
+)
 
 # Events ---------------------------------------------------------------------------------------
 
@@ -260,26 +259,29 @@ class AmqpProtocol:
         offset = 0
         end = len(data)
         try:
-            while end - offset >= 7:
-                frame_type, channel_id, size = _frame_head.unpack_from(view, offset)
-                frame_end = offset + 7 + size
+            while end - offset >= FRAME_HEAD_SIZE:
+                frame_type, channel_id, size = decode_frame_head(view, offset)
+                payload_start = offset + FRAME_HEAD_SIZE
+                frame_end = payload_start + size
                 if frame_end >= end:
-                    if frame_type not in (1, 2, 3, 8) or size > max(self.frame_max, 131072) * 2:
+                    if frame_type not in frames.FRAME_TYPES or size > max(self.frame_max, 131072) * 2:
                         raise ProtocolError(f"bad frame head: type {frame_type}, size {size}")
                     break
                 if view[frame_end] != frames.FRAME_END:
                     raise ProtocolError("frame does not end with 0xCE")
-                if frame_type == frames.FRAME_METHOD and size < 4:
-                    raise ProtocolError(f"method frame of {size} bytes")
-                if (
-                    frame_type == frames.FRAME_METHOD
-                    and _method_index.unpack_from(data, offset + 7)[0] == _BASIC_DELIVER
-                ):
-                    complete = self._whole_delivery(data, offset, frame_end, channel_id, events)
-                    if complete:
-                        offset = complete
-                        continue
-                payload = view[offset + 7 : frame_end]
+                if frame_type == frames.FRAME_METHOD:
+                    if size < METHOD_INDEX_SIZE:
+                        raise ProtocolError(f"method frame of {size} bytes")
+                    if decode_method_index(data, payload_start)[0] == BASIC_DELIVER_INDEX:
+                        # the fast path: the delivery's frames read at once when they are all here
+                        whole = decode_whole_delivery(data, offset, frame_end, channel_id, self.max_body_size)
+                        if whole is not None:
+                            offset, tag, exchange, routing_key, headers, body, redelivered = whole
+                            events.append(
+                                Delivery(channel_id, tag, exchange, routing_key, headers, body, redelivered)
+                            )
+                            continue
+                payload = view[payload_start:frame_end]
                 offset = frame_end + 1
                 if frame_type == frames.FRAME_METHOD:
                     self._on_method(channel_id, payload, events)
@@ -291,97 +293,25 @@ class AmqpProtocol:
                     raise ProtocolError(f"unknown frame type {frame_type}")
         except ProtocolError:
             raise
+        except frames.FrameError as error:  # the codec's own words
+            raise ProtocolError(str(error)) from None
         except Exception as error:  # whatever the peer's bytes make a decoder raise
             raise ProtocolError(f"truncated or malformed frame: {type(error).__name__}: {error}") from None
         finally:
             self._leftover = data[offset:] if offset < end else b""
         return events
 
-    def _whole_delivery(
-        self, data: bytes, offset: int, method_end: int, channel_id: int, events: list[Event]
-    ) -> int:
-        """The fast path: a delivery whose three frames are all in ``data``, with a plain
-        properties layout and a single body frame. Returns the offset after it, or 0 to
-        let the frame-by-frame path handle it."""
-        end = len(data)
-        position = offset + 11  # frame head (7) and method index (4)
-        position += 1 + data[position]  # consumer tag
-        delivery_tag, redelivered = _deliver_tail.unpack_from(data, position)
-        position += 9
-        exchange_end = position + 1 + data[position]
-        routing_key_end = exchange_end + 1 + data[exchange_end]
-        if routing_key_end > method_end:
-            raise ProtocolError("basic.deliver arguments overrun their frame")
-        try:
-            exchange = data[position + 1 : exchange_end].decode()
-            routing_key = data[exchange_end + 1 : routing_key_end].decode()
-        except UnicodeDecodeError:
-            return 0  # the frame-by-frame path turns it into an UndecodableDelivery
-        header = method_end + 1
-        if end - header < 21:
-            return 0
-        frame_type, header_channel, size, class_id, _weight, body_size, flags = (
-            _content_frame_head.unpack_from(data, header)
-        )
-        header_end: int = header + 7 + size
-        if frame_type != frames.FRAME_HEADER or header_channel != channel_id or header_end >= end:
-            return 0
-        if data[header_end] != frames.FRAME_END or class_id != frames.BASIC_CLASS:
-            return 0
-        if body_size > self.max_body_size:
-            return 0  # skipped by the frame-by-frame path
-        if flags == 0:
-            headers = None
-        elif flags == frames.HEADERS_FLAG:
-            try:
-                headers = frames.decode_string_table(data, header + 21, header_end)
-            except (ValueError, IndexError, struct.error):
-                return 0
-            if headers is None:
-                return 0
-        else:
-            return 0
-        if body_size == 0:
-            events.append(
-                Delivery(channel_id, delivery_tag, exchange, routing_key, headers, b"", bool(redelivered & 1))
-            )
-            return header_end + 1
-        body_start = header_end + 1
-        if end - body_start < 7:
-            return 0
-        frame_type, body_channel, size = _frame_head.unpack_from(data, body_start)
-        body_end: int = body_start + 7 + size
-        if frame_type != frames.FRAME_BODY or body_channel != channel_id or size != body_size:
-            return 0
-        if body_end >= end or data[body_end] != frames.FRAME_END:
-            return 0
-        events.append(
-            Delivery(
-                channel_id,
-                delivery_tag,
-                exchange,
-                routing_key,
-                headers,
-                data[body_start + 7 : body_end],
-                bool(redelivered & 1),
-            )
-        )
-        return body_end + 1
-
     def _on_method(self, channel_id: int, payload: memoryview, events: list[Event]) -> None:
-        (index,) = _method_index.unpack_from(payload)
-        if index == _BASIC_DELIVER:
-            deliver = frames.decode_deliver(payload[4:])
+        (index,) = decode_method_index(payload)
+        if index == BASIC_DELIVER_INDEX:
+            deliver = frames.decode_deliver(payload[METHOD_INDEX_SIZE:])
             self._incoming[channel_id] = _IncomingContent(deliver, error=deliver.error)
             return
-        if index in (_BASIC_ACK, _BASIC_NACK):
-            tag, multiple = frames.decode_confirm(payload[4:])
-            events.append(PublishConfirmed(channel_id, tag, multiple, index == _BASIC_ACK))
+        if index in (BASIC_ACK_INDEX, BASIC_NACK_INDEX):
+            tag, multiple = frames.decode_confirm(payload[METHOD_INDEX_SIZE:])
+            events.append(PublishConfirmed(channel_id, tag, multiple, index == BASIC_ACK_INDEX))
             return
-        try:
-            method = frames.decode_method(payload)
-        except frames.FrameError as error:
-            raise ProtocolError(str(error)) from None
+        method = frames.decode_method(payload)
         if channel_id == 0:
             self._on_connection_method(method, events)
         elif isinstance(method, commands.Channel.Close):
