@@ -275,6 +275,12 @@ class AmqpConnection(asyncio.Protocol):
                 self._error = ConnectionLost(
                     f"the connection to {self.description} was closed", **self._peer()
                 )
+            elif isinstance(exc, ssl.SSLError) and not self._opened.done():
+                # TLS 1.3: the client's side of the handshake ends before the broker checks the
+                # client's certificate, so its refusal (an alert) arrives here, not in connect().
+                self._error = TlsFailed(
+                    f"TLS handshake with {self.description} failed: {exc}", **self._peer(), reason=exc.reason
+                )
             else:
                 reason = f": {exc}" if exc else ""
                 opened = self._opened.done()
