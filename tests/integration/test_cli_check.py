@@ -7,11 +7,13 @@ changes, so that each failure case can check that no spelling of it is printed.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +25,22 @@ from urllib.parse import quote
 
 import pytest
 
-from channels_rabbitmq.cli.check import Report, passwords_in
+from channels_rabbitmq.cli.check.explain import explain_connection_error, is_access_refused
+from channels_rabbitmq.cli.check.report import Report, passwords_in
+from channels_rabbitmq.config import LayerConfig
+from channels_rabbitmq.exceptions import (
+    BrokerAccessRefusedError,
+    BrokerConnectionError,
+    BrokerConnectionLostError,
+    BrokerLoginRefusedError,
+    BrokerProtocolError,
+    BrokerRefusedError,
+    BrokerTimeoutError,
+    BrokerTLSError,
+    BrokerUnreachableError,
+    BrokerVhostRefusedError,
+    ReplyCode,
+)
 from tests.brokers.certs import CertificateAuthority, Issued
 from tests.brokers.nodes import Node, NodeError, Nodes, free_ports, unavailable_reason
 from tests.conftest import Broker, rabbitmqctl
@@ -154,6 +171,153 @@ def test_the_report_hides_a_password_in_every_spelling_as_a_safety_net() -> None
     assert out.getvalue() == "FAIL  raw ****, encoded ****, user guest\n"
 
 
+# Explanations are chosen by type and fields, never by message ----------------------------------
+
+# Each message below names another failure, to show that the explanation does not read it.
+MISLEADING = (
+    "TLS: hostname mismatch, certificate has expired, WRONG_VERSION_NUMBER, CERTIFICATE_REQUIRED, "
+    "UNKNOWN_CA; RabbitMQ refused the login, refused the vhost: not found; no answer within "
+    "connect_timeout; AMQP protocol error; closed during the handshake; ACCESS_REFUSED"
+)
+TARGET = {"url": "amqps://someone@broker.example:5671/site", "address": "192.0.2.7:5671"}
+
+
+@pytest.mark.parametrize(
+    ("error", "summary", "hint"),
+    [
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="CERTIFICATE_VERIFY_FAILED", verify_code=10, **TARGET),
+            "TLS: the broker's certificate has expired",
+            "renew the broker's certificate",
+            id="tls-expired",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="CERTIFICATE_VERIFY_FAILED", verify_code=62, **TARGET),
+            "TLS: the broker's certificate does not name the host 'broker.example'",
+            "certificate that names broker.example",
+            id="tls-host-name",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="CERTIFICATE_VERIFY_FAILED", verify_code=20, **TARGET),
+            "TLS: the broker's certificate is not trusted",
+            "--cafile",
+            id="tls-unknown-ca",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="TLSV13_ALERT_CERTIFICATE_REQUIRED", **TARGET),
+            "TLS: the broker requires a client certificate",
+            "--certfile and --keyfile",
+            id="tls-client-certificate-required",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="TLSV1_ALERT_UNKNOWN_CA", **TARGET),
+            "TLS: the broker does not accept the client certificate",
+            "ssl_options.cacertfile",
+            id="tls-client-certificate-refused",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="WRONG_VERSION_NUMBER", **TARGET),
+            "TLS: broker.example:5671 does not speak TLS",
+            "use amqp:// for this port",
+            id="tls-not-tls",
+        ),
+        pytest.param(
+            BrokerTLSError(MISLEADING, reason="SSLV3_ALERT_HANDSHAKE_FAILURE", **TARGET),
+            "TLS: the handshake failed",
+            "may require a client certificate",
+            id="tls-other",
+        ),
+        pytest.param(
+            BrokerLoginRefusedError(
+                MISLEADING, reply_code=ReplyCode.ACCESS_REFUSED, reply_text="ACCESS_REFUSED", **TARGET
+            ),
+            "login refused: wrong user name or password, or no such user",
+            "rabbitmqctl authenticate_user",
+            id="login",
+        ),
+        pytest.param(
+            BrokerVhostRefusedError(
+                MISLEADING, virtual_host="site", reply_code=ReplyCode.NOT_ALLOWED, reply_text="x", **TARGET
+            ),
+            "vhost refused: the vhost 'site' does not exist, or the user 'someone' may not use it",
+            "rabbitmqctl list_vhosts    and    rabbitmqctl list_permissions -p site",
+            id="vhost",
+        ),
+        pytest.param(
+            BrokerUnreachableError(MISLEADING, errno=errno.ECONNREFUSED, reason="refused", **TARGET),
+            "nothing is listening at broker.example:5671",
+            "is RabbitMQ running there",
+            id="connection-refused",
+        ),
+        pytest.param(
+            BrokerUnreachableError(MISLEADING, errno=errno.EHOSTUNREACH, reason="No route to host", **TARGET),
+            "cannot connect to broker.example:5671: No route to host",
+            "firewalls",
+            id="no-route",
+        ),
+        pytest.param(
+            BrokerTimeoutError(MISLEADING, operation="connect", timeout=1.5, **TARGET),
+            "timed out: no answer within 3s",
+            "firewall",
+            id="timeout",
+        ),
+        pytest.param(
+            BrokerProtocolError(MISLEADING, **TARGET),
+            "what answers at broker.example:5671 is not an AMQP 0-9-1 broker, or hung up",
+            "use amqps://",
+            id="protocol",
+        ),
+        pytest.param(
+            BrokerConnectionLostError(MISLEADING, during_handshake=True, **TARGET),
+            "what answers at broker.example:5671 is not an AMQP 0-9-1 broker, or hung up",
+            "use amqps://",
+            id="hung-up-in-handshake",
+        ),
+        pytest.param(
+            BrokerConnectionLostError(
+                MISLEADING,
+                reply_code=ReplyCode.CONNECTION_FORCED,
+                reply_text="CONNECTION_FORCED - bye",
+                **TARGET,
+            ),
+            "RabbitMQ closed the connection: 320 CONNECTION_FORCED - bye",
+            "the broker's log says why",
+            id="closed-by-broker",
+        ),
+        pytest.param(BrokerConnectionError(MISLEADING, **TARGET), "cannot connect", None, id="base-class"),
+    ],
+)
+def test_the_explanation_is_chosen_by_the_error_type_and_fields(
+    error: BrokerConnectionError, summary: str, hint: str | None
+) -> None:
+    config = LayerConfig.build(
+        host="amqps://someone:pw@broker.example:5671/site",
+        ssl_context=ssl.create_default_context(),
+        connect_timeout=3,
+    )
+    got_summary, hints = explain_connection_error(error, config.address, config)
+    assert got_summary == summary
+    if hint is None:
+        assert hints == []
+    else:
+        assert any(hint in line for line in hints), hints
+
+
+def test_only_a_refused_request_counts_as_a_missing_permission() -> None:
+    refused = ReplyCode.ACCESS_REFUSED
+    assert is_access_refused(BrokerRefusedError(refused, "ACCESS_REFUSED - no", "Queue.Bind"))
+    assert is_access_refused(
+        BrokerAccessRefusedError(MISLEADING, request="Queue.Declare", reply_code=refused, reply_text="no")
+    )
+    assert is_access_refused(
+        BrokerConnectionLostError("publish refused", reply_code=refused, reply_text="no")
+    )
+    # The same code for a login is a wrong password, not a permission; the text decides nothing.
+    assert not is_access_refused(BrokerLoginRefusedError(MISLEADING, reply_code=refused, reply_text="no"))
+    assert not is_access_refused(BrokerRefusedError(ReplyCode.NOT_FOUND, MISLEADING, "Queue.Bind"))
+    assert not is_access_refused(BrokerConnectionLostError(MISLEADING))
+
+
 # A broker that works ------------------------------------------------------------------------------
 
 
@@ -210,21 +374,30 @@ def test_a_wrong_password_says_login_refused_and_never_shows_either_password(use
     run.assert_hides(WRONG_PASSWORD, PASSWORD)
 
 
-def test_an_unknown_vhost_says_it_does_not_exist(user: User) -> None:
-    run = check(user.url(vhost="no-such-vhost"))
+def assert_explains_a_refused_vhost(run: Run, user: User, vhost: str) -> None:
+    """RabbitMQ refuses a missing vhost and one the user has no permission on alike (530): the
+    explanation covers both, with the commands that tell them apart and those that fix each."""
     assert run.status == 1, run.output
-    assert "the vhost 'no-such-vhost' does not exist" in run.line("FAIL  connect to")
-    assert "rabbitmqctl add_vhost no-such-vhost" in run.stdout
+    assert (
+        f"vhost refused: the vhost '{vhost}' does not exist, or the user '{user.name}' may not use it"
+        in run.line("FAIL  connect to")
+    )
+    assert f"rabbitmqctl list_vhosts    and    rabbitmqctl list_permissions -p {vhost}" in run.stdout
+    assert f"rabbitmqctl add_vhost {vhost}" in run.stdout
+    assert f"rabbitmqctl set_permissions -p {vhost} {user.name} " in run.stdout
+    assert run.line("skip  permissions on")
     run.assert_hides(PASSWORD)
+
+
+def test_an_unknown_vhost_is_explained_with_the_commands_to_tell_which(user: User) -> None:
+    run = check(user.url(vhost="no-such-vhost"))
+    assert_explains_a_refused_vhost(run, user, "no-such-vhost")
 
 
 def test_a_user_without_access_to_the_vhost_is_told_the_permissions_to_grant(user: User) -> None:
     rabbitmqctl("clear_permissions", "-p", user.broker.vhost, user.name)
     run = check(user.url())
-    assert run.status == 1, run.output
-    assert f"may not use the vhost '{user.broker.vhost}'" in run.line("FAIL  connect to")
-    assert f"rabbitmqctl set_permissions -p {user.broker.vhost} {user.name} " in run.stdout
-    run.assert_hides(PASSWORD)
+    assert_explains_a_refused_vhost(run, user, user.broker.vhost)
 
 
 @pytest.mark.parametrize(
@@ -232,10 +405,11 @@ def test_a_user_without_access_to_the_vhost_is_told_the_permissions_to_grant(use
     [
         (("", ".*", ".*"), "lacks the configure permission on queues named channels.*"),
         ((".*", "", ".*"), "lacks the write permission on queues named channels.*"),
-        ((".*", ".*", ""), "lacks the read permission on the exchange 'groups'"),
+        ((".*", ".*", ""), "lacks the read permission on queues named channels.*"),
+        ((".*", ".*", r"^channels\..*$"), "lacks the read permission on the exchange 'groups'"),
         ((".*", r"^(groups|channels\..*)$", ".*"), "lacks the write permission on the default exchange"),
     ],
-    ids=["configure", "write", "read", "write-on-amq.default"],
+    ids=["configure", "write", "read", "read-on-the-exchange", "write-on-amq.default"],
 )
 def test_a_missing_permission_is_named(user: User, permissions: tuple[str, str, str], missing: str) -> None:
     user.allow(*permissions)
@@ -431,8 +605,8 @@ def test_tls_without_the_ca_says_the_certificate_is_not_trusted(tls: TlsBroker) 
 def test_tls_without_a_client_certificate_says_one_is_required(tls: TlsBroker) -> None:
     run = check(tls.url, "--cafile", str(tls.ca.cert))
     assert run.status == 1, run.output
-    failure = run.line("FAIL  connect to amqps://")
-    assert "TLS" in failure
+    # TLS 1.3 (the default): the broker's alert names what is missing.
+    assert "TLS: the broker requires a client certificate" in run.line("FAIL  connect to amqps://")
     assert "--certfile and --keyfile" in run.stdout
     run.assert_hides(TLS_PASSWORD)
 

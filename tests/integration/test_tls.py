@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.exceptions import BrokerConnectionError
+from channels_rabbitmq.exceptions import BrokerConnectionError, BrokerTLSError
 from tests.brokers.certs import CertificateAuthority, Issued
 from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
 from tests.conftest import link_of
@@ -135,16 +135,30 @@ async def round_trip(layer: RabbitmqChannelLayer) -> None:
     assert await asyncio.wait_for(layer.receive(channel), 10) == {"type": "group"}
 
 
-async def refusal(layer: RabbitmqChannelLayer) -> str:
-    """The BrokerConnectionError that connecting raises, at once; its message, checked for secrets."""
+# OpenSSL's X.509 verification codes: the broker's certificate is not signed by a CA we trust.
+UNTRUSTED = {
+    18,  # X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT
+    19,  # X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN
+    20,  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21,  # X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE
+}
+X509_HOSTNAME_MISMATCH = 62
+
+
+async def refusal(layer: RabbitmqChannelLayer) -> BrokerTLSError:
+    """The error that connecting raises, at once: a BrokerTLSError (still a BrokerConnectionError),
+    whose message is checked for secrets."""
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError) as caught:
         await layer.new_channel()
     assert time.monotonic() - started < 5, "a TLS refusal is immediate: no waiting for connect_timeout"
-    message = str(caught.value)
-    assert PASSWORD not in message
-    assert PASSWORD not in repr(caught.value)
-    return message
+    error = caught.value
+    assert PASSWORD not in str(error)
+    assert PASSWORD not in repr(error)
+    assert isinstance(error, BrokerTLSError), f"{type(error).__name__}: {error}"
+    assert error.url is not None
+    assert PASSWORD not in error.url
+    return error
 
 
 # Configuration ------------------------------------------------------------------------------------
@@ -190,7 +204,12 @@ async def test_a_wrong_ca_is_refused_naming_the_certificate_not_the_password(
     layer = make_tls_layer(
         tls.url(tls.optional), ssl_context=tls.context(cafile=tls.other_ca.cert), connect_timeout=30
     )
-    message = await refusal(layer)
+    error = await refusal(layer)
+    assert error.reason == "CERTIFICATE_VERIFY_FAILED"
+    assert error.verify_code in UNTRUSTED
+    assert error.verify_message
+    assert error.address == f"127.0.0.1:{tls.optional.port}"
+    message = str(error)
     assert "TLS" in message
     assert "certificate" in message
     assert f"localhost:{tls.optional.port}" in message
@@ -212,7 +231,10 @@ async def test_a_host_name_the_certificate_does_not_name_is_refused(
     layer = make_tls_layer(
         tls.url(tls.optional, host="imposter.test"), ssl_context=tls.context(), connect_timeout=30
     )
-    message = await refusal(layer)
+    error = await refusal(layer)
+    assert error.reason == "CERTIFICATE_VERIFY_FAILED"
+    assert error.verify_code == X509_HOSTNAME_MISMATCH
+    message = str(error)
     assert "TLS" in message
     assert "certificate" in message
     assert "imposter.test" in message
@@ -244,8 +266,10 @@ async def test_a_client_certificate_is_also_checked_where_it_is_optional(
     stranger = make_tls_layer(
         tls.url(tls.optional), ssl_context=tls.context(client=tls.stranger), connect_timeout=30
     )
-    message = await refusal(stranger)
-    assert "unknown ca" in message.lower()
+    error = await refusal(stranger)
+    assert error.reason == "TLSV1_ALERT_UNKNOWN_CA"  # the broker's alert
+    assert error.verify_code is None  # the broker's certificate was fine
+    assert "unknown ca" in str(error).lower()
 
 
 @pytest.mark.parametrize(
@@ -257,14 +281,18 @@ async def test_mutual_tls_without_a_client_certificate_is_refused_clearly(
     context = tls.context()
     context.minimum_version = context.maximum_version = version
     layer = make_tls_layer(tls.url(tls.mutual), ssl_context=context, connect_timeout=30)
-    message = await refusal(layer)
+    error = await refusal(layer)
+    message = str(error)
     assert f"localhost:{tls.mutual.port}" in message
+    assert error.verify_code is None
     if version is ssl.TLSVersion.TLSv1_3:
         # TLS 1.3: the client's side of the handshake is done before the server checks the
         # client's certificate; the server's alert says what was missing.
+        assert error.reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
         assert "certificate required" in message.lower()
     else:
         # TLS 1.2: the server aborts the handshake with a generic alert.
+        assert error.reason == "SSLV3_ALERT_HANDSHAKE_FAILURE"
         assert "TLS handshake" in message
 
 
@@ -274,8 +302,9 @@ async def test_mutual_tls_with_a_certificate_from_another_ca_is_refused(
     layer = make_tls_layer(
         tls.url(tls.mutual), ssl_context=tls.context(client=tls.stranger), connect_timeout=30
     )
-    message = await refusal(layer)
-    assert "unknown ca" in message.lower()
+    error = await refusal(layer)
+    assert error.reason == "TLSV1_ALERT_UNKNOWN_CA"
+    assert "unknown ca" in str(error).lower()
 
 
 async def test_after_refusals_the_node_still_serves_good_clients(

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,6 +33,7 @@ from .errors import (
     ProtocolError,
     ProtocolViolation,
     ReplyCode,
+    TlsFailed,
     VhostRefused,
 )
 from .flow import WRITE_BUFFER_HIGH, CoalescingWriter, Heartbeats, PublishGate
@@ -154,6 +156,12 @@ class AmqpConnection(asyncio.Protocol):
             if self._closing:
                 self._error = ConnectionLost(
                     f"the connection to {self.description} was closed", **self._peer()
+                )
+            elif isinstance(exc, ssl.SSLError) and not self._opened.done():
+                # TLS 1.3: the client's side of the handshake ends before the broker checks the
+                # client's certificate, so its refusal (an alert) arrives here, not in connect().
+                self._error = TlsFailed(
+                    f"TLS handshake with {self.description} failed: {exc}", **self._peer(), reason=exc.reason
                 )
             else:
                 reason = f": {exc}" if exc else ""
