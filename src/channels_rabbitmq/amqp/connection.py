@@ -102,10 +102,9 @@ class AmqpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # By behaviour, not class: uvloop's transports do not subclass asyncio.Transport.
         if not isinstance(transport, StreamTransport):
-            error = ConnectionLost(
+            error = self._lost(
                 f"the event loop gave a {type(transport).__name__} for {self.description}, "
                 "which cannot write or abort: not a stream transport",
-                **self._peer(),
             )
             self._error = error
             transport.close()
@@ -153,25 +152,7 @@ class AmqpConnection(asyncio.Protocol):
         self._transport = None
         self._heartbeats.stop()
         if self._error is None:
-            if self._closing:
-                self._error = ConnectionLost(
-                    f"the connection to {self.description} was closed", **self._peer()
-                )
-            elif isinstance(exc, ssl.SSLError) and not self._opened.done():
-                # TLS 1.3: the client's side of the handshake ends before the broker checks the
-                # client's certificate, so its refusal (an alert) arrives here, not in connect().
-                self._error = TlsFailed(
-                    f"TLS handshake with {self.description} failed: {exc}", **self._peer(), reason=exc.reason
-                )
-            else:
-                reason = f": {exc}" if exc else ""
-                opened = self._opened.done()
-                what = "was lost" if opened else "was closed during the handshake"
-                self._error = ConnectionLost(
-                    f"the connection to {self.description} {what}{reason}",
-                    **self._peer(),
-                    during_handshake=not opened,
-                )
+            self._error = _ending(exc, closing=self._closing, opened=self._opened.done(), **self._peer())
         error = self._error
         if not self._opened.done():
             self._opened.set_exception(error)
@@ -242,7 +223,7 @@ class AmqpConnection(asyncio.Protocol):
             raise self._error or self._not_connected()
         unconfirmed = self._confirms.waiting_on(channel_id)
         if unconfirmed is None:
-            raise ConnectionLost(f"AMQP channel {channel_id} is not (yet) in confirm mode", **self._peer())
+            raise self._lost(f"AMQP channel {channel_id} is not (yet) in confirm mode")
         tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
         future: asyncio.Future[bool] = self._loop.create_future()
         unconfirmed[tag] = future
@@ -328,9 +309,7 @@ class AmqpConnection(asyncio.Protocol):
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method
         if isinstance(method, commands.Basic.Cancel):
-            self._fail(
-                ConnectionLost(f"RabbitMQ cancelled our consumer on {self.description}", **self._peer())
-            )
+            self._fail(self._lost(f"RabbitMQ cancelled our consumer on {self.description}"))
             return
         if isinstance(method, commands.Channel.Flow):
             self._send_method(event.channel_id, commands.Channel.FlowOk(method.active))
@@ -343,10 +322,9 @@ class AmqpConnection(asyncio.Protocol):
         self._requests.on_channel_closed(event)
         self._confirms.fail_channel(
             event.channel_id,
-            ConnectionLost(
+            self._lost(
                 "RabbitMQ closed the publishing channel before confirming "
                 f"({event.reply_code} {event.reply_text})",
-                **self._peer(),
                 reply_code=event.reply_code,
                 reply_text=event.reply_text,
             ),
@@ -355,10 +333,9 @@ class AmqpConnection(asyncio.Protocol):
             return
         if event.channel_id in self._requests.essential:
             self._fail(
-                ConnectionLost(
+                self._lost(
                     f"RabbitMQ closed AMQP channel {event.channel_id} on {self.description}: "
                     f"{event.reply_code} {event.reply_text}",
-                    **self._peer(),
                     reply_code=event.reply_code,
                     reply_text=event.reply_text,
                 )
@@ -370,8 +347,11 @@ class AmqpConnection(asyncio.Protocol):
         """The fields every connection error of this connection carries."""
         return {"peer": self.description, "host": self.host, "port": self.port}
 
+    def _lost(self, message: str, **fields: Any) -> ConnectionLost:
+        return ConnectionLost(message, **self._peer(), **fields)
+
     def _not_connected(self) -> ConnectionLost:
-        return ConnectionLost(f"not connected to {self.description}", **self._peer())
+        return self._lost(f"not connected to {self.description}")
 
     def _send_heartbeat(self) -> None:
         if self._transport is not None:
@@ -381,11 +361,7 @@ class AmqpConnection(asyncio.Protocol):
     def _missed_heartbeats(self, interval: int) -> bool:
         """Fail the connection if the broker said nothing for two intervals; True when it did."""
         if self._transport is not None and self._loop.time() - self._last_received > 2 * interval:
-            self._fail(
-                ConnectionLost(
-                    f"{self.description} missed heartbeats: nothing heard for {2 * interval}s", **self._peer()
-                )
-            )
+            self._fail(self._lost(f"{self.description} missed heartbeats: nothing heard for {2 * interval}s"))
             return True
         return self._transport is None
 
@@ -413,10 +389,9 @@ class AmqpConnection(asyncio.Protocol):
         self._requests.fail_all(error)
         if self._confirms.any_pending():
             self._confirms.fail_all(
-                ConnectionLost(
+                self._lost(
                     f"{error}; the broker had not confirmed the message: "
                     "it may or may not have been delivered",
-                    **self._peer(),
                     reply_code=getattr(error, "reply_code", None),
                     reply_text=getattr(error, "reply_text", None),
                 )
@@ -429,6 +404,29 @@ def _code_and_name(code: int) -> str:
         return f"{code} {ReplyCode(code).name}"
     except ValueError:
         return str(code)
+
+
+def _ending(
+    exc: Exception | None, *, closing: bool, opened: bool, peer: str, host: str | None, port: int | None
+) -> ConnectionFailed:
+    """Why the transport ended, when nothing said so before."""
+    if closing:
+        return ConnectionLost(f"the connection to {peer} was closed", peer=peer, host=host, port=port)
+    if isinstance(exc, ssl.SSLError) and not opened:
+        # TLS 1.3: the client's side of the handshake ends before the broker checks the
+        # client's certificate, so its refusal (an alert) arrives here, not in connect().
+        return TlsFailed(
+            f"TLS handshake with {peer} failed: {exc}", peer=peer, host=host, port=port, reason=exc.reason
+        )
+    reason = f": {exc}" if exc else ""
+    what = "was lost" if opened else "was closed during the handshake"
+    return ConnectionLost(
+        f"the connection to {peer} {what}{reason}",
+        peer=peer,
+        host=host,
+        port=port,
+        during_handshake=not opened,
+    )
 
 
 def _close_error(
