@@ -123,7 +123,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
             self._valid_channels.add(channel)
         if self._links.closed:
             raise StopConsumer()
-        return await self._links.receive(self._links.owner(channel, "receive on"), channel)
+        link = self._links.owner(channel, "receive on")
+        if link.loop is asyncio.get_running_loop():
+            return await link.receive(channel)  # the fast path: no extra coroutine per message
+        return await self._links.receive(link, channel)
 
     # Groups ---------------------------------------------------------------------------------------
 
