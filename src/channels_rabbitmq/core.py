@@ -139,6 +139,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
             link = self._links.owner(channel, "receive on")
         else:  # a normal channel: any process may receive it, this loop's link does
             link = await self._links.for_this_loop(receiving=True)
+        if link.loop is asyncio.get_running_loop():
+            return await link.receive(channel)  # the fast path: no extra coroutine per message
         return await self._links.receive(link, channel)
 
     # Groups ---------------------------------------------------------------------------------------
