@@ -26,6 +26,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # 4 MiB
 #: (30 minutes by default), and this leaves 5 minutes of margin below that.
 MAX_EXPIRY = 1500.0
 
+_QUEUE_PREFIX = re.compile(r"^[a-zA-Z0-9\-_.:]{1,100}$")
+#: The queue types a normal channel's queue may have (``normal_channel_queue_type``).
+NORMAL_QUEUE_TYPES = ("classic", "quorum")
 _EXCHANGE_NAME = re.compile(r"^[a-zA-Z0-9\-_.:]{1,127}$")
 # What of an URL's credentials errors may show: a scheme and a username of plain characters.
 _CREDENTIALS = re.compile(
@@ -153,6 +156,9 @@ class LayerConfig:
             "reconnect_delay_max": 10,
             "encryption_keys": None,
             "max_message_size": DEFAULT_MAX_MESSAGE_SIZE,
+            "normal_channel_prefix": "channels.normal.",
+            "normal_channel_queue_type": "classic",
+            "normal_channel_idle_expiry": 3600,
         }
     )
 
@@ -173,6 +179,9 @@ class LayerConfig:
     reconnect_delay_min: float
     reconnect_delay_max: float
     encryption_keys: tuple[bytes, ...] = field(repr=False)  # () when encryption is off
+    normal_channel_prefix: str
+    normal_channel_queue_type: str  # "classic" or "quorum"
+    normal_channel_idle_expiry: float
 
     @property
     def address(self) -> BrokerAddress:
@@ -240,6 +249,21 @@ class LayerConfig:
                 "layer withholds an ack for up to expiry seconds, and RabbitMQ closes a consumer whose "
                 "ack is later than its consumer_timeout (30 minutes by default)"
             )
+        prefix = settings["normal_channel_prefix"]
+        if not isinstance(prefix, str) or not _QUEUE_PREFIX.match(prefix) or prefix.startswith("amq."):
+            raise ValueError(
+                "normal_channel_prefix must be 1-100 characters of letters, digits, '-', '_', '.', ':', "
+                f"not starting with 'amq.'; got {prefix!r}"
+            )
+        queue_type = settings["normal_channel_queue_type"]
+        if queue_type not in NORMAL_QUEUE_TYPES:
+            raise ValueError(f"normal_channel_queue_type must be 'classic' or 'quorum', got {queue_type!r}")
+        idle_expiry = _number("normal_channel_idle_expiry", settings["normal_channel_idle_expiry"], minimum=1)
+        if idle_expiry < 2 * expiry:
+            raise ValueError(
+                f"normal_channel_idle_expiry ({idle_expiry:g}s) must be at least twice expiry ({expiry:g}s): "
+                "an idle queue is removed only once every message in it has expired"
+            )
         return cls(
             addresses=addresses,
             expiry=expiry,
@@ -258,6 +282,9 @@ class LayerConfig:
             reconnect_delay_min=delay_min,
             reconnect_delay_max=delay_max,
             encryption_keys=_encryption_keys(settings["encryption_keys"]),
+            normal_channel_prefix=prefix,
+            normal_channel_queue_type=str(queue_type),
+            normal_channel_idle_expiry=idle_expiry,
         )
 
 

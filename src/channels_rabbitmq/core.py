@@ -27,6 +27,7 @@ from channels.layers import BaseChannelLayer
 
 from .codec import MessageCodec
 from .config import DEFAULT_HOST, LayerConfig
+from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
 from .wire import NO_PROPERTIES, channel_properties
@@ -34,6 +35,7 @@ from .wire import NO_PROPERTIES, channel_properties
 logger = logging.getLogger(__name__)
 
 NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
+_UNCHECKED = (b"", b"")  # a send target not yet looked at (None is a normal channel's)
 
 
 class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels ships no types
@@ -53,7 +55,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         self._links = Links(self.config, self._codec)
         # Names already checked (the check is pure): channels received on; send targets.
         self._valid_channels: set[str] = set()
-        self._send_targets: dict[str, tuple[bytes, bytes]] = {}
+        self._send_targets: dict[str, tuple[bytes, bytes] | None] = {}  # None: a normal channel
         # A forked child forgets the parent's links at once, so that even the sends' fast path,
         # which checks nothing, never writes to the parent's sockets.
         os.register_at_fork(after_in_child=functools.partial(_forget_links_in_child, weakref.ref(self)))
@@ -75,16 +77,26 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send a message to a channel; returns once RabbitMQ has accepted it.
 
-        Raises ``ChannelFull`` when the channel's process is overwhelmed: it holds
-        ``local_capacity`` messages and ``remote_capacity`` more wait in RabbitMQ. A channel
-        that holds its own ``capacity`` drops what comes next instead (nobody is blocked).
-        Raises ``BrokerBlockedError`` when RabbitMQ blocks publishing for ``connection_wait``.
+        A process channel (``<queue>!<name>``) goes to the process that made it. Raises
+        ``ChannelFull`` when that process is overwhelmed: it holds ``local_capacity``
+        messages and ``remote_capacity`` more wait in RabbitMQ. A channel that holds its own
+        ``capacity`` drops what comes next instead (nobody is blocked). A normal channel
+        (no ``!``) goes to its shared queue, read by whichever process receives first;
+        ``ChannelFull`` when that queue holds its ``capacity``. Raises ``BrokerBlockedError``
+        when RabbitMQ blocks publishing for ``connection_wait``.
         """
-        target = self._send_targets.get(channel)
-        if target is None:
+        target = self._send_targets.get(channel, _UNCHECKED)
+        if target is _UNCHECKED:
             target = self._send_target(channel)
-        routing_key, properties = target
         body = self._codec.encode(message, channel)
+        if target is None:
+            any_link = await self._links.for_this_loop()
+            if not await self._links.call(any_link, any_link.send_to_normal, channel, body):
+                raise ChannelFull(
+                    f"RabbitMQ refused the message (basic.nack): normal channel {channel!r} is full"
+                )
+            return
+        routing_key, properties = target
         link = self._links.of_loop(asyncio.get_running_loop())
         if link is not None:  # the fast path: this loop's own link
             accepted = await link.publish(b"", routing_key, properties, body)
@@ -97,24 +109,24 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
                 "remote_capacity, or, rarely, its node is failing"
             )
 
-    def _send_target(self, channel: str) -> tuple[bytes, bytes]:
-        """Check a channel name once; remember where its messages go (routing key, properties)."""
+    def _send_target(self, channel: str) -> tuple[bytes, bytes] | None:
+        """Check a channel name once; remember where its messages go: (routing key, properties)
+        for a process channel, None for a normal channel."""
         self.require_valid_channel_name(channel)
         queue, bang, _local = channel.partition("!")
-        if not bang:
-            raise NotImplementedError(
-                f"cannot send to {channel!r}: normal channels (names without '!') are not supported yet"
-            )
         if len(self._send_targets) >= NAME_CACHE_SIZE:
             self._send_targets.clear()
-        target = self._send_targets[channel] = (queue.encode(), channel_properties(channel))
+        target = self._send_targets[channel] = (queue.encode(), channel_properties(channel)) if bang else None
         return target
 
     async def receive(self, channel: str) -> dict[str, Any]:
-        """Return the next message for a channel of this process, waiting for one if needed.
+        """Return the next message for a channel, waiting for one if needed.
 
-        A cancelled ``receive()`` loses nothing. After ``close()``, or once the event loop
-        that made the channel has ended, it raises ``StopConsumer``.
+        A process channel is received by the process that made it. A normal channel (no
+        ``!``) is received by any process: each message goes to one ``receive()``, and a
+        process takes a message off its queue only while a ``receive()`` waits for it. A
+        cancelled ``receive()`` loses nothing. After ``close()``, or once the event loop that
+        made the channel has ended, it raises ``StopConsumer``.
         """
         if channel not in self._valid_channels:
             self.require_valid_channel_name(channel)
@@ -123,7 +135,10 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
             self._valid_channels.add(channel)
         if self._links.closed:
             raise StopConsumer()
-        link = self._links.owner(channel, "receive on")
+        if "!" in channel:
+            link = self._links.owner(channel, "receive on")
+        else:  # a normal channel: any process may receive it, this loop's link does
+            link = await self._links.for_this_loop(receiving=True)
         if link.loop is asyncio.get_running_loop():
             return await link.receive(channel)  # the fast path: no extra coroutine per message
         return await self._links.receive(link, channel)
@@ -134,15 +149,21 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """Add a channel of this process to a group (again: refreshes ``group_expiry``)."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = self._links.owner(channel, "group_add")
+        link = await self._link_for_group_call(channel, "group_add")
         await self._links.call(link, link.group_add, group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
         """Remove a channel from a group; no error if it was not a member."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = self._links.owner(channel, "group_discard")
+        link = await self._link_for_group_call(channel, "group_discard")
         await self._links.call(link, link.group_discard, group, channel)
+
+    async def _link_for_group_call(self, channel: str, operation: str) -> BrokerLink:
+        """The link that owns a process channel; for a normal channel, this loop's (any can bind it)."""
+        if "!" in channel:
+            return self._links.owner(channel, operation)
+        return await self._links.for_this_loop()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""

@@ -9,13 +9,16 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django_project.settings")
 django_asgi_app = get_asgi_application()  # sets Django up before the consumers are imported
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.routing import ChannelNameRouter, ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from .consumers import JOBS_CHANNEL, ThumbnailWorker  # noqa: E402
 from .routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
         "http": django_asgi_app,
         "websocket": URLRouter(websocket_urlpatterns),
+        # manage.py runworker thumbnails
+        "channel": ChannelNameRouter({JOBS_CHANNEL: ThumbnailWorker.as_asgi()}),
     }
 )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from asgiref.sync import async_to_sync
+from channels.consumer import AsyncConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer, WebsocketConsumer
 from django.conf import settings
 
@@ -60,3 +62,19 @@ class SyncEchoConsumer(WebsocketConsumer):
 
     def echo_message(self, event: dict[str, Any]) -> None:
         self.send(text_data=json.dumps({"echo": event["text"], "server": settings.TEST_SERVER_NAME}))
+
+
+#: The normal channel the workers read, and where they report each job they handled.
+JOBS_CHANNEL = "thumbnails"
+RESULTS_CHANNEL = "thumbnail-results"
+
+
+class ThumbnailWorker(AsyncConsumer):
+    """Run by ``manage.py runworker thumbnails``: handles one job at a time and reports it."""
+
+    async def thumbnail_make(self, message: dict[str, Any]) -> None:
+        await asyncio.sleep(message.get("seconds", 0))
+        await self.channel_layer.send(
+            RESULTS_CHANNEL,
+            {"type": "thumbnail.done", "id": message["id"], "worker": settings.TEST_SERVER_NAME},
+        )

@@ -7,4 +7,5 @@ from . import views
 urlpatterns = [
     path("health", views.health),
     path("notify", views.notify),
+    path("enqueue", views.enqueue),
 ]

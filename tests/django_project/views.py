@@ -10,7 +10,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 
-from .consumers import BROADCAST_GROUP
+from .consumers import BROADCAST_GROUP, JOBS_CHANNEL
 
 
 async def health(request: HttpRequest) -> JsonResponse:
@@ -26,3 +26,13 @@ def notify(request: HttpRequest) -> JsonResponse:
         BROADCAST_GROUP, {"type": "broadcast.message", "text": text, "via": settings.TEST_SERVER_NAME}
     )
     return JsonResponse({"sent": text, "via": settings.TEST_SERVER_NAME})
+
+
+def enqueue(request: HttpRequest) -> JsonResponse:
+    """Send jobs ``?first=`` to ``?last=`` (each taking ``?seconds=``) to the workers' normal channel."""
+    first, last = int(request.GET["first"]), int(request.GET["last"])
+    seconds = float(request.GET.get("seconds", "0"))
+    send = async_to_sync(get_channel_layer().send)
+    for job in range(first, last + 1):
+        send(JOBS_CHANNEL, {"type": "thumbnail.make", "id": job, "seconds": seconds})
+    return JsonResponse({"sent": last - first + 1})

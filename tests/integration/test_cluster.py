@@ -344,6 +344,35 @@ async def wait_until_flowing(
     raise AssertionError("messages never flowed again")
 
 
+async def test_a_quorum_normal_channel_keeps_confirmed_jobs_when_its_leader_node_is_killed(
+    cluster: Nodes, make_cluster_layer: ClusterLayerFactory
+) -> None:
+    """Quorum queues replicate: every job whose send() returned survives the loss of the node that
+    held the queue's leader. The killed node is started again for the tests after this one."""
+    nodes = list(cluster)
+    sender = make_cluster_layer(*nodes, normal_channel_queue_type="quorum")
+    for i in range(50):
+        await sender.send("durable-jobs", {"type": "job", "i": i})  # each confirmed by the broker
+    rows = json.loads(nodes[0].ctl("list_queues", "name", "leader", "--formatter", "json") or "[]")
+    leader_name = next(row["leader"] for row in rows if row["name"] == "channels.normal.durable-jobs")
+    leader = next(node for node in nodes if node.name == leader_name)
+    survivors = [node for node in nodes if node is not leader]
+    assert leader.pid is not None
+    os.kill(leader.pid, signal.SIGKILL)
+    try:
+        worker = make_cluster_layer(*survivors, normal_channel_queue_type="quorum")
+        received: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(received) < 50 and time.monotonic() < deadline:
+            try:
+                received.append((await receive(worker, "durable-jobs", timeout=5))["i"])
+            except (ConnectionError, asyncio.TimeoutError):  # a new leader is being elected
+                await asyncio.sleep(0.5)
+        assert sorted(received) == list(range(50))
+    finally:
+        leader.start()
+
+
 async def test_when_a_node_stops_its_clients_move_to_another_and_messages_flow_again(
     cluster: Nodes, make_cluster_layer: ClusterLayerFactory
 ) -> None:

@@ -546,3 +546,30 @@ def test_expiry_above_the_broker_consumer_timeout_margin_is_refused(expiry):
     assert "consumer_timeout" in str(caught.value)
     with pytest.raises(ValueError, match="consumer_timeout"):
         RabbitmqChannelLayer(DEFAULT_HOST, expiry=expiry)
+
+
+# Normal channels ------------------------------------------------------------------------------------
+
+
+def test_normal_channel_keys_have_their_defaults() -> None:
+    config = LayerConfig.build()
+    assert (config.normal_channel_prefix, config.normal_channel_queue_type) == ("channels.normal.", "classic")
+    assert config.normal_channel_idle_expiry == 3600
+
+
+@pytest.mark.parametrize("prefix", ["", "amq.jobs.", "with space", "x" * 101, 7])
+def test_a_bad_normal_channel_prefix_is_refused_naming_the_key(prefix: object) -> None:
+    with pytest.raises(ValueError, match="normal_channel_prefix"):
+        LayerConfig.build(normal_channel_prefix=prefix)
+
+
+def test_the_normal_channel_queue_type_is_classic_or_quorum() -> None:
+    assert LayerConfig.build(normal_channel_queue_type="quorum").normal_channel_queue_type == "quorum"
+    with pytest.raises(ValueError, match="normal_channel_queue_type"):
+        LayerConfig.build(normal_channel_queue_type="stream")
+
+
+def test_idle_queues_live_at_least_twice_expiry() -> None:
+    assert LayerConfig.build(expiry=10, normal_channel_idle_expiry=20).normal_channel_idle_expiry == 20
+    with pytest.raises(ValueError, match="normal_channel_idle_expiry"):
+        LayerConfig.build(expiry=10, normal_channel_idle_expiry=19)

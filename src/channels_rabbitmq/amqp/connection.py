@@ -84,6 +84,9 @@ class AmqpConnection(asyncio.Protocol):
         self._on_deliveries_done = on_deliveries_done
         self._on_lost = on_lost
         self._on_blocked = on_blocked
+        #: Told the channel id when the broker cancels a consumer on a channel that is not
+        #: essential (its queue was deleted, say); on an essential channel the connection ends.
+        self.on_consumer_cancelled: Callable[[int], None] | None = None
         self._transport: StreamTransport | None = None
         self._opened: asyncio.Future[amqp.ConnectionOpened] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -242,6 +245,14 @@ class AmqpConnection(asyncio.Protocol):
             else:
                 self._schedule_flush()
 
+    def reject(self, channel_id: int, delivery_tag: int) -> None:
+        """Give one delivery back to its queue (``basic.reject`` with requeue), at once."""
+        if self.is_open:
+            self.machine.send_method(
+                channel_id, commands.Basic.Reject(delivery_tag=delivery_tag, requeue=True)
+            )
+            self._flush()
+
     async def close(self, timeout: float = 2.0) -> None:
         """Close gracefully (connection.close, then wait for close-ok), or abort after ``timeout``."""
         if self._transport is None:
@@ -309,7 +320,10 @@ class AmqpConnection(asyncio.Protocol):
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method
         if isinstance(method, commands.Basic.Cancel):
-            self._fail(self._lost(f"RabbitMQ cancelled our consumer on {self.description}"))
+            if event.channel_id in self._requests.essential or self.on_consumer_cancelled is None:
+                self._fail(self._lost(f"RabbitMQ cancelled our consumer on {self.description}"))
+            else:
+                self.on_consumer_cancelled(event.channel_id)
             return
         if isinstance(method, commands.Channel.Flow):
             self._send_method(event.channel_id, commands.Channel.FlowOk(method.active))

@@ -47,18 +47,21 @@ class Inbound:
         codec: MessageCodec,
         consuming_connection: Callable[[], AmqpConnection | None],
         on_group_emptied: Callable[[str], None],
+        on_normal_delivery: Callable[[Delivery | UndecodableDelivery, AmqpConnection], None],
+        dropped: Counter[str],
     ) -> None:
         self.config = config
         self.loop = loop
         self.queue_name = queue_name
         self.router = router
         self.codec = codec
-        #: Deliveries dropped, by reason (``DROPPED_*``).
-        self.dropped: Counter[str] = Counter()
+        #: Deliveries dropped, by reason (``DROPPED_*``), shared with the link's normal channels.
+        self.dropped = dropped
         #: Set while a new consuming connection proves that it receives: any delivery does.
         self.arrival: asyncio.Future[None] | None = None
         self._consuming_connection = consuming_connection
         self._on_group_emptied = on_group_emptied
+        self._on_normal_delivery = on_normal_delivery
         self._groups_exchange = config.groups_exchange
         self._channel_prefix = queue_name + "!"
         self.probe_prefix = self._channel_prefix + "probe."  # never a channel's: those have no dot
@@ -78,6 +81,11 @@ class Inbound:
     # Deliveries -----------------------------------------------------------------------------
 
     def on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
+        if delivery.channel_id != CONSUME_CHANNEL:  # a normal channel's: see .normal
+            connection = self._consuming_connection()
+            if connection is not None:
+                self._on_normal_delivery(delivery, connection)
+            return
         self._last_delivery_tag = delivery.delivery_tag
         arrival = self.arrival
         if arrival is not None and not arrival.done():

@@ -31,8 +31,10 @@ from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
 from ..routing import EMPTY, LocalRouter
+from ..wire import NO_PROPERTIES
 from .errors import layer_error
 from .inbound import Inbound
+from .normal import NormalChannels
 from .supervisor import ConnectionSupervisor
 from .topology import PUBLISH_CHANNEL, Topology, random_name
 
@@ -62,6 +64,17 @@ class BrokerLink:
             publishing_connection=lambda: self.publishing.connected(),
             seal=codec.seal,
         )
+        dropped: Counter[str] = Counter()
+        self.normal = NormalChannels(
+            config,
+            loop,
+            router=router,
+            codec=codec,
+            request=self.topology.request,
+            consuming_connection=lambda: self.consuming.connection,
+            publishing_connection=lambda: self.publishing.connected(),
+            dropped=dropped,
+        )
         self.inbound = Inbound(
             config,
             loop,
@@ -70,6 +83,8 @@ class BrokerLink:
             codec=codec,
             consuming_connection=lambda: self.consuming.connection or self.topology.setting_up,
             on_group_emptied=self.topology.sync_binding_in_background,
+            on_normal_delivery=self.normal.on_delivery,
+            dropped=dropped,
         )
         self.consuming = ConnectionSupervisor(
             config,
@@ -121,6 +136,10 @@ class BrokerLink:
         return f"{self._channel_prefix}{random_name(12)}"
 
     async def receive(self, channel: str) -> dict[str, Any]:
+        if "!" not in channel:
+            if not self.consuming.ever_connected:
+                await self.connect_first()
+            return await self.normal.receive(channel)
         router = self.router
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
@@ -143,6 +162,9 @@ class BrokerLink:
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add a membership and bind; returns once bound (or once an outage will bind it)."""
+        if "!" not in channel:
+            await self.normal.group_add(group, channel)
+            return
         if not self.consuming.ever_connected:
             await self.connect_first()
         self.router.add_membership(group, channel, time.monotonic())
@@ -156,6 +178,9 @@ class BrokerLink:
             pass  # lost mid-way: the reconnection binds every group that has members
 
     async def group_discard(self, group: str, channel: str) -> None:
+        if "!" not in channel:
+            await self.normal.group_discard(group, channel)
+            return
         if self.router.discard_membership(group, channel):
             try:
                 await self.topology.binding_settled(group)
@@ -177,6 +202,16 @@ class BrokerLink:
         ):
             if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerConnectionError):
                 raise outcome  # a lost connection took the bindings with the queue
+        if not self._closed:
+            await self.normal.flush()
+
+    async def send_to_normal(self, name: str, body: bytes) -> bool:
+        """Publish to a normal channel's queue, declared first; True once the broker confirmed it."""
+        try:
+            queue = await self.normal.declared(name)
+        except AmqpError as error:
+            raise layer_error(error, self.config.description) from None
+        return await self.publish(b"", queue.encode(), NO_PROPERTIES, body)
 
     async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
         """Publish and wait for the broker's confirm: True when accepted, False when refused."""
@@ -230,6 +265,7 @@ class BrokerLink:
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
         self.topology.close()
+        self.normal.close()
         await asyncio.gather(self.consuming.close(), self.publishing.close())
 
     # Connections coming and going -------------------------------------------------------------
@@ -247,6 +283,7 @@ class BrokerLink:
 
     def _on_consuming_up(self, connection: AmqpConnection) -> None:
         self.topology.setting_up = None
+        self.normal.resume()
         self.inbound.start_housekeeping()
         self.inbound.ack()  # what arrived while we were still setting up
         self._connection_back("consume", connection)
