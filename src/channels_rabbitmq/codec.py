@@ -1,7 +1,8 @@
-"""The message body: msgpack, then optional encryption, within ``max_message_size``.
+"""The message body: serialized, then optional encryption, within ``max_message_size``.
 
 - The body is the message dict packed with msgpack (``use_bin_type``: bytes stay bytes,
-  str stays str). No key is added to the message.
+  str stays str), or encoded by the ``serializer`` of the config (:mod:`.serializers`).
+  No key is added to the message.
 - With ``encryption_keys``, the packed body is sealed for its destination (the channel of a
   ``send()``, the group of a ``group_send()``): see :mod:`.encryption`.
 - ``max_message_size`` bounds the body as it travels (after encryption): larger messages
@@ -11,12 +12,13 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from channels.exceptions import MessageTooLarge
 
-from .config import LayerConfig
+if TYPE_CHECKING:  # config imports the serializers, which import this module
+    from .config import LayerConfig
 
 _packers = threading.local()  # a msgpack Packer is not thread-safe: one per thread
 
@@ -27,6 +29,9 @@ class MessageCodec:
     def __init__(self, config: LayerConfig) -> None:
         self.max_size = config.max_message_size
         self.expiry = config.expiry
+        self._encode = config.serializer.encode
+        #: A body (decrypted) into its message: ``decode_body(body, max_size=None)``.
+        self.decode_body = config.serializer.decode
         self.cipher = None
         if config.encryption_keys:
             from .encryption import BodyCipher  # it needs this module's MalformedMessage
@@ -36,7 +41,7 @@ class MessageCodec:
     def encode(self, message: dict[str, Any], destination: str) -> bytes:
         """The body to publish to ``destination`` (a channel or group name); raises ``TypeError``
         (not a dict, not encodable) or ``MessageTooLarge``."""
-        body = encode_message(message, self.max_size)
+        body = self._encode(message, self.max_size)
         if self.cipher is not None:
             body = self.cipher.seal(body, destination)
             if len(body) > self.max_size:
@@ -46,18 +51,18 @@ class MessageCodec:
         return body
 
     def seal(self, body: bytes, destination: str) -> bytes:
-        """``body`` (already packed) as it travels to ``destination``."""
+        """``body`` (already serialized) as it travels to ``destination``."""
         return body if self.cipher is None else self.cipher.seal(body, destination)
 
     def decode(self, body: bytes, destination: str) -> tuple[dict[str, Any], bytes]:
-        """The message in a body from the wire, and its packed form; raises :class:`MalformedMessage`."""
+        """The message in a body from the wire, and its serialized form; raises :class:`MalformedMessage`."""
         if self.cipher is not None:
             body = self.cipher.open(body, destination, self.expiry)
-        return decode_message(body, self.max_size), body
+        return self.decode_body(body, self.max_size), body
 
 
 class MalformedMessage(ValueError):
-    """A body from the wire that is not a msgpack-encoded dict."""
+    """A body from the wire that is not a dict in the layer's serializer (or does not open)."""
 
 
 def encode_message(message: Any, max_size: int) -> bytes:

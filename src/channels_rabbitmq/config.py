@@ -17,6 +17,8 @@ from types import MappingProxyType
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
+from .serializers import MessageSerializer, load_serializer
+
 DEFAULT_HOST = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # 4 MiB
 
@@ -159,12 +161,14 @@ class LayerConfig:
             "normal_channel_prefix": "channels.normal.",
             "normal_channel_queue_type": "classic",
             "normal_channel_idle_expiry": 3600,
+            "serializer": "msgpack",
+            "reconnect_notice_type": None,
         }
     )
 
     addresses: tuple[BrokerAddress, ...]  # cluster nodes, in the order given
     expiry: float
-    group_expiry: float
+    group_expiry: float | None  # None: memberships never expire
     capacity: int
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...]  # (pattern, capacity), first match wins
     local_capacity: int
@@ -182,6 +186,8 @@ class LayerConfig:
     normal_channel_prefix: str
     normal_channel_queue_type: str  # "classic" or "quorum"
     normal_channel_idle_expiry: float
+    serializer: MessageSerializer
+    reconnect_notice_type: str | None  # None: no notice after the queue was lost
 
     @property
     def address(self) -> BrokerAddress:
@@ -267,7 +273,7 @@ class LayerConfig:
         return cls(
             addresses=addresses,
             expiry=expiry,
-            group_expiry=_number("group_expiry", settings["group_expiry"], minimum=0.001),
+            group_expiry=_optional_number("group_expiry", settings["group_expiry"], minimum=0.001),
             capacity=_integer("capacity", settings["capacity"], 1, 10_000_000),
             channel_capacity=_channel_capacity(settings["channel_capacity"]),
             local_capacity=_integer("local_capacity", settings["local_capacity"], 1, 100_000_000),
@@ -285,6 +291,8 @@ class LayerConfig:
             normal_channel_prefix=prefix,
             normal_channel_queue_type=str(queue_type),
             normal_channel_idle_expiry=idle_expiry,
+            serializer=load_serializer(settings["serializer"]),
+            reconnect_notice_type=_notice_type(settings["reconnect_notice_type"]),
         )
 
 
@@ -369,6 +377,28 @@ def _number(key: str, value: object, *, minimum: float) -> float:
     if not value >= minimum or value == float("inf"):
         raise ValueError(f"{key} must be a finite number >= {minimum}, got {value!r}")
     return float(value)
+
+
+def _optional_number(key: str, value: object, *, minimum: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number of seconds or None, got {type(value).__name__}")
+    return _number(key, value, minimum=minimum)
+
+
+def _notice_type(value: object) -> str | None:
+    """A message ``type`` for the reconnect notice, or None (off)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"reconnect_notice_type must be a string or None, got {type(value).__name__}")
+    if not value or value.startswith("_"):
+        # Channels' consumers refuse types that start with "_"; "" names no handler.
+        raise ValueError(
+            f"reconnect_notice_type must be a message type such as 'layer.reconnected', got {value!r}"
+        )
+    return value
 
 
 def _integer(key: str, value: object, minimum: int, maximum: int) -> int:

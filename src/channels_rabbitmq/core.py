@@ -1,11 +1,11 @@
 """``RabbitmqChannelLayer``: the Django Channels layer API on RabbitMQ.
 
 Each server process owns one exclusive RabbitMQ queue. A channel name is
-``<queue>!<local part>``: ``send()`` publishes to that queue and the owning process
-routes the message to the channel's inbox. A group is a routing key on one direct
-exchange: a queue is bound when the group's first local member joins and unbound when
-the last leaves; ``group_send()`` is one publish that each process fans out to its
-local members.
+``<prefix><queue>!<local part>``: ``send()`` publishes to that queue (:func:`.wire.queue_of`)
+and the owning process routes the message to the channel's inbox. A group is a routing
+key on one direct exchange: a queue is bound when the group's first local member joins
+and unbound when the last leaves; ``group_send()`` is one publish that each process fans
+out to its local members.
 
 The methods below read like the Channels spec. Beneath them: :mod:`.loops` (which link
 serves which event loop, and calls between loops), :mod:`.link` (a queue and its
@@ -30,7 +30,7 @@ from .config import DEFAULT_HOST, LayerConfig
 from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
-from .wire import NO_PROPERTIES, channel_properties
+from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,14 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     async def new_channel(self, prefix: str = "specific.") -> str:
         """Return a new channel name that this process receives on.
 
-        The name is ``<queue>!<random>``; ``prefix`` is not used. The first call on a
-        loop connects, so that messages sent to the channel have a queue to go to.
+        The name is ``<prefix><queue>!<random>``: ``prefix``, a ``.`` unless it ends with one,
+        this process's queue, so that any process can send to it. A prefix that would make
+        an invalid name raises ``ValueError`` (``TypeError`` if it is not a string). The first
+        call on a loop connects, so that messages sent to the channel have a queue to go to.
         """
+        start = channel_name_start(prefix)
         link = await self._links.for_this_loop(receiving=True)
-        return await self._links.call(link, link.new_channel)
+        return await self._links.call(link, link.new_channel, start)
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
         """Send a message to a channel; returns once RabbitMQ has accepted it.
@@ -113,10 +116,12 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """Check a channel name once; remember where its messages go: (routing key, properties)
         for a process channel, None for a normal channel."""
         self.require_valid_channel_name(channel)
-        queue, bang, _local = channel.partition("!")
         if len(self._send_targets) >= NAME_CACHE_SIZE:
             self._send_targets.clear()
-        target = self._send_targets[channel] = (queue.encode(), channel_properties(channel)) if bang else None
+        if "!" not in channel:
+            self._send_targets[channel] = None  # a normal channel
+            return None
+        target = self._send_targets[channel] = (queue_of(channel).encode(), channel_properties(channel))
         return target
 
     async def receive(self, channel: str) -> dict[str, Any]:
@@ -146,7 +151,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     # Groups ---------------------------------------------------------------------------------------
 
     async def group_add(self, group: str, channel: str) -> None:
-        """Add a channel of this process to a group (again: refreshes ``group_expiry``)."""
+        """Add a channel of this process to a group; again: renews the membership's ``group_expiry``."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
         link = await self._link_for_group_call(channel, "group_add")

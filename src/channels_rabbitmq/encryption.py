@@ -7,7 +7,7 @@ new key in front, deploy everywhere, then drop the old one. A body no key opens 
 logged and dropped like any other undecodable message.
 
 Fernet has no associated data, so the destination goes inside the sealed plaintext: two
-bytes of length (big-endian), the destination in UTF-8, then the msgpack body. A
+bytes of length (big-endian), the destination in UTF-8, then the serialized body. A
 ``send()`` is bound to the full channel name, a ``group_send()`` to the group name; a
 body captured on its way to one and republished to another is dropped. A body is also
 dropped when its Fernet timestamp is older than ``expiry`` plus :data:`CLOCK_SKEW_ALLOWANCE`,

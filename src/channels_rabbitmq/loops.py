@@ -29,6 +29,7 @@ from .codec import MessageCodec
 from .config import LayerConfig
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
 from .link import BrokerLink
+from .wire import queue_of
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class Links:
         self.check_fork()
         if self.closed:
             raise ChannelLayerClosedError("the channel layer is closed")
-        link = self._by_queue.get(channel.partition("!")[0])
+        link = self._by_queue.get(queue_of(channel))
         if link is None:
             raise ValueError(
                 f"cannot {operation} {channel!r}: it is not a channel of this process "

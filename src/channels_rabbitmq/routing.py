@@ -16,9 +16,11 @@ so every rule is a unit test without a broker.
   counts once, however many local members hold a copy. It is the process-wide memory
   bound: when ``held`` reaches ``capacity`` the broker link stops acknowledging (so
   RabbitMQ stops delivering), and ``on_room`` tells it when to go on.
-- Group memberships expire ``group_expiry`` seconds after their last ``group_add``.
+- Group memberships expire ``group_expiry`` seconds after their last ``group_add``;
+  with ``group_expiry=None`` they never expire, and nothing about them is timed.
 - Every member of a group gets its own copy: the first buffered or handed-over copy
-  is the decoded message, the others are decoded again from the body when read.
+  is the decoded message, the others are decoded again from the body when read (with
+  ``decode``: the layer's serializer).
 """
 
 from __future__ import annotations
@@ -54,12 +56,14 @@ class LocalRouter:
         *,
         capacity: int,
         expiry: float,
-        group_expiry: float,
+        group_expiry: float | None,
         channel_capacity: int | Callable[[str], int] = 2**62,
+        decode: Callable[[bytes], Message] = decode_message,
     ) -> None:
         self.capacity = capacity
         self.expiry = expiry
-        self.group_expiry = group_expiry
+        self.group_expiry = group_expiry  # None: memberships never expire
+        self._decode = decode
         self.held = 0
         self.full_drops = 0  # messages dropped because their channel's inbox was full
         self.on_room: Callable[[], None] | None = None
@@ -102,7 +106,7 @@ class LocalRouter:
             if expires_at > now:
                 if not entries and not inbox.waiters:
                     del self._inboxes[channel]
-                message: Message = payload if type(payload) is dict else decode_message(payload)
+                message: Message = payload if type(payload) is dict else self._decode(payload)
                 return message
         if not inbox.waiters:
             del self._inboxes[channel]
@@ -182,7 +186,7 @@ class LocalRouter:
                 while waiters:
                     waiter = waiters.popleft()
                     if not waiter.done():
-                        waiter.set_result(payload if type(payload) is dict else decode_message(payload))
+                        waiter.set_result(payload if type(payload) is dict else self._decode(payload))
                         handed = True
                         break
                 if handed:
@@ -233,6 +237,14 @@ class LocalRouter:
             on_room()
         return dropped
 
+    def channels(self) -> set[str]:
+        """The channels known to be alive here: with an inbox (messages or a waiting receive) or
+        a group membership."""
+        alive = set(self._inboxes)
+        for members in self._groups.values():
+            alive |= members
+        return alive
+
     @property
     def inbox_count(self) -> int:
         """Channels with an inbox (buffered messages or a waiting receive); bench/memory.py reports it."""
@@ -242,9 +254,10 @@ class LocalRouter:
 
     def add_membership(self, group: str, channel: str, now: float) -> bool:
         """Add or refresh a membership; True when it is the group's first local member."""
-        key = (group, channel)
-        self._membership_expiry.pop(key, None)
-        self._membership_expiry[key] = now + self.group_expiry
+        if self.group_expiry is not None:
+            key = (group, channel)
+            self._membership_expiry.pop(key, None)
+            self._membership_expiry[key] = now + self.group_expiry
         members = self._groups.get(group)
         if members is None:
             self._groups[group] = {channel}

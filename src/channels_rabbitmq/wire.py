@@ -1,8 +1,10 @@
 """The wire format: how a message finds its target through RabbitMQ (the body is :mod:`.codec`'s).
 
+- A process-specific channel name is ``<prefix><queue>!<local part>``: the ``prefix`` given to
+  ``new_channel()`` (empty, or ending with ``.``), then the queue of the process that made it
+  (``channels.`` and 12 letters or digits), ``!``, and a local part.
 - ``send(channel)`` publishes to the default exchange with routing key = the queue name
-  (the part of the channel name before ``!``) and the full channel name in the
-  ``asgi_channel`` header (a long string).
+  (:func:`queue_of`) and the full channel name in the ``asgi_channel`` header (a long string).
 - ``group_send(group)`` publishes to the groups exchange (``groups`` by default, direct)
   with routing key = the group name and no header: any AMQP client can publish to a
   group by doing the same.
@@ -10,10 +12,60 @@
 
 from __future__ import annotations
 
+import re
+
 from .amqp.frames import encode_string_header
 
 CHANNEL_HEADER = "asgi_channel"
 NO_PROPERTIES = b"\x00\x00"
+
+#: Every process queue's name starts with this, then 12 random letters and digits.
+QUEUE_PREFIX = "channels."
+QUEUE_NAME_LENGTH = len(QUEUE_PREFIX) + 12
+#: The random part of a channel name after the ``!``.
+LOCAL_PART_LENGTH = 12
+#: The longest start of a channel name (the prefix and its ``.``): names have at most 99
+#: characters, Channels' limit.
+MAX_PREFIX_LENGTH = 99 - QUEUE_NAME_LENGTH - 1 - LOCAL_PART_LENGTH
+
+_PREFIX = re.compile(r"[a-zA-Z0-9\-_.]*")
+
+
+def channel_name_start(prefix: object) -> str:
+    """What the names of ``new_channel(prefix)`` start with: ``prefix``, then ``.`` unless it ends
+    with one (as channels_redis does); nothing for ``""``.
+
+    Raises ``TypeError`` for a prefix that is not a string, and ``ValueError`` for one that
+    would make invalid names: characters other than letters, digits, ``-``, ``_`` and ``.``,
+    or too long for a name of at most 99 characters.
+    """
+    if not isinstance(prefix, str):
+        raise TypeError(f"new_channel() prefix must be a string, got {type(prefix).__name__}")
+    if not _PREFIX.fullmatch(prefix):
+        raise ValueError(
+            f"new_channel() prefix may only hold ASCII letters, digits, '-', '_' and '.': got {prefix!r}"
+        )
+    start = prefix if not prefix or prefix.endswith(".") else prefix + "."
+    if len(start) > MAX_PREFIX_LENGTH:
+        raise ValueError(
+            f"new_channel() prefix is {len(prefix)} characters: at most {MAX_PREFIX_LENGTH - 1} "
+            f"({MAX_PREFIX_LENGTH} ending with '.'), so that channel names stay under 100 characters"
+        )
+    return start
+
+
+def queue_of(channel: str) -> str:
+    """The queue that receives a process-specific channel: where ``send()`` publishes.
+
+    It is the :data:`QUEUE_NAME_LENGTH` characters just before the ``!`` when they start with
+    :data:`QUEUE_PREFIX` and follow a ``.`` (a ``new_channel()`` prefix) or nothing. Any
+    other name's queue is the whole part before the ``!`` (the form before prefixes existed).
+    """
+    head = channel.partition("!")[0]
+    start = len(head) - QUEUE_NAME_LENGTH
+    if start > 0 and head[start - 1] == "." and head.startswith(QUEUE_PREFIX, start):
+        return head[start:]
+    return head
 
 
 def channel_properties(channel: str) -> bytes:

@@ -222,7 +222,7 @@ async def test_a_cut_while_receiving_keeps_the_receive_waiting_and_restores_queu
     print(f"cut -> messages flow again in {now() - cut_at:.2f}s (with {proxy.refused} refused attempts)")
     # The same queue, bound again; a channel name stays valid across reconnections.
     assert (link.queue_name, "room") in await asyncio.to_thread(broker.bindings)
-    assert channel.startswith(link.queue_name + "!")
+    assert channel.startswith(f"specific.{link.queue_name}!")
 
 
 async def test_a_cut_during_group_adds_leaves_every_added_member_reachable(

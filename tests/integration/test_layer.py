@@ -75,7 +75,7 @@ async def test_new_channel_names_are_unique_and_of_this_process(make_layer: Laye
     layer = make_layer()
     names = {await layer.new_channel() for _ in range(1000)}
     assert len(names) == 1000
-    assert all(name.startswith(link_of(layer).queue_name + "!") for name in names)
+    assert all(name.startswith("specific." + link_of(layer).queue_name + "!") for name in names)
     assert all(len(name) < 100 for name in names)
 
 

@@ -22,7 +22,7 @@ from ..codec import MalformedMessage, MessageCodec
 from ..config import LayerConfig
 from ..logs import RateLimitedLogger
 from ..routing import LocalRouter
-from ..wire import CHANNEL_HEADER
+from ..wire import CHANNEL_HEADER, queue_of
 from .topology import CONSUME_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,7 @@ class Inbound:
         self._on_group_emptied = on_group_emptied
         self._on_normal_delivery = on_normal_delivery
         self._groups_exchange = config.groups_exchange
-        self._channel_prefix = queue_name + "!"
-        self.probe_prefix = self._channel_prefix + "probe."  # never a channel's: those have no dot
+        self.probe_prefix = queue_name + "!probe."  # never a channel's: their local parts have no dot
         self._last_delivery_tag = 0
         self._acked_delivery_tag = 0
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -102,7 +101,11 @@ class Inbound:
         else:
             headers = delivery.headers
             destination = headers.get(CHANNEL_HEADER) if headers else None
-            if type(destination) is not str or not destination.startswith(self._channel_prefix):
+            if (
+                type(destination) is not str
+                or "!" not in destination
+                or queue_of(destination) != self.queue_name
+            ):
                 self.dropped[DROPPED_UNDECODABLE] += 1
                 self._dropped_log.warning(
                     "dropped a message from the wire: no %s header naming a channel of queue %s",
@@ -110,6 +113,8 @@ class Inbound:
                     self.queue_name,
                 )
                 return
+            if destination.startswith(self.probe_prefix):  # ours, or a late one from an alarm
+                return  # dropped unread: its body need not be in the configured serializer
         try:
             message, body = self.codec.decode(delivery.body, destination)
         except MalformedMessage as error:
@@ -119,8 +124,6 @@ class Inbound:
         now = time.monotonic()
         if to_group:
             self.router.deliver_to_group(destination, message, body, now)
-            return
-        if destination.startswith(self.probe_prefix):  # ours, or a late one from an alarm
             return
         self.router.deliver(destination, message, now)
 
@@ -159,7 +162,9 @@ class Inbound:
 
     def start_housekeeping(self) -> None:
         self.stop_housekeeping()
-        interval = min(1.0, self.config.expiry / 4, self.config.group_expiry / 4)
+        interval = min(1.0, self.config.expiry / 4)
+        if self.config.group_expiry is not None:  # None: memberships are not timed
+            interval = min(interval, self.config.group_expiry / 4)
         self._housekeeping = self.loop.call_later(interval, self._housekeep, interval)
 
     def stop_housekeeping(self) -> None:

@@ -11,8 +11,9 @@ A link has two connections, each kept up by a :class:`~.supervisor.ConnectionSup
 
 Each connects on first need. When one drops, it is replaced in the background; a new
 consuming connection re-declares the queue under the same name and re-binds every group
-that still has local members. Every method runs on the link's loop (:mod:`..loops`
-carries calls from other loops here) and raises only the layer's errors.
+that still has local members; with ``reconnect_notice_type``, every local channel is then
+told that messages may have been lost (:mod:`.notice`). Every method runs on the link's loop
+(:mod:`..loops` carries calls from other loops here) and raises only the layer's errors.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
 from ..routing import EMPTY, LocalRouter
-from ..wire import NO_PROPERTIES
+from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
 from .errors import layer_error
 from .inbound import Inbound
 from .normal import NormalChannels
+from .notice import ReconnectNotice
 from .supervisor import ConnectionSupervisor
 from .topology import PUBLISH_CHANNEL, Topology, random_name
 
@@ -47,13 +49,14 @@ class BrokerLink:
     def __init__(self, config: LayerConfig, loop: asyncio.AbstractEventLoop, codec: MessageCodec) -> None:
         self.config = config
         self.loop = loop
-        #: The queue of this link; every channel it receives on starts with it and ``!``.
-        self.queue_name = queue_name = f"channels.{random_name(12)}"
+        #: The queue of this link; every channel it receives on has it just before the ``!``.
+        self.queue_name = queue_name = f"{QUEUE_PREFIX}{random_name(12)}"
         self.router = router = LocalRouter(
             capacity=config.local_capacity,
             expiry=config.expiry,
             group_expiry=config.group_expiry,
             channel_capacity=config.capacity_of if config.channel_capacity else config.capacity,
+            decode=codec.decode_body,
         )
         self.topology = Topology(
             config,
@@ -110,6 +113,14 @@ class BrokerLink:
         self.bridged_receives: dict[str, asyncio.Future[None]] = {}
         self._channel_prefix = queue_name + "!"
         self._outage: dict[str, float] = {}  # role -> when its connection was lost
+        self._consumed_before = False  # a consuming connection was up: the next one is a new queue
+        self.notice = ReconnectNotice(
+            config.reconnect_notice_type,
+            queue_name=queue_name,
+            router=router,
+            loop=loop,
+            window=config.expiry,
+        )
         self._blocked_timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -130,10 +141,14 @@ class BrokerLink:
         made during a later outage waits for recovery like every other call."""
         await asyncio.gather(self.consuming.connected(), self.publishing.connected())
 
-    async def new_channel(self) -> str:
+    async def new_channel(self, start: str = "") -> str:
+        """A new channel name: ``start`` (a checked prefix, see :func:`..wire.channel_name_start`),
+        the queue, ``!``, random characters."""
         if not self.consuming.ever_connected:
             await self.connect_first()  # the queue must exist before anyone sends to the channel
-        return f"{self._channel_prefix}{random_name(12)}"
+        channel = f"{start}{self._channel_prefix}{random_name(LOCAL_PART_LENGTH)}"
+        self.notice.channel_made(channel)
+        return channel
 
     async def receive(self, channel: str) -> dict[str, Any]:
         if "!" not in channel:
@@ -141,6 +156,8 @@ class BrokerLink:
                 await self.connect_first()
             return await self.normal.receive(channel)
         router = self.router
+        if self.notice.window_open:
+            self.notice.before_receive(channel)
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
             return message
@@ -262,6 +279,7 @@ class BrokerLink:
         self._closed = True
         self.router.close(StopConsumer)
         self.inbound.stop_housekeeping()
+        self.notice.close_window()
         if self._blocked_timer is not None:
             self._blocked_timer.cancel()
         self.topology.close()
@@ -287,6 +305,9 @@ class BrokerLink:
         self.inbound.start_housekeeping()
         self.inbound.ack()  # what arrived while we were still setting up
         self._connection_back("consume", connection)
+        if self._consumed_before:  # a new queue: the exclusive one went with the lost connection
+            self.notice.queue_recovered()
+        self._consumed_before = True
 
     def _on_consuming_down(self, error: BrokerConnectionError) -> None:
         self.topology.connection_lost()

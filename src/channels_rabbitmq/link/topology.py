@@ -46,7 +46,7 @@ CONSUME_CHANNEL = 2
 CONTROL_CHANNEL = 3
 
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
-PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})
+PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})  # dropped unread, whatever the serializer
 QUEUE_LOCKED_RETRIES = 50  # 5 s for the broker to delete our previous connection's queue
 
 _ALPHABET = string.ascii_letters + string.digits
