@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 
 import pytest
 from channels.exceptions import ChannelFull, StopConsumer
@@ -267,3 +268,36 @@ async def test_a_waiting_receive_gets_messages_sent_after_the_connections_were_c
         except Exception:
             await asyncio.sleep(0.1)
     assert await asyncio.wait_for(waiting, 10) == {"type": "job"}
+
+
+async def test_an_unused_queue_is_removed_after_the_idle_expiry(
+    names: dict[str, str], make_layer: LayerFactory, broker: Broker
+) -> None:
+    layer = make_layer(expiry=1, normal_channel_idle_expiry=4)
+    await layer.send(names["brief"], {"type": "job"})
+    queue = f"channels.normal.{names['brief']}"
+    sent_at = time.monotonic()
+    queue_facts(broker, queue)  # there
+    await asyncio.sleep(2)
+    queue_facts(broker, queue)  # still there half way through its idle time
+    while True:  # then RabbitMQ removes it (its message expired long before)
+        try:
+            queue_facts(broker, queue)
+        except LookupError:
+            break
+        assert time.monotonic() - sent_at < 15, "the idle queue was never removed"
+        await asyncio.sleep(0.25)
+    assert time.monotonic() - sent_at >= 3.5
+
+
+async def test_a_queue_a_sender_keeps_using_is_never_removed_with_a_live_message_in_it(
+    names: dict[str, str], make_layer: LayerFactory, broker: Broker
+) -> None:
+    sender, worker = (
+        make_layer(expiry=1, normal_channel_idle_expiry=2),
+        make_layer(expiry=1, normal_channel_idle_expiry=2),
+    )
+    for i in range(10):  # 4 s of sends, twice the idle expiry: the sender declares it again meanwhile
+        await sender.send(names["work"], {"type": "job", "i": i})
+        await asyncio.sleep(0.4)
+    assert (await receive(worker, names["work"]))["i"] >= 7  # the latest ones are still there
