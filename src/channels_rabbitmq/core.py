@@ -27,6 +27,7 @@ from channels.layers import BaseChannelLayer
 
 from .codec import MessageCodec
 from .config import DEFAULT_HOST, LayerConfig
+from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
 from .wire import NO_PROPERTIES, channel_properties
@@ -128,18 +129,40 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     # Groups ---------------------------------------------------------------------------------------
 
     async def group_add(self, group: str, channel: str) -> None:
-        """Add a channel of this process to a group (again: refreshes ``group_expiry``)."""
+        """Add a channel to a group (again: refreshes ``group_expiry``).
+
+        For another process's channel, that process does it: the call returns once it has
+        bound, at once if it is gone, and raises ``BrokerTimeoutError`` if it does not answer
+        within ``connect_timeout``.
+        """
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = self._links.owner(channel, "group_add")
-        await self._links.call(link, link.group_add, group, channel)
+        link = self._links.local_owner(channel)
+        if link is not None:
+            await self._links.call(link, link.group_add, group, channel)
+        else:
+            link = await self._other_process(channel, "group_add")
+            await self._links.call(link, link.control.group_add, group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
-        """Remove a channel from a group; no error if it was not a member."""
+        """Remove a channel from a group; no error if it was not a member. Any process's channel,
+        as for ``group_add()``."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = self._links.owner(channel, "group_discard")
-        await self._links.call(link, link.group_discard, group, channel)
+        link = self._links.local_owner(channel)
+        if link is not None:
+            await self._links.call(link, link.group_discard, group, channel)
+        else:
+            link = await self._other_process(channel, "group_discard")
+            await self._links.call(link, link.control.group_discard, group, channel)
+
+    async def _other_process(self, channel: str, operation: str) -> BrokerLink:
+        """The link that asks another process to make a group call for its channel."""
+        if "!" not in channel:
+            raise ValueError(
+                f"cannot {operation} {channel!r}: normal channels (names without '!') are not supported yet"
+            )
+        return await self._links.for_this_loop()
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""
@@ -164,13 +187,17 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     # Flush and close ----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Empty this layer: buffered messages, its queues, its memberships and bindings.
+        """Empty the layer in every process: buffered messages, queues, memberships and bindings.
 
-        Other processes' queues and memberships are untouched: RabbitMQ has no global
-        view of them, and each process flushes its own.
+        This layer's own queues first; then every other process's link flushes and answers,
+        and the call returns once all of them have (within ``connect_timeout``). See the README.
         """
+        if self._links.closed:
+            return
         for link in self._links.all():
             await self._links.call(link, link.flush)
+        link = await self._links.for_this_loop()
+        await self._links.call(link, link.control.flush)
 
     async def close(self) -> None:
         """Close every connection and the I/O thread; ``receive()`` then raises ``StopConsumer``.

@@ -31,6 +31,7 @@ from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
 from ..routing import EMPTY, LocalRouter
+from .control import Control
 from .errors import layer_error
 from .inbound import Inbound
 from .supervisor import ConnectionSupervisor
@@ -71,6 +72,8 @@ class BrokerLink:
             consuming_connection=lambda: self.consuming.connection or self.topology.setting_up,
             on_group_emptied=self.topology.sync_binding_in_background,
         )
+        #: Group calls for other links' channels, flush() for every link, and theirs for ours.
+        self.control = self.inbound.control = Control(config, loop, self, codec)
         self.consuming = ConnectionSupervisor(
             config,
             role="consume",
@@ -178,6 +181,18 @@ class BrokerLink:
             if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerConnectionError):
                 raise outcome  # a lost connection took the bindings with the queue
 
+    async def control_ready(self) -> AmqpConnection:
+        """The publishing connection, once it may publish and the queue is consumed (control
+        messages are answered there). Waits at most ``connection_wait`` (first: ``connect_timeout``)."""
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        _consuming, publisher = await asyncio.gather(self.consuming.connected(), self.publishable())
+        return publisher
+
+    async def count_links(self) -> int:
+        """The roll call: how many links, in every process, hear a flush()."""
+        return await self.topology.count_links(await self.consuming.connected())
+
     async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
         """Publish and wait for the broker's confirm: True when accepted, False when refused."""
         try:
@@ -191,7 +206,12 @@ class BrokerLink:
     async def _publish_when_possible(
         self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
     ) -> bool:
-        """Connect, or wait out a block or a full write buffer, at most ``connection_wait``."""
+        connection = await self.publishable()
+        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+
+    async def publishable(self) -> AmqpConnection:
+        """The publishing connection once it may publish: connect, or wait out a block or a full
+        write buffer, at most ``connection_wait``."""
         wait = self.config.connection_wait
         deadline = self.loop.time() + wait
         connection = await self.publishing.connected()
@@ -220,11 +240,12 @@ class BrokerLink:
                     timeout=wait,
                     url=self.config.description,
                 ) from None
-        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        return connection
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
         self._closed = True
+        self.control.close()
         self.router.close(StopConsumer)
         self.inbound.stop_housekeeping()
         if self._blocked_timer is not None:
@@ -253,6 +274,7 @@ class BrokerLink:
 
     def _on_consuming_down(self, error: BrokerConnectionError) -> None:
         self.topology.connection_lost()
+        self.control.connection_lost()
         self.inbound.stop_housekeeping()
         self._connection_down("consume", error)
 
