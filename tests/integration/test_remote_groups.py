@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgpack
 import pytest
 from asgiref.sync import async_to_sync
+from channels.exceptions import ChannelFull
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.encryption import generate_key
@@ -156,6 +157,27 @@ async def test_group_add_for_a_stuck_owner_raises_broker_timeout_error_within_co
     queue = link_of(owner).queue_name
     await eventually(lambda: link_of(owner).router.has_members("room"), "the late group_add")
     await eventually(lambda: "room" in bound_groups(broker, exchange, queue), "the late binding")
+
+
+async def send_or_error(sender: RabbitmqChannelLayer, channel: str, number: int) -> Exception | None:
+    try:
+        await sender.send(channel, {"type": "fill", "n": number})
+    except ChannelFull as error:
+        return error
+    return None
+
+
+async def test_group_add_for_an_overwhelmed_owner_raises_channel_full(layers: LayerFactory) -> None:
+    # The owner holds local_capacity messages, stops acknowledging, and its queue fills up.
+    owner, sender = layers(local_capacity=1, prefetch_count=1, remote_capacity=1, capacity=10), layers()
+    requester = layers(connect_timeout=2)
+    channel = await owner.new_channel()
+    outcomes = [await send_or_error(sender, channel, number) for number in range(10)]
+    assert isinstance(outcomes[-1], ChannelFull), outcomes
+    started = time.monotonic()
+    with pytest.raises(ChannelFull):
+        await requester.group_add("room", channel)
+    assert time.monotonic() - started < 1  # refused at once, not timed out
 
 
 @pytest.fixture

@@ -62,6 +62,8 @@ OP_REPLY = "reply"
 
 #: Requests from other processes one link works on at once; more are dropped (and time out there).
 MAX_PERFORMING = 10_000
+#: Request ids remembered against replays (with ``encryption_keys``); the oldest go first.
+MAX_REMEMBERED = 100_000
 _GROUP_NAME = re.compile(r"[a-zA-Z\d\-_.]{1,99}")  # Channels' rule for group names
 
 
@@ -113,7 +115,9 @@ class Control:
         self._requests: dict[str, _Request] = {}
         self._performing: set[asyncio.Task[Any]] = set()
         # Request ids performed lately (id -> when): a sealed request replayed is not done twice.
+        # Without encryption anyone may send requests anyway: nothing to remember.
         self._performed: OrderedDict[str, float] = OrderedDict()
+        self._remember = codec.cipher is not None
         self._replay_window = config.expiry + CLOCK_SKEW_ALLOWANCE + 1
 
     # Asking other links ------------------------------------------------------------------------
@@ -302,9 +306,13 @@ class Control:
         task.add_done_callback(self._performing.discard)
 
     def _first_time(self, request_id: str) -> bool:
+        if not self._remember:
+            return True
         now = time.monotonic()
         performed = self._performed
-        while performed and next(iter(performed.values())) < now - self._replay_window:
+        while performed and (
+            len(performed) >= MAX_REMEMBERED or next(iter(performed.values())) < now - self._replay_window
+        ):
             performed.popitem(last=False)
         if request_id in performed:
             return False
