@@ -132,12 +132,13 @@ class Broker:
                 return queue
         raise LookupError(name)
 
-    def bindings(self, exchange: str = "groups") -> set[tuple[str, str]]:
-        """(queue, routing key) of every binding of ``exchange``."""
+    def bindings(self, exchange: str = "groups", *, control: bool = False) -> set[tuple[str, str]]:
+        """(queue, routing key) of every binding of ``exchange``: the groups' (``control``: and the
+        ones every queue has to hear flush(), whose keys start with "!", which no group's can)."""
         return {
             (row["destination_name"], row["routing_key"])
             for row in self._list("list_bindings", "source_name", "destination_name", "routing_key")
-            if row["source_name"] == exchange
+            if row["source_name"] == exchange and (control or not row["routing_key"].startswith("!"))
         }
 
     def connection_count(self) -> int:

@@ -27,7 +27,6 @@ from channels.layers import BaseChannelLayer
 
 from .codec import MessageCodec
 from .config import DEFAULT_HOST, LayerConfig
-from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
@@ -151,24 +150,41 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     # Groups ---------------------------------------------------------------------------------------
 
     async def group_add(self, group: str, channel: str) -> None:
-        """Add a channel of this process to a group; again: renews the membership's ``group_expiry``."""
+        """Add a channel to a group (again: refreshes ``group_expiry``).
+
+        A normal channel's queue is bound to the group, from any process. For another process's
+        channel, that process does it: the call returns once it has
+        bound, at once if it is gone, and raises ``BrokerTimeoutError`` if it does not answer
+        within ``connect_timeout``.
+        """
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = await self._link_for_group_call(channel, "group_add")
-        await self._links.call(link, link.group_add, group, channel)
+        if "!" not in channel:  # a normal channel: any process binds its queue
+            any_link = await self._links.for_this_loop()
+            await self._links.call(any_link, any_link.group_add, group, channel)
+            return
+        owner = self._links.local_owner(channel)
+        if owner is not None:
+            await self._links.call(owner, owner.group_add, group, channel)
+        else:  # another process's channel: that process makes the call, and answers
+            asking = await self._links.for_this_loop()
+            await self._links.call(asking, asking.control.group_add, group, channel)
 
     async def group_discard(self, group: str, channel: str) -> None:
-        """Remove a channel from a group; no error if it was not a member."""
+        """Remove a channel from a group; no error if it was not a member. Any process's channel,
+        as for ``group_add()``."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        link = await self._link_for_group_call(channel, "group_discard")
-        await self._links.call(link, link.group_discard, group, channel)
-
-    async def _link_for_group_call(self, channel: str, operation: str) -> BrokerLink:
-        """The link that owns a process channel; for a normal channel, this loop's (any can bind it)."""
-        if "!" in channel:
-            return self._links.owner(channel, operation)
-        return await self._links.for_this_loop()
+        if "!" not in channel:
+            any_link = await self._links.for_this_loop()
+            await self._links.call(any_link, any_link.group_discard, group, channel)
+            return
+        owner = self._links.local_owner(channel)
+        if owner is not None:
+            await self._links.call(owner, owner.group_discard, group, channel)
+        else:
+            asking = await self._links.for_this_loop()
+            await self._links.call(asking, asking.control.group_discard, group, channel)
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         """Send a message to every member of a group, in every process. Never raises ``ChannelFull``."""
@@ -193,13 +209,17 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
     # Flush and close ----------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Empty this layer: buffered messages, its queues, its memberships and bindings.
+        """Empty the layer in every process: buffered messages, queues, memberships and bindings.
 
-        Other processes' queues and memberships are untouched: RabbitMQ has no global
-        view of them, and each process flushes its own.
+        This layer's own queues first; then every other process's link flushes and answers,
+        and the call returns once all of them have (within ``connect_timeout``). See the README.
         """
+        if self._links.closed:
+            return
         for link in self._links.all():
             await self._links.call(link, link.flush)
+        link = await self._links.for_this_loop()
+        await self._links.call(link, link.control.flush)
 
     async def close(self) -> None:
         """Close every connection and the I/O thread; ``receive()`` then raises ``StopConsumer``.

@@ -89,8 +89,9 @@ class BrokerUnreachableError(BrokerConnectionError):
 class BrokerTimeoutError(BrokerConnectionError):
     """``operation`` got no answer within ``timeout`` seconds: ``"connect"`` (TCP, TLS and the
     AMQP handshake), ``"set-up"``, ``"reconnect"`` (an outage outlasted ``connection_wait``),
-    ``"publish"``, ``"bind"``, ``"unbind"``, ``"purge"``, ``"flush"``, or a layer call made from
-    another event loop."""
+    ``"publish"``, ``"bind"``, ``"unbind"``, ``"purge"``, ``"flush"`` (also: another process did not
+    answer a flush() in time), ``"group_add"`` and ``"group_discard"`` (the process that owns the
+    channel did not answer), or a layer call made from another event loop."""
 
     def __init__(
         self,

@@ -86,6 +86,14 @@ class Links:
             )
         return link
 
+    def local_owner(self, channel: str) -> BrokerLink | None:
+        """The link of ours that receives ``channel``; None for another process's channel (or
+        another layer's, or one whose event loop has ended)."""
+        self.check_fork()
+        if self.closed:
+            raise ChannelLayerClosedError("the channel layer is closed")
+        return self._by_queue.get(queue_of(channel))
+
     async def for_this_loop(self, receiving: bool = False) -> BrokerLink:
         """This loop's own link, or the I/O thread's shared link.
 

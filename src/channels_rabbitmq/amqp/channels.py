@@ -4,7 +4,9 @@
   resolving its own future with the reply; a request the broker refuses (it closes the
   channel) fails alone, and the channel is reopened and set up again for the next ones.
 - :class:`PublishConfirms`: one future per publish on a confirming channel, resolved by the
-  broker's ``basic.ack`` (True) or ``basic.nack`` (False), ``multiple`` included.
+  broker's ``basic.ack`` (True) or ``basic.nack`` (False), ``multiple`` included; and the
+  ``mandatory`` publishes that may come back unrouted (``basic.return``), matched to their
+  publish by exchange, routing key and body, since a return carries no publish tag.
 
 Neither does I/O: the connection sends what they ask for and feeds them the broker's events.
 """
@@ -12,6 +14,7 @@ Neither does I/O: the connection sends what they ask for and feeds them the brok
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -24,6 +27,18 @@ from . import protocol as amqp
 from .errors import ChannelRefused
 
 logger = logging.getLogger(__name__)
+
+
+class PublishOutcome(enum.Enum):
+    """What became of a ``mandatory`` publish."""
+
+    ACCEPTED = "accepted"  # routed to at least one queue, and confirmed (basic.ack)
+    REFUSED = "refused"  # basic.nack: a queue refused it (full, with reject-publish)
+    RETURNED = "returned"  # no queue took it (basic.return, then basic.ack)
+
+
+#: How a returned message is matched to its publish: (exchange, routing key, body).
+ReturnKey = tuple[str, str, bytes]
 
 
 class ChannelRequests:
@@ -103,6 +118,10 @@ class PublishConfirms:
 
     def __init__(self) -> None:
         self._pending: dict[int, OrderedDict[int, asyncio.Future[bool]]] = {}
+        # Mandatory publishes not confirmed yet, per channel: their tags by return key, oldest
+        # first; and the tags of those that came back.
+        self._may_return: dict[int, dict[ReturnKey, deque[int]]] = {}
+        self._returned: dict[int, set[int]] = {}
 
     def enable(self, channel_id: int) -> None:
         self._pending.setdefault(channel_id, OrderedDict())
@@ -128,7 +147,66 @@ class PublishConfirms:
             if waiting is not None and not waiting.done():
                 waiting.set_result(event.accepted)
 
+    def outcome(
+        self, channel_id: int, tag: int, key: ReturnKey, confirmed: asyncio.Future[bool]
+    ) -> asyncio.Future[PublishOutcome]:
+        """The outcome of a ``mandatory`` publish whose confirm is ``confirmed``: it may come back
+        (``basic.return``) before that confirm."""
+        self._may_return.setdefault(channel_id, {}).setdefault(key, deque()).append(tag)
+        outcome: asyncio.Future[PublishOutcome] = confirmed.get_loop().create_future()
+
+        def settle(confirmed: asyncio.Future[bool]) -> None:
+            returned = self._settle_mandatory(channel_id, tag, key)
+            if confirmed.cancelled():
+                outcome.cancel()
+                return
+            error = confirmed.exception()  # retrieved, whether anyone still waits or not
+            if outcome.done():
+                return
+            if error is not None:
+                outcome.set_exception(error)
+            elif returned:
+                outcome.set_result(PublishOutcome.RETURNED)
+            else:
+                outcome.set_result(PublishOutcome.ACCEPTED if confirmed.result() else PublishOutcome.REFUSED)
+
+        confirmed.add_done_callback(settle)
+        return outcome
+
+    def on_return(self, event: amqp.MessageReturned) -> bool:
+        """Mark the publish that came back (the oldest one of that key); False when none matches.
+
+        RabbitMQ returns a message before it confirms it, so the mark is there when the
+        confirm resolves the publish."""
+        by_key = self._may_return.get(event.channel_id)
+        key = (event.exchange, event.routing_key, event.body)
+        tags = by_key.get(key) if by_key else None
+        if not tags or by_key is None:
+            return False
+        tag = tags.popleft()
+        if not tags:
+            del by_key[key]
+        self._returned.setdefault(event.channel_id, set()).add(tag)
+        return True
+
+    def _settle_mandatory(self, channel_id: int, tag: int, key: ReturnKey) -> bool:
+        """Forget a ``mandatory`` publish that was confirmed; True when it had come back."""
+        returned = self._returned.get(channel_id)
+        if returned and tag in returned:
+            returned.discard(tag)
+            return True
+        by_key = self._may_return.get(channel_id)
+        tags = by_key.get(key) if by_key else None
+        if tags and by_key is not None:
+            if tag in tags:
+                tags.remove(tag)
+            if not tags:
+                del by_key[key]
+        return False
+
     def fail_channel(self, channel_id: int, error: BaseException) -> None:
+        self._may_return.pop(channel_id, None)
+        self._returned.pop(channel_id, None)
         pending = self._pending.get(channel_id)
         if pending:
             for future in pending.values():

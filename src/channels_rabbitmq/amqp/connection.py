@@ -25,7 +25,7 @@ from pamqp import commands
 from pamqp.base import Frame
 
 from . import protocol as amqp
-from .channels import ChannelRequests, PublishConfirms
+from .channels import ChannelRequests, PublishConfirms, PublishOutcome
 from .errors import (
     ConnectionFailed,
     ConnectionLost,
@@ -233,6 +233,28 @@ class AmqpConnection(asyncio.Protocol):
         self._writer.published(len(body))
         return future
 
+    def publish_mandatory(
+        self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+    ) -> asyncio.Future[PublishOutcome]:
+        """Publish a ``mandatory`` message on a confirming channel: the future says whether a queue
+        took it (``ACCEPTED``), refused it (``REFUSED``), or none could (``RETURNED``).
+
+        Not for the per-message path: returns are matched by exchange, routing key and body,
+        so identical mandatory messages to one destination are matched oldest first.
+        """
+        if not self.is_open:
+            raise self._error or self._not_connected()
+        unconfirmed = self._confirms.waiting_on(channel_id)
+        if unconfirmed is None:
+            raise self._lost(f"AMQP channel {channel_id} is not (yet) in confirm mode")
+        tag = self.machine.publish(channel_id, exchange, routing_key, properties, body, mandatory=True)
+        confirmed: asyncio.Future[bool] = self._loop.create_future()
+        unconfirmed[tag] = confirmed
+        self._writer.published(len(body))
+        return self._confirms.outcome(
+            channel_id, tag, (exchange.decode(), routing_key.decode(), body), confirmed
+        )
+
     def ack(self, channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
         """Acknowledge every delivery on the channel up to ``delivery_tag``.
 
@@ -307,6 +329,15 @@ class AmqpConnection(asyncio.Protocol):
             self._flush()
             if self._transport is not None:
                 self._transport.close()
+        elif isinstance(event, amqp.MessageReturned):
+            if not self._confirms.on_return(event):
+                logger.debug(
+                    "%s returned a message we did not publish as mandatory (%s %s, to %r)",
+                    self.description,
+                    event.reply_code,
+                    event.reply_text,
+                    event.routing_key,
+                )
         elif isinstance(event, amqp.ConnectionBlocked):
             reason = event.reason or "a resource alarm"
             self._gate.set_blocked(reason)
@@ -320,15 +351,15 @@ class AmqpConnection(asyncio.Protocol):
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method
         if isinstance(method, commands.Basic.Cancel):
-            if event.channel_id in self._requests.essential or self.on_consumer_cancelled is None:
+            if event.channel_id in self._requests.essential:
                 self._fail(self._lost(f"RabbitMQ cancelled our consumer on {self.description}"))
-            else:
+            elif self.on_consumer_cancelled is not None:
                 self.on_consumer_cancelled(event.channel_id)
+            else:  # a consumer its owner can do without (its queue was deleted, say)
+                logger.debug("%s cancelled consumer %r", self.description, method.consumer_tag)
             return
         if isinstance(method, commands.Channel.Flow):
             self._send_method(event.channel_id, commands.Channel.FlowOk(method.active))
-            return
-        if isinstance(method, commands.Basic.Return):
             return
         self._requests.on_reply(event.channel_id, method)
 

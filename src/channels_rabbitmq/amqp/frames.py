@@ -32,6 +32,7 @@ FRAME_MIN_SIZE = 4096  # the smallest frame_max a peer may set (AMQP 0-9-1, 4.2.
 
 BASIC_CLASS = 60
 BASIC_PUBLISH = 40
+BASIC_RETURN = 50
 BASIC_DELIVER = 60
 BASIC_ACK = 80
 BASIC_NACK = 120
@@ -103,14 +104,16 @@ def encode_publish(
     properties: bytes,
     body: bytes,
     frame_max: int,
+    mandatory: bool = False,
 ) -> bytes:
     """Return the frames of one ``basic.publish``: method, content header, body.
 
     ``properties`` is the encoded property flags and values (``b"\\x00\\x00"`` for none);
-    ``exchange`` and ``routing_key`` are at most 255 bytes each.
+    ``exchange`` and ``routing_key`` are at most 255 bytes each. A ``mandatory`` message that
+    no queue takes comes back as a ``basic.return``.
     """
     parts: list[bytes | memoryview] = [
-        encode_publish_method(channel_id, exchange, routing_key),
+        encode_publish_method(channel_id, exchange, routing_key, mandatory),
         _content_frame_head.pack(
             FRAME_HEADER, channel_id, _CONTENT_HEADER_SIZE + len(properties), BASIC_CLASS, 0, len(body)
         ),
@@ -130,9 +133,11 @@ def encode_publish(
 
 
 @functools.lru_cache(maxsize=4096)
-def encode_publish_method(channel_id: int, exchange: bytes, routing_key: bytes) -> bytes:
-    """The ``basic.publish`` method frame (mandatory and immediate off); the same for every
-    message to one destination, so it is made once."""
+def encode_publish_method(
+    channel_id: int, exchange: bytes, routing_key: bytes, mandatory: bool = False
+) -> bytes:
+    """The ``basic.publish`` method frame (immediate off); the same for every message to one
+    destination, so it is made once."""
     # index and ticket, two short strings, one octet of bits
     method_size = _publish_head.size - FRAME_HEAD_SIZE + 1 + len(exchange) + 1 + len(routing_key) + 1
     return b"".join(
@@ -142,7 +147,7 @@ def encode_publish_method(channel_id: int, exchange: bytes, routing_key: bytes) 
             exchange,
             bytes((len(routing_key),)),
             routing_key,
-            b"\x00",
+            b"\x01" if mandatory else b"\x00",  # the bits: mandatory, then immediate
             FRAME_END_BYTE,
         )
     )

@@ -77,6 +77,24 @@ class UndecodableDelivery:
 
 
 @dataclass(slots=True)
+class MessageReturned:
+    """The broker gave back a ``mandatory`` message that no queue took (``basic.return``).
+
+    With publisher confirms, the return comes before the message's ``basic.ack``. ``error``
+    says why the content could not be read (its body is then empty).
+    """
+
+    channel_id: int
+    reply_code: int
+    reply_text: str
+    exchange: str
+    routing_key: str
+    headers: dict[str, Any] | None
+    body: bytes
+    error: str | None = None
+
+
+@dataclass(slots=True)
 class PublishConfirmed:
     """The broker acked (``accepted``) or nacked publishes up to ``delivery_tag``."""
 
@@ -123,6 +141,7 @@ Event = (
     | MethodReceived
     | Delivery
     | UndecodableDelivery
+    | MessageReturned
     | PublishConfirmed
     | ChannelClosed
     | ConnectionClosed
@@ -142,9 +161,9 @@ class State(enum.Enum):
 
 @dataclass
 class _IncomingContent:
-    """A delivery whose header or body frames are still arriving."""
+    """A delivery, or a returned message, whose header or body frames are still arriving."""
 
-    deliver: frames.Deliver
+    deliver: frames.Deliver | commands.Basic.Return
     body_size: int = -1
     headers: dict[str, Any] | None = None
     parts: list[bytes] = field(default_factory=list)
@@ -218,11 +237,22 @@ class AmqpProtocol:
         self._outgoing.append(frames.encode_method(channel_id, method))
 
     def publish(
-        self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
+        self,
+        channel_id: int,
+        exchange: bytes,
+        routing_key: bytes,
+        properties: bytes,
+        body: bytes,
+        mandatory: bool = False,
     ) -> int:
-        """Queue one message; return its publish tag (0 unless the channel confirms)."""
+        """Queue one message; return its publish tag (0 unless the channel confirms).
+
+        A ``mandatory`` message that no queue takes comes back as :class:`MessageReturned`.
+        """
         self._outgoing.append(
-            frames.encode_publish(channel_id, exchange, routing_key, properties, body, self.frame_max)
+            frames.encode_publish(
+                channel_id, exchange, routing_key, properties, body, self.frame_max, mandatory
+            )
         )
         tag = self._next_publish_tag.get(channel_id, 0)
         if tag:
@@ -314,6 +344,8 @@ class AmqpProtocol:
         method = frames.decode_method(payload)
         if channel_id == 0:
             self._on_connection_method(method, events)
+        elif isinstance(method, commands.Basic.Return):  # its content header and body follow
+            self._incoming[channel_id] = _IncomingContent(method)
         elif isinstance(method, commands.Channel.Close):
             self._next_publish_tag.pop(channel_id, None)
             self._incoming.pop(channel_id, None)
@@ -426,6 +458,20 @@ class AmqpProtocol:
     def _complete(self, channel_id: int, content: _IncomingContent, events: list[Event]) -> None:
         del self._incoming[channel_id]
         deliver = content.deliver
+        if isinstance(deliver, commands.Basic.Return):
+            events.append(
+                MessageReturned(
+                    channel_id,
+                    deliver.reply_code or 0,
+                    deliver.reply_text or "",
+                    deliver.exchange or "",
+                    deliver.routing_key or "",
+                    content.headers,
+                    b"" if content.error is not None else b"".join(content.parts),
+                    content.error,
+                )
+            )
+            return
         if content.error is not None:
             events.append(
                 UndecodableDelivery(channel_id, deliver.delivery_tag, content.error, content.too_large)

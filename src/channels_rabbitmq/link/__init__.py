@@ -5,6 +5,7 @@
 - :mod:`.connector`: opening a connection as the layer does (shared with ``check``);
 - :mod:`.topology`: the exchange, the queue, group bindings and the probe;
 - :mod:`.inbound`: deliveries into the router, acknowledgements, expiry;
+- :mod:`.control`: control messages: group calls for other processes' channels, flush() everywhere;
 - :mod:`.errors`: the AMQP client's errors mapped to the layer's.
 """
 

@@ -22,7 +22,8 @@ from ..codec import MalformedMessage, MessageCodec
 from ..config import LayerConfig
 from ..logs import RateLimitedLogger
 from ..routing import LocalRouter
-from ..wire import CHANNEL_HEADER, queue_of
+from ..wire import CHANNEL_HEADER, CONTROL_HEADER, queue_of
+from .control import Control
 from .topology import CONSUME_CHANNEL
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class Inbound:
         self._on_normal_delivery = on_normal_delivery
         self._groups_exchange = config.groups_exchange
         self.probe_prefix = queue_name + "!probe."  # never a channel's: their local parts have no dot
+        #: Where control messages go (group calls for our channels from other processes, flush()).
+        self.control: Control | None = None
         self._last_delivery_tag = 0
         self._acked_delivery_tag = 0
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -96,16 +99,22 @@ class Inbound:
         # Where it was sent: the group (routing key on the groups exchange) or the channel.
         to_group = delivery.exchange == self._groups_exchange
         destination: Any
+        headers = delivery.headers
         if to_group:
             destination = delivery.routing_key
+            if headers is not None and CONTROL_HEADER in headers:  # group_send() sends no headers
+                self._on_control(delivery)
+                return
         else:
-            headers = delivery.headers
             destination = headers.get(CHANNEL_HEADER) if headers else None
             if (
                 type(destination) is not str
                 or "!" not in destination
                 or queue_of(destination) != self.queue_name
             ):
+                if headers and CONTROL_HEADER in headers:
+                    self._on_control(delivery)
+                    return
                 self.dropped[DROPPED_UNDECODABLE] += 1
                 self._dropped_log.warning(
                     "dropped a message from the wire: no %s header naming a channel of queue %s",
@@ -126,6 +135,15 @@ class Inbound:
             self.router.deliver_to_group(destination, message, body, now)
             return
         self.router.deliver(destination, message, now)
+
+    def _on_control(self, delivery: Delivery) -> None:
+        try:
+            if self.control is None:
+                raise MalformedMessage("no control messages expected here")
+            self.control.on_message(delivery)
+        except MalformedMessage as error:
+            self.dropped[DROPPED_UNDECODABLE] += 1
+            self._dropped_log.warning("dropped a control message from the wire: %s", error)
 
     def _on_channel_full(self, channel: str, group: str | None) -> None:
         self.dropped[DROPPED_CHANNEL_FULL] += 1

@@ -33,6 +33,7 @@ from ..config import LayerConfig
 from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
 from ..routing import EMPTY, LocalRouter
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
+from .control import Control
 from .errors import layer_error
 from .inbound import Inbound
 from .normal import NormalChannels
@@ -89,6 +90,8 @@ class BrokerLink:
             on_normal_delivery=self.normal.on_delivery,
             dropped=dropped,
         )
+        #: Group calls for other links' channels, flush() for every link, and theirs for ours.
+        self.control = self.inbound.control = Control(config, loop, self, codec)
         self.consuming = ConnectionSupervisor(
             config,
             role="consume",
@@ -230,6 +233,18 @@ class BrokerLink:
             raise layer_error(error, self.config.description) from None
         return await self.publish(b"", queue.encode(), NO_PROPERTIES, body)
 
+    async def control_ready(self) -> AmqpConnection:
+        """The publishing connection, once it may publish and the queue is consumed (control
+        messages are answered there). Waits at most ``connection_wait`` (first: ``connect_timeout``)."""
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        _consuming, publisher = await asyncio.gather(self.consuming.connected(), self.publishable())
+        return publisher
+
+    async def count_links(self) -> int:
+        """The roll call: how many links, in every process, hear a flush()."""
+        return await self.topology.count_links(await self.consuming.connected())
+
     async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
         """Publish and wait for the broker's confirm: True when accepted, False when refused."""
         try:
@@ -243,7 +258,12 @@ class BrokerLink:
     async def _publish_when_possible(
         self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
     ) -> bool:
-        """Connect, or wait out a block or a full write buffer, at most ``connection_wait``."""
+        connection = await self.publishable()
+        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+
+    async def publishable(self) -> AmqpConnection:
+        """The publishing connection once it may publish: connect, or wait out a block or a full
+        write buffer, at most ``connection_wait``."""
         wait = self.config.connection_wait
         deadline = self.loop.time() + wait
         connection = await self.publishing.connected()
@@ -272,11 +292,12 @@ class BrokerLink:
                     timeout=wait,
                     url=self.config.description,
                 ) from None
-        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        return connection
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
         self._closed = True
+        self.control.close()
         self.router.close(StopConsumer)
         self.inbound.stop_housekeeping()
         self.notice.close_window()
@@ -311,6 +332,7 @@ class BrokerLink:
 
     def _on_consuming_down(self, error: BrokerConnectionError) -> None:
         self.topology.connection_lost()
+        self.control.connection_lost()
         self.inbound.stop_housekeeping()
         self._connection_down("consume", error)
 

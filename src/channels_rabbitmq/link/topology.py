@@ -8,8 +8,12 @@
   makes the binding match whether the group has local members.
 - :meth:`Topology.request` bounds every request by the broker's progress.
 
+- For control messages (:mod:`.control`), the consuming connection also binds the queue
+  to hear ``flush()`` and answers the roll call.
+
 AMQP channels on each connection: 1 publishes (confirm mode), 2 consumes, 3 runs
-declarations and bindings, so a refused request never disturbs publishing or consuming.
+declarations and bindings, so a refused request never disturbs publishing or consuming;
+4 holds the roll call's consumer.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ..exceptions import (
     ChannelLayerClosedError,
 )
 from ..routing import LocalRouter
-from ..wire import channel_properties
+from ..wire import FLUSH_ROUTING_KEY, channel_properties
 from .errors import layer_error
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,11 @@ logger = logging.getLogger(__name__)
 PUBLISH_CHANNEL = 1
 CONSUME_CHANNEL = 2
 CONTROL_CHANNEL = 3
+ROLL_CALL_CHANNEL = 4
+
+#: The roll call: a queue that never holds a message, which every link consumes from, so that
+#: its consumer count is the number of links that hear flush() (see control.py).
+ROLL_CALL_ARGUMENTS: dict[str, Any] = {"x-max-length": 0, "x-overflow": "reject-publish", "x-expires": 60_000}
 
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})  # dropped unread, whatever the serializer
@@ -79,6 +88,8 @@ class Topology:
         self._publishing_connection = publishing_connection
         self._seal = seal
         self._groups_exchange = config.groups_exchange
+        #: The roll call's queue: one per groups exchange (a flush() reaches one exchange's links).
+        self.roll_call = f"channels.links:{config.groups_exchange}"
         self._bound: set[str] = set()  # groups bound on the current consuming connection
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
         # A consuming connection past its queue declaration, not yet installed: bindings go there.
@@ -134,6 +145,7 @@ class Topology:
                     if error.reply_code != ReplyCode.RESOURCE_LOCKED or last:
                         raise
                     await asyncio.sleep(0.1)
+            await self._hear_control(connection)
             # From here on, group calls bind and unbind on this connection themselves, so the
             # groups bound below plus theirs are every group with members.
             self.setting_up = connection
@@ -157,6 +169,39 @@ class Topology:
             if self.setting_up is connection:
                 self.setting_up = None
             raise
+
+    async def _hear_control(self, connection: AmqpConnection) -> None:
+        """Bind the queue to hear flush(), and answer the roll call. A refusal (a permission) costs
+        only that, and a warning: flush() from other processes does not reach this link."""
+        bind = commands.Queue.Bind(
+            queue=self.queue_name, exchange=self._groups_exchange, routing_key=FLUSH_ROUTING_KEY
+        )
+        declare = commands.Queue.Declare(queue=self.roll_call, arguments=ROLL_CALL_ARGUMENTS)
+        consume = commands.Basic.Consume(queue=self.roll_call, consumer_tag="roll-call", no_ack=True)
+        try:
+            await self.request(connection, bind, "bind")
+            await connection.open_channel(ROLL_CALL_CHANNEL, [])
+            await self.request(connection, declare, "declare", ROLL_CALL_CHANNEL)
+            await self.request(connection, consume, "consume", ROLL_CALL_CHANNEL)
+        except BrokerRefusedError as error:
+            logger.warning(
+                "could not bind queue %s to hear flush() or join its roll call (queue %s): %s; "
+                "flush() from other processes will not reach this one",
+                self.queue_name,
+                self.roll_call,
+                error,
+            )
+
+    async def count_links(self, connection: AmqpConnection) -> int:
+        """How many links answer the roll call (of every process, this one included)."""
+        declare = commands.Queue.Declare(queue=self.roll_call, passive=True)
+        try:
+            reply = await self.request(connection, declare, "flush")
+        except BrokerRefusedError as error:
+            if error.reply_code != ReplyCode.NOT_FOUND:
+                raise
+            return 0  # nobody declared it lately
+        return int(getattr(reply, "consumer_count", 0) or 0)
 
     async def _probe(self, connection: AmqpConnection, arrival: asyncio.Future[None]) -> None:
         """Never "open but deaf": a message to ourselves must come back before we say we are up.

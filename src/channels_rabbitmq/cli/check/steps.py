@@ -26,7 +26,7 @@ from ...exceptions import BrokerConnectionError, BrokerRefusedError, BrokerUnrea
 from ...link.connector import distinct_ips, open_connection
 from ...link.errors import layer_error
 from ...link.topology import random_name
-from ...wire import NO_PROPERTIES
+from ...wire import NO_PROPERTIES, queue_of
 from .explain import explain_connection_error, is_access_refused, permissions_needed, plain_reason
 from .report import Report
 
@@ -322,7 +322,7 @@ async def check_layer(layer: RabbitmqChannelLayer, timeout: float, report: Repor
         return
     report.ok(
         f"layer: new_channel() connected in {(time.perf_counter() - started) * 1000:.0f} ms "
-        f"(queue {channel.partition('!')[0]})"
+        f"(queue {queue_of(channel)})"
     )
 
     group = f"channels_rabbitmq.check.{random_name(12)}"
