@@ -215,12 +215,6 @@ async def test_group_add_from_sync_code_goes_through_the_io_threads_link(layers:
     assert await receive(owner, channel) == {"type": "from.sync"}
 
 
-async def test_a_normal_channel_is_not_a_channel_of_another_process(layers: LayerFactory) -> None:
-    layer = layers()
-    with pytest.raises(ValueError, match="normal channels"):
-        await layer.group_add("room", "thumbnails")
-
-
 # A real second OS process ------------------------------------------------------------------------------
 
 CHILD = """
