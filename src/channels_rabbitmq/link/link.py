@@ -264,35 +264,7 @@ class BrokerLink:
     async def publishable(self) -> AmqpConnection:
         """The publishing connection once it may publish: connect, or wait out a block or a full
         write buffer, at most ``connection_wait``."""
-        wait = self.config.connection_wait
-        deadline = self.loop.time() + wait
-        connection = await self.publishing.connected()
-        while not connection.can_publish:
-            if not connection.is_open:
-                connection = await self.publishing.connected()
-                continue
-            remaining = deadline - self.loop.time()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(connection.wait_until_publishable(), remaining)
-            except asyncio.TimeoutError:
-                reason = connection.blocked_reason
-                if reason is not None:
-                    raise BrokerBlockedError(
-                        f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
-                        f"for connection_wait={wait:g}s: the message was not sent",
-                        reason=reason,
-                        url=self.config.description,
-                    ) from None
-                raise BrokerTimeoutError(
-                    f"{connection.description} read none of our writes for connection_wait={wait:g}s: "
-                    "the message was not sent",
-                    operation="publish",
-                    timeout=wait,
-                    url=self.config.description,
-                ) from None
-        return connection
+        return await wait_until_publishable(self.publishing, self.config, self.loop)
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
@@ -375,3 +347,39 @@ class BrokerLink:
                 url=self.config.description,
             ),
         )
+
+
+async def wait_until_publishable(
+    publishing: ConnectionSupervisor, config: LayerConfig, loop: asyncio.AbstractEventLoop
+) -> AmqpConnection:
+    """The publishing connection once it may publish: connect, or wait out a block or a full
+    write buffer, at most ``connection_wait``."""
+    wait = config.connection_wait
+    deadline = loop.time() + wait
+    connection = await publishing.connected()
+    while not connection.can_publish:
+        if not connection.is_open:
+            connection = await publishing.connected()
+            continue
+        remaining = deadline - loop.time()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait_for(connection.wait_until_publishable(), remaining)
+        except asyncio.TimeoutError:
+            reason = connection.blocked_reason
+            if reason is not None:
+                raise BrokerBlockedError(
+                    f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
+                    f"for connection_wait={wait:g}s: the message was not sent",
+                    reason=reason,
+                    url=config.description,
+                ) from None
+            raise BrokerTimeoutError(
+                f"{connection.description} read none of our writes for connection_wait={wait:g}s: "
+                "the message was not sent",
+                operation="publish",
+                timeout=wait,
+                url=config.description,
+            ) from None
+    return connection
