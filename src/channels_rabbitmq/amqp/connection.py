@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -36,7 +34,7 @@ from .errors import (
     TlsFailed,
     VhostRefused,
 )
-from .flow import WRITE_BUFFER_HIGH, CoalescingWriter, Heartbeats, PublishGate
+from .flow import CoalescingWriter, Heartbeats, PublishGate, tune_transport
 from .protocol import AmqpProtocol
 
 logger = logging.getLogger(__name__)
@@ -113,13 +111,7 @@ class AmqpConnection(asyncio.Protocol):
             transport.close()
             return
         self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        sock = transport.get_extra_info("socket")  # uvloop gives a stand-in with the same methods
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Best effort: both loops already set it. uvloop's stand-in raises ValueError, not
-            # OSError, once its transport is closed.
-            with contextlib.suppress(OSError, ValueError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune_transport(transport)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -222,16 +214,7 @@ class AmqpConnection(asyncio.Protocol):
         self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
     ) -> asyncio.Future[bool]:
         """Publish on a confirming channel; the future is True (ack) or False (nack)."""
-        if not self.is_open:
-            raise self._error or self._not_connected()
-        unconfirmed = self._confirms.waiting_on(channel_id)
-        if unconfirmed is None:
-            raise self._lost(f"AMQP channel {channel_id} is not (yet) in confirm mode")
-        tag = self.machine.publish(channel_id, exchange, routing_key, properties, body)
-        future: asyncio.Future[bool] = self._loop.create_future()
-        unconfirmed[tag] = future
-        self._writer.published(len(body))
-        return future
+        return self._publish(channel_id, exchange, routing_key, properties, body)[1]
 
     def publish_mandatory(
         self, channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
@@ -242,18 +225,29 @@ class AmqpConnection(asyncio.Protocol):
         Not for the per-message path: returns are matched by exchange, routing key and body,
         so identical mandatory messages to one destination are matched oldest first.
         """
+        tag, confirmed = self._publish(channel_id, exchange, routing_key, properties, body, mandatory=True)
+        destination = (exchange.decode(), routing_key.decode(), body)
+        return self._confirms.outcome(channel_id, tag, destination, confirmed)
+
+    def _publish(
+        self,
+        channel_id: int,
+        exchange: bytes,
+        routing_key: bytes,
+        properties: bytes,
+        body: bytes,
+        mandatory: bool = False,
+    ) -> tuple[int, asyncio.Future[bool]]:
         if not self.is_open:
             raise self._error or self._not_connected()
         unconfirmed = self._confirms.waiting_on(channel_id)
         if unconfirmed is None:
             raise self._lost(f"AMQP channel {channel_id} is not (yet) in confirm mode")
-        tag = self.machine.publish(channel_id, exchange, routing_key, properties, body, mandatory=True)
-        confirmed: asyncio.Future[bool] = self._loop.create_future()
-        unconfirmed[tag] = confirmed
+        tag = self.machine.publish(channel_id, exchange, routing_key, properties, body, mandatory=mandatory)
+        future: asyncio.Future[bool] = self._loop.create_future()
+        unconfirmed[tag] = future
         self._writer.published(len(body))
-        return self._confirms.outcome(
-            channel_id, tag, (exchange.decode(), routing_key.decode(), body), confirmed
-        )
+        return tag, future
 
     def ack(self, channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
         """Acknowledge every delivery on the channel up to ``delivery_tag``.
@@ -331,22 +325,14 @@ class AmqpConnection(asyncio.Protocol):
                 self._transport.close()
         elif isinstance(event, amqp.MessageReturned):
             if not self._confirms.on_return(event):
-                logger.debug(
-                    "%s returned a message we did not publish as mandatory (%s %s, to %r)",
-                    self.description,
-                    event.reply_code,
-                    event.reply_text,
-                    event.routing_key,
-                )
-        elif isinstance(event, amqp.ConnectionBlocked):
-            reason = event.reason or "a resource alarm"
+                logger.debug("%s returned a message not published as mandatory: %s", self.description, event)
+        elif isinstance(event, amqp.ConnectionBlocked | amqp.ConnectionUnblocked):
+            reason = (
+                (event.reason or "a resource alarm") if isinstance(event, amqp.ConnectionBlocked) else None
+            )
             self._gate.set_blocked(reason)
             if self._on_blocked is not None:
                 self._on_blocked(self, reason)
-        elif isinstance(event, amqp.ConnectionUnblocked):
-            self._gate.set_blocked(None)
-            if self._on_blocked is not None:
-                self._on_blocked(self, None)
 
     def _on_method(self, event: amqp.MethodReceived) -> None:
         method = event.method

@@ -14,11 +14,25 @@ written, and whether the broker is still there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import Callable
+from typing import Any
 
 #: Bytes the transport may buffer before publishing pauses (a bound on memory while the
 #: broker reads slowly or not at all); writes of other frames are not held back.
 WRITE_BUFFER_HIGH = 1024 * 1024
+
+
+def tune_transport(transport: Any) -> None:
+    """The write buffer's high-water mark, and TCP_NODELAY (best effort)."""
+    transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+    sock = transport.get_extra_info("socket")  # uvloop gives a stand-in with the same methods
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        # Both loops already set it. uvloop's stand-in raises ValueError, not OSError, once its
+        # transport is closed.
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class CoalescingWriter:
