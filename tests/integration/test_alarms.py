@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from channels_rabbitmq.amqp.connection import WRITE_BUFFER_HIGH
+from channels_rabbitmq.amqp.flow import WRITE_BUFFER_HIGH
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerBlockedError
 from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
