@@ -12,7 +12,7 @@ import pytest
 from channels.exceptions import ChannelFull, StopConsumer
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker, LayerFactory, rabbitmqctl
+from tests.conftest import Broker, LayerFactory, link_of, rabbitmqctl
 
 pytestmark = pytest.mark.usefixtures("loop_kind")  # each test on asyncio's loop and on uvloop
 
@@ -301,3 +301,23 @@ async def test_a_queue_a_sender_keeps_using_is_never_removed_with_a_live_message
         await sender.send(names["work"], {"type": "job", "i": i})
         await asyncio.sleep(0.4)
     assert (await receive(worker, names["work"]))["i"] >= 7  # the latest ones are still there
+
+
+async def test_a_send_cancelled_while_its_queue_is_declared_leaves_the_other_sends_unharmed(
+    names: dict[str, str], make_layer: LayerFactory
+) -> None:
+    sender, worker = make_layer(), make_layer()
+    await sender.new_channel()  # this loop's own link: the sends run right here
+    declaring = link_of(sender).normal._declaring
+    first = asyncio.ensure_future(sender.send(names["racy"], {"type": "job", "i": 1}))
+    second = asyncio.ensure_future(sender.send(names["racy"], {"type": "job", "i": 2}))
+    for _ in range(1000):
+        if declaring:  # both wait for the one declaration
+            break
+        await asyncio.sleep(0)
+    assert declaring
+    first.cancel()
+    await asyncio.wait_for(second, 5)  # not cancelled with the first
+    assert (await receive(worker, names["racy"]))["i"] == 2
+    await sender.send(names["racy"], {"type": "job", "i": 3})
+    assert (await receive(worker, names["racy"]))["i"] == 3

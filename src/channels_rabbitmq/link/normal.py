@@ -83,7 +83,7 @@ class NormalChannels:
         self._receivers: dict[str, _Receiver] = {}
         self._by_channel_id: dict[int, _Receiver] = {}
         self._declared: dict[str, float] = {}  # queue -> when this link last declared it (monotonic)
-        self._declaring: dict[str, asyncio.Future[None]] = {}
+        self._declaring: dict[str, asyncio.Task[None]] = {}
         self._bindings: set[tuple[str, str]] = set()  # (group, channel) bound by this link
         self._refresh_after = config.normal_channel_idle_expiry / 4
         self._groups_exchange = config.groups_exchange
@@ -115,23 +115,23 @@ class NormalChannels:
         declared_at = self._declared.get(queue)
         if declared_at is not None and time.monotonic() - declared_at < self._refresh_after:
             return queue
-        pending = self._declaring.get(queue)
-        if pending is None:
-            pending = self._declaring[queue] = self.loop.create_future()
-            pending.add_done_callback(retrieve)
-            try:
-                publisher = await self._publishing_connection()
-                await self._request(publisher, self._declare_method(queue, name), "declare", CONTROL_CHANNEL)
-                self._declared[queue] = time.monotonic()
-                pending.set_result(None)
-            except BaseException as error:
-                pending.set_exception(error)
-                raise
-            finally:
-                del self._declaring[queue]
-        else:
-            await asyncio.shield(pending)
+        declaring = self._declaring.get(queue)
+        if declaring is None or declaring.done():
+            # A task of its own: a caller cancelled meanwhile cancels neither the declaration nor
+            # the other callers waiting for it.
+            declaring = self._declaring[queue] = self.loop.create_task(self._declare(queue, name))
+            declaring.add_done_callback(retrieve)
+        await asyncio.shield(declaring)
         return queue
+
+    async def _declare(self, queue: str, name: str) -> None:
+        try:
+            publisher = await self._publishing_connection()
+            await self._request(publisher, self._declare_method(queue, name), "declare", CONTROL_CHANNEL)
+            self._declared[queue] = time.monotonic()
+        finally:
+            if self._declaring.get(queue) is asyncio.current_task():
+                del self._declaring[queue]
 
     # Groups -----------------------------------------------------------------------------------
 
