@@ -27,6 +27,7 @@ from channels.layers import BaseChannelLayer
 
 from .codec import MessageCodec
 from .config import DEFAULT_HOST, LayerConfig
+from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
@@ -52,8 +53,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         self._groups_exchange = self.config.groups_exchange.encode()
         self._full_group_log = RateLimitedLogger(logger)
         self._links = Links(self.config, self._codec)
-        # Names already checked (the check is pure): channels received on; send targets.
-        self._valid_channels: set[str] = set()
+        # Names already checked (the check is pure): the process channels received on, with the
+        # link that receives each (looked at again once it is closed); send targets.
+        self._receivers: dict[str, BrokerLink] = {}
         self._send_targets: dict[str, tuple[bytes, bytes] | None] = {}  # None: a normal channel
         # A forked child forgets the parent's links at once, so that even the sends' fast path,
         # which checks nothing, never writes to the parent's sockets.
@@ -132,20 +134,25 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         cancelled ``receive()`` loses nothing. After ``close()``, or once the event loop that
         made the channel has ended, it raises ``StopConsumer``.
         """
-        if channel not in self._valid_channels:
-            self.require_valid_channel_name(channel)
-            if len(self._valid_channels) >= NAME_CACHE_SIZE:
-                self._valid_channels.clear()
-            self._valid_channels.add(channel)
-        if self._links.closed:
-            raise StopConsumer()
-        if "!" in channel:
-            link = self._links.owner(channel, "receive on")
-        else:  # a normal channel: any process may receive it, this loop's link does
-            link = await self._links.for_this_loop(receiving=True)
+        link = self._receivers.get(channel)
+        if link is None or link.closed or self._links.closed:
+            link = await self._receiver_of(channel)
         if link.loop is asyncio.get_running_loop():
             return await link.receive(channel)  # the fast path: no extra coroutine per message
         return await self._links.receive(link, channel)
+
+    async def _receiver_of(self, channel: str) -> BrokerLink:
+        """The link that receives ``channel`` (checked); a process channel's is remembered."""
+        self.require_valid_channel_name(channel)
+        if self._links.closed:
+            raise StopConsumer()
+        if "!" not in channel:  # a normal channel: any process may receive it, this loop's link does
+            return await self._links.for_this_loop(receiving=True)
+        link = self._links.owner(channel, "receive on")
+        if len(self._receivers) >= NAME_CACHE_SIZE:
+            self._receivers.clear()
+        self._receivers[channel] = link
+        return link
 
     # Groups ---------------------------------------------------------------------------------------
 
@@ -234,4 +241,5 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
 def _forget_links_in_child(layer_ref: weakref.ref[RabbitmqChannelLayer]) -> None:
     layer = layer_ref()
     if layer is not None:
+        layer._receivers = {}
         layer._links.check_fork()

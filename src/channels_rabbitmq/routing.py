@@ -26,6 +26,7 @@ so every rule is a unit test without a broker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -38,14 +39,35 @@ Message = dict[str, Any]
 EMPTY: Message = cast(Message, object())
 
 
+Entry = tuple[float, Any, "list[int] | None"]
+#: The entries of an inbox that never buffered anything: most inboxes only ever hold a waiting
+#: receive(), and come and go with every message, so their deque is made on first need.
+_NO_ENTRIES: tuple[()] = ()
+
+
 class _Inbox:
     __slots__ = ("entries", "limit", "waiters")
 
     def __init__(self, limit: int) -> None:
         # (expires_at, message or body bytes, shared copy counter of a group message or None)
-        self.entries: deque[tuple[float, Any, list[int] | None]] = deque()
-        self.waiters: deque[asyncio.Future[Message]] = deque()
+        self.entries: deque[Entry] | tuple[()] = _NO_ENTRIES
+        # Waiting receive() futures, oldest first: rarely more than one, so a list.
+        self.waiters: list[asyncio.Future[Message]] = []
         self.limit = limit  # the channel's capacity: buffered messages beyond it are dropped
+
+    def buffer(self, entry: Entry) -> None:
+        entries = self.entries
+        if type(entries) is deque:
+            entries.append(entry)
+        else:
+            self.entries = deque((entry,))
+
+    def buffer_first(self, entry: Entry) -> None:
+        entries = self.entries
+        if type(entries) is deque:
+            entries.appendleft(entry)
+        else:
+            self.entries = deque((entry,))
 
 
 class LocalRouter:
@@ -101,7 +123,7 @@ class LocalRouter:
             return EMPTY
         entries = inbox.entries
         while entries:
-            expires_at, payload, copies = entries.popleft()
+            expires_at, payload, copies = entries.popleft()  # type: ignore[union-attr]
             self._release(copies)
             if expires_at > now:
                 if not entries and not inbox.waiters:
@@ -124,10 +146,8 @@ class LocalRouter:
         inbox = self._inboxes.get(channel)
         if inbox is None:
             return
-        try:
+        with contextlib.suppress(ValueError):
             inbox.waiters.remove(waiter)
-        except ValueError:
-            pass
         if not inbox.waiters and not inbox.entries:
             del self._inboxes[channel]
 
@@ -137,13 +157,13 @@ class LocalRouter:
         if inbox is None:
             inbox = self._inboxes[channel] = self._new_inbox(channel)
         while inbox.waiters:  # another receive() of the same channel may be waiting
-            waiter = inbox.waiters.popleft()
+            waiter = inbox.waiters.pop(0)
             if not waiter.done():
                 waiter.set_result(message)
                 if not inbox.waiters and not inbox.entries:
                     del self._inboxes[channel]
                 return
-        inbox.entries.appendleft((now + self.expiry, message, None))
+        inbox.buffer_first((now + self.expiry, message, None))
         self.held += 1
 
     # Delivering -------------------------------------------------------------------------------
@@ -156,7 +176,7 @@ class LocalRouter:
         else:
             waiters = inbox.waiters
             while waiters:
-                waiter = waiters.popleft()
+                waiter = waiters.pop(0)
                 if not waiter.done():
                     waiter.set_result(message)
                     if not waiters and not inbox.entries:
@@ -165,7 +185,7 @@ class LocalRouter:
             if len(inbox.entries) >= inbox.limit:
                 self._drop_full(channel, None)
                 return
-        inbox.entries.append((now + self.expiry, message, None))
+        inbox.buffer((now + self.expiry, message, None))
         self.held += 1
 
     def deliver_to_group(self, group: str, message: Message, body: bytes, now: float) -> int:
@@ -184,7 +204,7 @@ class LocalRouter:
                 handed = False
                 waiters = inbox.waiters
                 while waiters:
-                    waiter = waiters.popleft()
+                    waiter = waiters.pop(0)
                     if not waiter.done():
                         waiter.set_result(payload if type(payload) is dict else self._decode(payload))
                         handed = True
@@ -197,7 +217,7 @@ class LocalRouter:
                 if len(inbox.entries) >= inbox.limit:
                     self._drop_full(channel, group)
                     continue
-            inbox.entries.append((expires_at, payload, copies))
+            inbox.buffer((expires_at, payload, copies))
             copies[0] += 1
             payload = body
         if copies[0]:
@@ -227,7 +247,7 @@ class LocalRouter:
             for channel, inbox in list(self._inboxes.items()):
                 entries = inbox.entries
                 while entries and entries[0][0] <= now:
-                    self._release(entries.popleft()[2])
+                    self._release(entries.popleft()[2])  # type: ignore[union-attr]
                     dropped += 1
                 if not entries and not inbox.waiters:
                     del self._inboxes[channel]
@@ -314,7 +334,7 @@ class LocalRouter:
         self._membership_expiry.clear()
         was_full = self.is_full
         for channel, inbox in list(self._inboxes.items()):
-            inbox.entries.clear()
+            inbox.entries = _NO_ENTRIES
             if not inbox.waiters:
                 del self._inboxes[channel]
         self.held = 0

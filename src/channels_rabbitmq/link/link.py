@@ -125,7 +125,9 @@ class BrokerLink:
             window=config.expiry,
         )
         self._blocked_timer: asyncio.TimerHandle | None = None
-        self._closed = False
+        self._receiving = False  # a receive() found the consuming connection made once
+        #: close() was called: receive() raises StopConsumer, the layer looks for the link again.
+        self.closed = False
 
     @property
     def dropped(self) -> Counter[str]:
@@ -164,10 +166,12 @@ class BrokerLink:
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
             return message
-        if self._closed:
+        if self.closed:
             raise StopConsumer()
-        if not self.consuming.ever_connected:
-            await self.connect_first()
+        if not self._receiving:
+            if not self.consuming.ever_connected:
+                await self.connect_first()
+            self._receiving = True  # connected once: from now on, outages are waited out below
         # During an outage, keep waiting: the reconnection re-declares the queue.
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
@@ -214,7 +218,7 @@ class BrokerLink:
         # is left without a member.
         unbinding = [self.topology.sync_binding(group) for group in groups]
         connection = self.consuming.connection
-        if not self._closed and connection is not None and connection.is_open:
+        if not self.closed and connection is not None and connection.is_open:
             await self.topology.purge(connection)
             self.router.flush()  # and what was on its way
         for outcome in await asyncio.gather(
@@ -222,7 +226,7 @@ class BrokerLink:
         ):
             if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerConnectionError):
                 raise outcome  # a lost connection took the bindings with the queue
-        if not self._closed:
+        if not self.closed:
             await self.normal.flush()
 
     async def send_to_normal(self, name: str, body: bytes) -> bool:
@@ -268,7 +272,7 @@ class BrokerLink:
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
-        self._closed = True
+        self.closed = True
         self.control.close()
         self.router.close(StopConsumer)
         self.inbound.stop_housekeeping()
