@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import compare, scenarios
+from channels_rabbitmq.config import parse_amqp_url
 
 #: Stages in the order of a message's path, then the rest.
 STAGES = (
@@ -171,7 +172,7 @@ class Profile:
     broker_cpu: float | None
 
     def messages(self) -> int:
-        return int(MESSAGES_PER_RESULT[self.scenario](self.result))  # type: ignore[no-untyped-call]
+        return int(MESSAGES_PER_RESULT[self.scenario](self.result))
 
     def micros_per_message(self, samples: int) -> float:
         return samples / self.rate / self.messages() * 1e6
@@ -179,7 +180,7 @@ class Profile:
 
 def profile_one(scenario: str, loop: str, n: int, rate: int, amqp_url: str, py_spy: str) -> Profile:
     config = {"host": amqp_url, "remote_capacity": 100000, "local_capacity": 10000, "capacity": 100000}
-    pid = broker_pid(compare.parse_amqp_url(amqp_url).port)
+    pid = broker_pid(parse_amqp_url(amqp_url).port)
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "samples.txt"
         command = [

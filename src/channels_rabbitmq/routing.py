@@ -123,7 +123,7 @@ class LocalRouter:
             return EMPTY
         entries = inbox.entries
         while entries:
-            expires_at, payload, copies = entries.popleft()  # type: ignore[union-attr]
+            expires_at, payload, copies = entries.popleft()
             self._release(copies)
             if expires_at > now:
                 if not entries and not inbox.waiters:
@@ -247,7 +247,7 @@ class LocalRouter:
             for channel, inbox in list(self._inboxes.items()):
                 entries = inbox.entries
                 while entries and entries[0][0] <= now:
-                    self._release(entries.popleft()[2])  # type: ignore[union-attr]
+                    self._release(entries.popleft()[2])
                     dropped += 1
                 if not entries and not inbox.waiters:
                     del self._inboxes[channel]
