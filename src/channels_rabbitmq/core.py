@@ -214,7 +214,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         refused, delivered and dropped (by reason), memory held, groups, connection state,
         reconnections and outages, confirm latency. Summed over the layer's links (one per
         event loop); each link's own is in ``links``. Call it from any thread or loop: it reads
-        counters kept in memory, does no I/O and never waits. See docs/operations/metrics.md.
+        counters kept in memory, does no I/O and never waits for a loop. See docs/operations/metrics.md.
         """
         return self._links.stats()
 

@@ -150,10 +150,15 @@ class Links:
             return self._shared
 
     def stats(self) -> LayerStats:
-        """A snapshot of every link, summed (see :mod:`.stats`); from any thread, no I/O, no wait."""
+        """A snapshot of every link, summed (see :mod:`.stats`); from any thread, no I/O.
+
+        The lock (held elsewhere only for in-memory bookkeeping, never across I/O) makes a
+        link that is being retired count once, live or retired, so no counter goes back."""
         self.check_fork()
-        links = tuple(link_stats(link) for link in list(self._by_queue.values()))
-        return layer_stats(links, self._retired, closed=self.closed)
+        with self._lock:
+            links = tuple(link_stats(link) for link in self._by_queue.values())
+            retired, closed = self._retired, self.closed
+        return layer_stats(links, retired, closed=closed)
 
     # Calling across loops -------------------------------------------------------------------
 

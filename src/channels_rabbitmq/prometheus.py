@@ -1,7 +1,7 @@
 """Prometheus metrics of channel layers, read from ``layer.stats()`` at scrape time.
 
 Needs ``prometheus_client`` (``pip install channels_rabbitmq[prometheus]``). Nothing is
-counted per message here: a scrape calls ``stats()`` on each layer (no I/O, no wait) and
+counted per message here: a scrape calls ``stats()`` on each layer (no I/O, no loop involved) and
 turns the snapshot into metrics, one series per layer with the label ``layer``.
 
 With Django, in settings or an app's ``ready()``::

@@ -491,8 +491,15 @@ async def test_the_broker_closing_every_connection_logs_one_warning_and_one_info
         assert await receive(layer, channel) == {"type": "direct"}
     warned = warnings_of(caplog)
     assert not any(record.exc_info for record in caplog.records)
-    assert len(warned) == 1, warned
-    assert "reconnecting" in warned[0]
+    # One outage, or two when the broker closed the second connection only after the first was
+    # back (rabbitmqctl closes them one by one): a warning and an info line each, in turn.
     recovered = infos_of(caplog)
-    assert len(recovered) == 1, recovered
-    assert recovered[0].startswith("reconnected to")
+    assert len(warned) == len(recovered) in (1, 2), (warned, recovered)
+    assert all("reconnecting" in line for line in warned)
+    assert all(line.startswith("reconnected to") for line in recovered)
+    lines = [
+        record.levelno
+        for record in caplog.records
+        if record.name.startswith("channels_rabbitmq") and record.levelno >= logging.INFO
+    ]
+    assert lines == [logging.WARNING, logging.INFO] * len(warned)
