@@ -1,6 +1,7 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
-# make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, pytest
+# make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, docs, pytest
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
+# make docs   the documentation site (docs/, mkdocs.yml) built with --strict into build/site
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
 # Each starts a private RabbitMQ node (scripts/with-broker) when nothing answers at AMQP_URL.
@@ -9,12 +10,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := src tests bench example soak scripts/with-broker
 
-.PHONY: demo test lint typecheck format bench soak clean
+.PHONY: demo test lint typecheck docs format bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,demo,prometheus]'
+	$(BIN)/pip install --quiet -e '.[test,bench,demo,docs,prometheus]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -24,6 +25,7 @@ test: $(BIN)/.installed
 	scripts/ensure-chromium
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
+	$(MAKE) --no-print-directory docs
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed
@@ -32,6 +34,10 @@ lint: $(BIN)/.installed
 
 typecheck: $(BIN)/.installed
 	$(BIN)/mypy
+
+# NO_MKDOCS_2_WARNING silences Material's end-of-life banner; --strict fails on any warning.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix $(LINTED)

@@ -52,6 +52,7 @@ OURS = "ours"
 OLD_RELEASE = "rabbitmq-old"
 RABBITMQ_CLASS = "channels_rabbitmq.core.RabbitmqChannelLayer"
 OLD_PYTHON_ENV = "OLD_CHANNELS_RABBITMQ_PYTHON"
+DEFAULT_LOOP = scenarios.LOOPS[0]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     amqp_url: str = DEFAULT_AMQP_URL
     redis_url: str = DEFAULT_REDIS_URL
+    loops: tuple[str, ...] = (DEFAULT_LOOP,)
 
 
 @dataclass
@@ -93,14 +95,15 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Run:
-    """One subprocess: one layer in one scenario, in one round."""
+    """One subprocess: one layer in one scenario on one event loop, in one round."""
 
     round_no: int
     scenario: str
     layer: LayerSpec
+    loop: str = DEFAULT_LOOP
 
     def describe(self, rounds: int) -> str:
-        return f"round {self.round_no}/{rounds}, {self.scenario}, {self.layer.label}"
+        return f"round {self.round_no}/{rounds}, {self.scenario}, {self.layer.label}, {self.loop}"
 
 
 @dataclass
@@ -121,16 +124,16 @@ class Cell:
 
 
 class Results:
-    """Every result so far, by (layer key, scenario)."""
+    """Every result so far, by (layer key, scenario, event loop)."""
 
     def __init__(self) -> None:
-        self.cells: dict[tuple[str, str], Cell] = {}
+        self.cells: dict[tuple[str, str, str], Cell] = {}
 
     def add(self, run: Run, result: dict[str, Any]) -> None:
-        self.cells.setdefault((run.layer.key, run.scenario), Cell()).runs.append(result)
+        self.cells.setdefault((run.layer.key, run.scenario, run.loop), Cell()).runs.append(result)
 
-    def cell(self, layer_key: str, scenario: str) -> Cell:
-        return self.cells.get((layer_key, scenario), Cell())
+    def cell(self, layer_key: str, scenario: str, loop: str = DEFAULT_LOOP) -> Cell:
+        return self.cells.get((layer_key, scenario, loop), Cell())
 
     def count(self) -> int:
         return sum(len(cell.runs) for cell in self.cells.values())
@@ -312,11 +315,12 @@ def choose_layers(settings: Settings) -> tuple[list[LayerSpec], list[Skipped]]:
 
 
 def plan(layers: list[LayerSpec], settings: Settings) -> list[Run]:
-    """Every run, rounds interleaved: each round runs each scenario for each layer in turn."""
+    """Every run, rounds interleaved: each round runs each scenario on each loop for each layer in turn."""
     return [
-        Run(round_no, scenario, spec)
+        Run(round_no, scenario, spec, loop)
         for round_no in range(1, settings.rounds + 1)
         for scenario in settings.scenarios
+        for loop in settings.loops
         for spec in layers
     ]
 
@@ -334,6 +338,8 @@ def scenario_command(run: Run, settings: Settings) -> list[str]:
         spec.label,
         "--timeout",
         str(settings.timeout),
+        "--loop",
+        run.loop,
     ]
     if spec.shared_instance:
         command.append("--shared-instance")
@@ -348,7 +354,7 @@ def run_one(run: Run, settings: Settings, while_waiting: Callable[[], None] | No
     ``while_waiting`` is called about twice a second while the subprocess runs (to redraw a
     progress bar).
     """
-    base = {"layer": run.layer.label, "scenario": run.scenario, "round": run.round_no}
+    base = {"layer": run.layer.label, "scenario": run.scenario, "loop": run.loop, "round": run.round_no}
     kill_after = settings.timeout + KILL_GRACE
     deadline = time.monotonic() + kill_after
     process = subprocess.Popen(
@@ -433,24 +439,23 @@ def columns_for(scenario_names: tuple[str, ...]) -> list[Column]:
 
 
 def results_table(
-    layers: list[LayerSpec], results: Results, scenario_names: tuple[str, ...]
-) -> tuple[list[str], list[str]]:
-    """Markdown lines of the figures table, and the error notes it refers to."""
+    layers: list[LayerSpec], results: Results, scenario_names: tuple[str, ...], loop: str, notes: list[str]
+) -> list[str]:
+    """Markdown lines of the figures table on one loop; the error notes it refers to go to ``notes``."""
     columns = columns_for(scenario_names)
     lines = [
         "| Layer | version | " + " | ".join(column.title for column in columns) + " |",
         "|---|---|" + "---:|" * len(columns),
     ]
-    notes: list[str] = []
     for spec in layers:
         row = [spec.label, spec.version or "?"]
         for column in columns:
-            cell = results.cell(spec.key, column.scenario)
+            cell = results.cell(spec.key, column.scenario, loop)
             value = cell.median(column.key)
             errors = cell.errors()
             text = fmt_number(value)
             if errors:
-                note = f"{spec.label}, {column.scenario}: {errors[0]}"
+                note = f"{spec.label}, {column.scenario}, {loop}: {errors[0]}"
                 if len(errors) > 1:
                     note += f" ({len(errors)} of {len(cell.runs)} rounds failed)"
                 if note not in notes:
@@ -459,11 +464,13 @@ def results_table(
                 text = f"error {marker}" if value is None else f"{text} {marker}"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
-    return lines, notes
+    return lines
 
 
-def ratio_table(layers: list[LayerSpec], results: Results, scenario_names: tuple[str, ...]) -> list[str]:
-    """Markdown lines of this project's figures divided by each peer's."""
+def ratio_table(
+    layers: list[LayerSpec], results: Results, scenario_names: tuple[str, ...], loop: str
+) -> list[str]:
+    """Markdown lines of this project's figures divided by each peer's, both on one loop."""
     columns = columns_for(scenario_names)
     titles = [f"{column.title} ({'↑' if column.higher_is_better else '↓'} better)" for column in columns]
     lines = [
@@ -475,8 +482,8 @@ def ratio_table(layers: list[LayerSpec], results: Results, scenario_names: tuple
             continue
         ratios = [
             fmt_ratio(
-                results.cell(OURS, column.scenario).median(column.key),
-                results.cell(spec.key, column.scenario).median(column.key),
+                results.cell(OURS, column.scenario, loop).median(column.key),
+                results.cell(spec.key, column.scenario, loop).median(column.key),
             )
             for column in columns
         ]
@@ -491,20 +498,24 @@ def report(
     elapsed: float,
     skipped: list[Skipped],
 ) -> list[str]:
-    """The Markdown report: a heading, the figures, the ratios, then the error notes and skips."""
+    """The Markdown report: per event loop the figures and the ratios, then the error notes and skips."""
     mode = "quick (small N)" if settings.quick else "full N"
-    lines = [
-        f"## Channel layers side by side ({settings.rounds} round(s), median per cell, {mode}, "
-        f"{elapsed:.0f} s)",
-        "",
-    ]
-    figures, errors = results_table(layers, results, settings.scenarios)
-    lines += [*figures, ""]
+    lines: list[str] = []
+    errors: list[str] = []
     notes = [str(skip) for skip in skipped]
-    if any(spec.key == OURS for spec in layers):
-        lines += ["## This project ÷ peer (ratio of medians)", ""]
-        lines += [*ratio_table(layers, results, settings.scenarios), ""]
-    else:
+    ours_measured = any(spec.key == OURS for spec in layers)
+    for loop in settings.loops:
+        lines += [
+            f"## Channel layers side by side on {loop} ({settings.rounds} round(s), median per cell, "
+            f"{mode}, {elapsed:.0f} s in all)",
+            "",
+            *results_table(layers, results, settings.scenarios, loop, errors),
+            "",
+        ]
+        if ours_measured:
+            lines += [f"## This project ÷ peer on {loop} (ratio of medians)", ""]
+            lines += [*ratio_table(layers, results, settings.scenarios, loop), ""]
+    if not ours_measured:
         notes.append("no ratio table: this project's layer was not measured")
     lines += [f"[{number}] {error}" for number, error in enumerate(errors, 1)]
     lines += [f"- {note}" for note in notes]

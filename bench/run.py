@@ -25,6 +25,9 @@ Scenarios (default sizes in brackets; --quick makes every N 5 to 10 times smalle
   rtt     ping-pong between two instances, N round trips [2,000]: median and p99 latency
   sync    N async_to_sync(group_send) calls [300] from a plain thread
 
+Every layer runs every scenario on each event loop of --loops: asyncio's own and uvloop (which
+uvicorn uses when it is installed), and the tables come once per loop.
+
 Rounds are interleaved, and each cell of the tables is the median over the rounds. The progress
 goes to stderr (a bar redrawn in place on a terminal, else one line per finished run); the
 tables go to stdout, in Markdown: the figures per layer, then this project's figures divided by
@@ -53,7 +56,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from bench import compare
+from bench import compare, scenarios
 
 INTERRUPTED_EXIT_STATUS = 130
 BAR_WIDTH = 24
@@ -104,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=compare.DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"limit of one scenario run (default: {compare.DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--loops",
+        nargs="+",
+        choices=scenarios.LOOPS,
+        default=list(scenarios.LOOPS),
+        metavar="LOOP",
+        help=f"event loops to measure every layer on, of {', '.join(scenarios.LOOPS)} (default: both)",
     )
     parser.add_argument(
         "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
@@ -165,6 +176,7 @@ def settings_from(args: argparse.Namespace) -> compare.Settings:
         timeout=args.timeout,
         amqp_url=args.amqp_url,
         redis_url=args.redis_url,
+        loops=tuple(loop for loop in scenarios.LOOPS if loop in args.loops),
     )
 
 
@@ -236,6 +248,8 @@ def reproduce_command(settings: compare.Settings) -> str:
         words += ["--scenarios", *settings.scenarios]
     if settings.quick:
         words.append("--quick")
+    if settings.loops != scenarios.LOOPS:
+        words += ["--loops", *settings.loops]
     if settings.timeout != compare.DEFAULT_TIMEOUT:
         words += ["--timeout", f"{settings.timeout:g}"]
     if settings.old_python:

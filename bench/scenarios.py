@@ -62,6 +62,7 @@ T = TypeVar("T")
 #: Where the layer's config (JSON) may come from instead of --config: an environment variable
 #: keeps a broker password out of the process list.
 CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
+LOOPS = ("asyncio", "uvloop")
 DEFAULT_N = {"p2p": 20000, "many": 20000, "fanout": 50, "rtt": 2000, "sync": 300}
 WARM_GROUP = "bench.warm"
 WARM_TIMEOUT = 30.0
@@ -477,6 +478,12 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
     parser.add_argument("--shared-instance", action="store_true", help="one instance for every role")
     parser.add_argument("--label", default="", help="name of the layer in the output")
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="the event loop: asyncio's own, or uvloop (as uvicorn runs when it is installed)",
+    )
     parser.add_argument("--check", action="store_true", help="only import the layer class, print its version")
     args = parser.parse_args(argv)
     if not args.check and args.scenario is None:
@@ -501,6 +508,18 @@ def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     return opts, args
 
 
+def use_loop(name: str) -> None:
+    """Make every new event loop of this process one of ``name``'s, as a server would.
+
+    A policy, not one loop: async_to_sync() makes loops of its own in plain threads, and under
+    uvicorn with uvloop installed those are uvloop's too.
+    """
+    if name == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(argv: list[str] | None = None) -> int:
     opts, args = parse_args(argv)
     out: dict[str, Any] = {"layer": args.label or opts.layer, "class": opts.layer}
@@ -513,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(out), flush=True)
         return 0 if "error" not in out else 1
     out["scenario"] = opts.scenario
+    out["loop"] = args.loop
+    try:
+        use_loop(args.loop)
+    except ImportError as error:
+        out["error"] = f"{args.loop} is not installed: {short_reason(error)}"
+        print(json.dumps(out), flush=True)
+        return 1
     out.update(asyncio.run(run(opts)))
     out["version"] = package_version(opts.layer)
     out["python"] = sys.version.split()[0]

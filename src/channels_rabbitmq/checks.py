@@ -35,7 +35,7 @@ from .cli.check.settings import is_this_layer
 from .config import BrokerAddress, LayerConfig
 
 TAG = "channels_rabbitmq"
-README_HINT = "every CONFIG key is described in the README's table of CONFIG keys"
+CONFIG_HINT = "every CONFIG key is described in the documentation's Configuration page"
 
 
 def check_channel_layers(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -112,10 +112,10 @@ def _build(where: str, config: object) -> tuple[LayerConfig | None, list[CheckMe
     try:
         built = LayerConfig.build(**{key: value for key, value in config.items() if key in known})
     except TypeError as error:  # its messages name the key and never quote a password
-        problems.append(Error(f"{where}: {error}", hint=README_HINT, obj=where, id="channels_rabbitmq.E003"))
+        problems.append(Error(f"{where}: {error}", hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E003"))
         return None, problems
     except ValueError as error:
-        problems.append(Error(f"{where}: {error}", hint=README_HINT, obj=where, id="channels_rabbitmq.E004"))
+        problems.append(Error(f"{where}: {error}", hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E004"))
         return None, problems
     return (built if not problems else None), problems
 

@@ -131,11 +131,11 @@ def _without_password(url: str) -> str:
 
 @dataclass(frozen=True)
 class LayerConfig:
-    """Every CONFIG key of the layer, checked. See the README for what each one means.
+    """Every CONFIG key of the layer, checked. See docs/configuration.md for what each one means.
 
     ``DEFAULTS`` is the one place where the keys and their defaults are written: :meth:`build`
-    applies it, the layer's constructor passes its CONFIG through, and a test holds the README's
-    table to it.
+    applies it, the layer's constructor passes its CONFIG through, and a test holds the table of
+    docs/configuration.md to it.
     """
 
     #: Every CONFIG key and its default, as a user would write it in CONFIG.

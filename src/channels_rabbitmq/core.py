@@ -39,7 +39,7 @@ _UNCHECKED = (b"", b"")  # a send target not yet looked at (None is a normal cha
 
 
 class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels ships no types
-    """A channel layer that routes through RabbitMQ. See the README for every CONFIG key."""
+    """A channel layer that routes through RabbitMQ. See docs/configuration.md for every CONFIG key."""
 
     extensions = ["groups", "flush"]
 
@@ -224,7 +224,8 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """Empty the layer in every process: buffered messages, queues, memberships and bindings.
 
         This layer's own queues first; then every other process's link flushes and answers,
-        and the call returns once all of them have (within ``connect_timeout``). See the README.
+        and the call returns once all of them have (within ``connect_timeout``).
+        See docs/guarantees/across-processes.md.
         """
         if self._links.closed:
             return

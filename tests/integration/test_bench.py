@@ -39,7 +39,8 @@ IN_MEMORY = "InMemoryChannelLayer"
 MISSING_PYTHON = "/nonexistent/python"
 NUMBER = re.compile(r"^\d[\d,]*$")
 RATIO = re.compile(r"^\d+\.\d\dx$")
-PROGRESS_LINE = re.compile(r"^\[(\d+)/(\d+) \d+:\d\d\] round 1/1, (p2p|rtt), (.+): (.+)$")
+PROGRESS_LINE = re.compile(r"^\[(\d+)/(\d+) \d+:\d\d\] round 1/1, (p2p|rtt), (.+), (asyncio|uvloop): (.+)$")
+LOOPS = ("asyncio", "uvloop")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def quick_run(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Bench
             "--scenarios",
             "p2p",
             "rtt",
+            "--loops",
+            *LOOPS,
             "--amqp-url",
             broker.url,
             "--old-python",
@@ -120,7 +123,7 @@ def quick_run(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Bench
         env=bench_environment(),
         stdin=subprocess.DEVNULL,
         capture_output=True,  # bytes: text mode would turn a "\r" of a progress bar into "\n"
-        timeout=100,
+        timeout=150,
         check=False,
     )
     lines = json_out.read_text().splitlines() if json_out.exists() else []
@@ -174,11 +177,11 @@ def test_progress_is_a_plain_line_per_finished_run_when_stderr_is_not_a_terminal
 ) -> None:
     layers = [row["Layer"] for row in markdown_table(quick_run.stdout, "Layer")]
     progress = [match for line in quick_run.stderr.split("\n") if (match := PROGRESS_LINE.match(line))]
-    total = 2 * len(layers)
+    total = 2 * len(LOOPS) * len(layers)
     assert [int(match[1]) for match in progress] == list(range(1, total + 1)), quick_run.stderr
     assert {int(match[2]) for match in progress} == {total}
-    assert [(match[3], match[4]) for match in progress] == [
-        (scenario, layer) for scenario in ("p2p", "rtt") for layer in layers
+    assert [(match[3], match[4], match[5]) for match in progress] == [
+        (scenario, layer, loop) for scenario in ("p2p", "rtt") for loop in LOOPS for layer in layers
     ]
     assert f"done: {total}/{total} runs in " in quick_run.stderr
     assert "\r" not in quick_run.stderr
@@ -198,12 +201,33 @@ def test_the_report_names_the_machine_and_the_command_that_reproduces_the_run(qu
 
 def test_json_out_has_every_result(quick_run: BenchRun) -> None:
     layers = [row["Layer"] for row in markdown_table(quick_run.stdout, "Layer")]
-    assert [(line["scenario"], line["layer"]) for line in quick_run.json_lines] == [
-        (scenario, layer) for scenario in ("p2p", "rtt") for layer in layers
+    assert [(line["scenario"], line["loop"], line["layer"]) for line in quick_run.json_lines] == [
+        (scenario, loop, layer) for scenario in ("p2p", "rtt") for loop in LOOPS for layer in layers
     ]
     ours = [line for line in quick_run.json_lines if line["layer"] == THIS_PROJECT]
-    assert [line.get("error") for line in ours] == [None, None]
-    assert {line["scenario"]: line["n"] for line in ours} == {"p2p": 2000, "rtt": 200}
+    assert [line.get("error") for line in ours] == [None] * 4
+    assert {(line["scenario"], line["loop"]): line["n"] for line in ours} == {
+        ("p2p", "asyncio"): 2000,
+        ("p2p", "uvloop"): 2000,
+        ("rtt", "asyncio"): 200,
+        ("rtt", "uvloop"): 200,
+    }
+
+
+def test_each_loop_has_its_own_figures_and_ratios(quick_run: BenchRun) -> None:
+    headings = [line for line in quick_run.stdout.splitlines() if line.startswith("## ")]
+    assert [heading.split(" on ")[1].split(" ")[0] for heading in headings] == [
+        loop for loop in LOOPS for _ in ("figures", "ratios")
+    ]
+    for loop in LOOPS:
+        ours = [
+            line
+            for line in quick_run.json_lines
+            if line["layer"] == THIS_PROJECT and line["loop"] == loop and line["scenario"] == "p2p"
+        ]
+        section = quick_run.stdout.split(f"## Channel layers side by side on {loop} ")[1]
+        row = row_of(markdown_table(section, "Layer"), "Layer", THIS_PROJECT)
+        assert row["p2p msgs/s"] == f"{ours[0]['msgs_per_s']:,}"
 
 
 def test_help_names_the_layers_and_the_options() -> None:
@@ -213,7 +237,15 @@ def test_help_names_the_layers_and_the_options() -> None:
     assert done.returncode == 0, done.stderr
     for text in ("RedisPubSubChannelLayer", "InMemoryChannelLayer", "pip install channels-redis"):
         assert text in done.stdout
-    for option in ("--rounds", "--scenarios", "--quick", "--old-python", "--timeout", "--json-out"):
+    for option in (
+        "--rounds",
+        "--scenarios",
+        "--loops",
+        "--quick",
+        "--old-python",
+        "--timeout",
+        "--json-out",
+    ):
         assert option in done.stdout
     for option in ("--amqp-url", "--redis-url", "OLD_CHANNELS_RABBITMQ_PYTHON", "AMQP_URL", "REDIS_URL"):
         assert option in done.stdout
@@ -304,7 +336,9 @@ def scenario_processes_mentioning(text: str) -> list[int]:
 def test_ctrl_c_stops_the_running_scenario_and_prints_what_was_measured(broker: Broker) -> None:
     dead_redis = f"redis://127.0.0.1:{free_port()}"
     command = interruptible(
-        bench_command("--scenarios", "p2p", "--amqp-url", broker.url, "--redis-url", dead_redis)
+        bench_command(
+            "--scenarios", "p2p", "--loops", "asyncio", "--amqp-url", broker.url, "--redis-url", dead_redis
+        )
     )
     with subprocess.Popen(
         command,

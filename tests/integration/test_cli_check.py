@@ -48,8 +48,8 @@ from tests.conftest import Broker, rabbitmqctl
 PASSWORD = "Cli/check:S3cret@pw"  # raw; in a URL it becomes Cli%2Fcheck%3AS3cret%40pw
 WRONG_PASSWORD = "Not/the:Right@one7"
 BACKEND = "channels_rabbitmq.core.RabbitmqChannelLayer"
-# The permissions the README's "Deployment" section grants: configure, write, read.
-README_PERMISSIONS = (
+# The permissions docs/operations/deployment.md grants: configure, write, read.
+DOCUMENTED_PERMISSIONS = (
     r"^(groups|channels\..*)$",
     r"^(groups|amq\.default|channels\..*)$",
     r"^(groups|channels\..*)$",
@@ -322,7 +322,7 @@ def test_only_a_refused_request_counts_as_a_missing_permission() -> None:
 
 
 def test_a_good_url_passes_every_step_with_the_readme_permissions(user: User) -> None:
-    user.allow(*README_PERMISSIONS)
+    user.allow(*DOCUMENTED_PERMISSIONS)
     run = check(user.url())
     assert run.status == 0, run.output
     vhost = user.broker.vhost

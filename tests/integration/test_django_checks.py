@@ -80,15 +80,20 @@ def test_the_app_registers_its_checks_and_a_good_config_passes(django_checks: An
     [
         (["amqp://localhost"], "channels_rabbitmq.E001", "is a list, not a dict", "keyword arguments"),
         ({"hots": "amqp://localhost"}, "channels_rabbitmq.E002", "unknown CONFIG key 'hots'", "'host'"),
-        ({"capacity": "100"}, "channels_rabbitmq.E003", "capacity must be an integer", "README"),
-        ({"ssl_context": "yes"}, "channels_rabbitmq.E003", "ssl_context must be an ssl.SSLContext", "README"),
-        ({"expiry": 0}, "channels_rabbitmq.E004", "expiry must be a finite number", "README"),
-        ({"host": "http://localhost"}, "channels_rabbitmq.E004", "amqp:// or amqps://", "README"),
+        ({"capacity": "100"}, "channels_rabbitmq.E003", "capacity must be an integer", "Configuration"),
+        (
+            {"ssl_context": "yes"},
+            "channels_rabbitmq.E003",
+            "ssl_context must be an ssl.SSLContext",
+            "Configuration",
+        ),
+        ({"expiry": 0}, "channels_rabbitmq.E004", "expiry must be a finite number", "Configuration"),
+        ({"host": "http://localhost"}, "channels_rabbitmq.E004", "amqp:// or amqps://", "Configuration"),
         (
             {"host": f"amqp://app:{URL_PASSWORD}@localhost:notaport/%2F"},
             "channels_rabbitmq.E004",
             "not a valid AMQP URL",
-            "README",
+            "Configuration page",
         ),
     ],
 )

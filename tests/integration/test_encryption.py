@@ -108,7 +108,7 @@ async def test_a_body_sealed_for_one_channel_and_republished_to_another_channel_
 
 
 def sealed_at(key: str, destination: str, message: dict, when: float) -> bytes:
-    """A body as the layer seals it (see the README's wire format), stamped at ``when``."""
+    """A body as the layer seals it (see docs/design/wire-format.md), stamped at ``when``."""
     from cryptography.fernet import Fernet
 
     target = destination.encode()

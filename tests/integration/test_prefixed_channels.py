@@ -99,7 +99,7 @@ async def test_another_amqp_client_reaches_a_prefixed_channel_as_the_wire_format
     channel = await receiver.new_channel("specific.")
     await producer.new_channel()
     connection = await link_of(producer).publishing.connected()
-    routing_key = channel.partition("!")[0][-21:]  # as the README's pika example does
+    routing_key = channel.partition("!")[0][-21:]  # as the pika example in docs/design/wire-format.md does
     body = msgpack.packb({"type": "from.elsewhere"}, use_bin_type=True)
     assert await connection.publish(
         PUBLISH_CHANNEL, b"", routing_key.encode(), channel_properties(channel), body

@@ -1,6 +1,6 @@
 """Background workers on normal channels: a Django view sends jobs, two ``manage.py runworker``
-processes handle them, each job exactly once; a worker killed mid-run loses only what the README's
-"Normal channels" says it may: the jobs it had received and not handled (runworker receives ahead),
+processes handle them, each job exactly once; a worker killed mid-run loses only what
+docs/normal-channels.md says it may: the jobs it had received and not handled (runworker receives ahead),
 at most the one it was handling for a worker that receives one job at a time."""
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ import pytest
 
 from channels_rabbitmq.config import LayerConfig
 
-#: The document that holds the configuration table (move it here if the docs move).
-DOCUMENT = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Configuration"
+#: The docs page that holds the configuration table (move it here if the docs move).
+DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+SECTION = "## Every key"
 TABLE_HEADER = re.compile(r"^\|\s*Key\s*\|\s*Default\s*\|")
 # One backticked Python literal, then an optional note for humans in parentheses: `4194304` (4 MiB).
 DEFAULT_CELL = re.compile(r"^`(?P<literal>[^`]+)`(?:\s*\([^)]*\))?$")
@@ -96,10 +96,10 @@ def test_the_documented_default_is_the_config_default(documented, key):
 
 # The parser itself: it must see a disagreement, and refuse what it cannot read --------------------
 
-TABLE = """\
+TABLE = f"""\
 # Title
 
-## Configuration
+{SECTION}
 
 Some text.
 
@@ -137,7 +137,7 @@ def test_the_parser_fails_naming_the_row_it_cannot_read(row, complaint):
 
 
 def test_the_parser_fails_without_the_section_or_the_table():
-    with pytest.raises(pytest.fail.Exception, match="no '## Configuration' section"):
-        parse_table(TABLE.replace("## Configuration", "## Settings"))
+    with pytest.raises(pytest.fail.Exception, match=re.escape(f"no {SECTION!r} section")):
+        parse_table(TABLE.replace(SECTION, "## Settings"))
     with pytest.raises(pytest.fail.Exception, match=re.escape("no '| Key | Default |' table")):
         parse_table(TABLE.replace("| Key | Default |", "| Name | Value |"))
