@@ -15,7 +15,7 @@ LINTED := src tests bench example soak scripts/with-broker
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,demo,docs]'
+	$(BIN)/pip install --quiet -e '.[test,bench,demo,docs,prometheus]'
 	touch $@
 
 demo: $(BIN)/.installed

@@ -30,6 +30,7 @@ from .config import DEFAULT_HOST, LayerConfig
 from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
+from .stats import LayerStats
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
 
 logger = logging.getLogger(__name__)
@@ -212,6 +213,17 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
                 "its members miss the message",
                 group,
             )
+
+    # What the layer is doing -------------------------------------------------------------------
+
+    def stats(self) -> LayerStats:
+        """A snapshot of what the layer has done and holds: messages published, confirmed,
+        refused, delivered and dropped (by reason), memory held, groups, connection state,
+        reconnections and outages, confirm latency. Summed over the layer's links (one per
+        event loop); each link's own is in ``links``. Call it from any thread or loop: it reads
+        counters kept in memory, does no I/O and never waits for a loop. See docs/operations/metrics.md.
+        """
+        return self._links.stats()
 
     # Flush and close ----------------------------------------------------------------------------
 

@@ -29,6 +29,8 @@ from .codec import MessageCodec
 from .config import LayerConfig
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
 from .link import BrokerLink
+from .link.counters import link_stats
+from .stats import LayerStats, LinkStats, layer_stats, retire
 from .wire import queue_of
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class Links:
         self._by_queue: dict[str, BrokerLink] = {}  # every live link, by queue name
         self._io_thread: IOThread | None = None
         self._shared: BrokerLink | None = None
+        self._retired: LinkStats | None = None  # the counters of links gone with their loop
 
     def check_fork(self) -> None:
         """In a forked child, forget the parent's links: their loops and sockets are not ours."""
@@ -131,7 +134,8 @@ class Links:
         finally:
             with self._lock:
                 self._by_loop.pop(link.loop, None)
-                self._by_queue.pop(link.queue_name, None)
+                if self._by_queue.pop(link.queue_name, None) is not None:
+                    self._retired = retire(self._retired, link_stats(link))
             await link.close()
 
     def _shared_link(self) -> BrokerLink:
@@ -144,6 +148,17 @@ class Links:
                 self._shared = link
                 self._by_queue[link.queue_name] = link
             return self._shared
+
+    def stats(self) -> LayerStats:
+        """A snapshot of every link, summed (see :mod:`.stats`); from any thread, no I/O.
+
+        The lock (held elsewhere only for in-memory bookkeeping, never across I/O) makes a
+        link that is being retired count once, live or retired, so no counter goes back."""
+        self.check_fork()
+        with self._lock:
+            links = tuple(link_stats(link) for link in self._by_queue.values())
+            retired, closed = self._retired, self.closed
+        return layer_stats(links, retired, closed=closed)
 
     # Calling across loops -------------------------------------------------------------------
 
@@ -224,6 +239,8 @@ class Links:
         with self._lock:
             self.closed = True
             links = list(self._by_queue.values())
+            for link in links:
+                self._retired = retire(self._retired, link_stats(link))
             self._by_queue.clear()
             self._by_loop.clear()
             io_thread, self._io_thread = self._io_thread, None
@@ -268,7 +285,7 @@ async def _receive_for(
     try:
         if previous is not None:
             await asyncio.shield(previous)
-        message = await link.receive(channel)
+        message = await link.receive(channel, counted=False)  # delivered once the caller takes it
     except asyncio.CancelledError:
         # The caller gave up (its result is cancelled already), or this loop is shutting
         # down: then the caller must not wait for ever.
@@ -288,7 +305,11 @@ async def _receive_for(
             link.router.put_back(channel, message, time.monotonic())
         finish()
 
-    handoff = Handoff(link.loop, finish, put_back_and_finish)
+    def delivered_and_finish() -> None:
+        link.counters.delivered += 1
+        finish()
+
+    handoff = Handoff(link.loop, delivered_and_finish, put_back_and_finish)
 
     def settle() -> None:  # on the caller's loop
         if result.done():  # that receive() was cancelled meanwhile

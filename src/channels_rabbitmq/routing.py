@@ -267,10 +267,16 @@ class LocalRouter:
 
     @property
     def inbox_count(self) -> int:
-        """Channels with an inbox (buffered messages or a waiting receive); bench/memory.py reports it."""
+        """Channels with an inbox (buffered messages or a waiting receive); ``layer.stats()`` and
+        bench/memory.py report it."""
         return len(self._inboxes)
 
     # Groups -----------------------------------------------------------------------------------
+
+    @property
+    def group_count(self) -> int:
+        """Groups with at least one local member; ``layer.stats()`` reports it."""
+        return len(self._groups)
 
     def add_membership(self, group: str, channel: str, now: float) -> bool:
         """Add or refresh a membership; True when it is the group's first local member."""

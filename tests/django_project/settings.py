@@ -12,7 +12,7 @@ SECRET_KEY = "channels-rabbitmq-tests-not-a-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 
-INSTALLED_APPS = ["channels"]
+INSTALLED_APPS = ["channels", "channels_rabbitmq"]  # the app: system checks, rabbitmq_check
 MIDDLEWARE: list[str] = []
 ROOT_URLCONF = "tests.django_project.urls"
 ASGI_APPLICATION = "tests.django_project.asgi.application"

@@ -355,6 +355,14 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+def infos_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("channels_rabbitmq") and record.levelno == logging.INFO
+    ]
+
+
 async def test_during_an_outage_sends_wait_connection_wait_then_raise_and_work_again_after(
     layers: LayerFactory, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -387,11 +395,13 @@ async def test_during_an_outage_sends_wait_connection_wait_then_raise_and_work_a
     assert await receive(receiver, channel) == {"type": "back"}
     assert await receive(receiver, member) == {"type": "group.back"}
     await eventually(lambda: link.is_connected, "the consuming connection to be back too")
-    # One warning for the outage, one line on recovery; each failed retry is a debug line.
+    # One warning for the outage, one info line on recovery; each failed retry is a debug line.
     warned = warnings_of(caplog)
-    assert len(warned) == 2, warned
+    assert len(warned) == 1, warned
     assert "reconnecting" in warned[0]
-    assert warned[1].startswith("reconnected to")
+    recovered = infos_of(caplog)
+    assert len(recovered) == 1, recovered
+    assert recovered[0].startswith("reconnected to")
     retries = [record for record in caplog.records if "reconnecting failed" in record.getMessage()]
     assert len(retries) >= 3
     assert all(record.levelno == logging.DEBUG for record in retries)
@@ -422,8 +432,8 @@ async def test_reconnections_lost_while_setting_up_are_debug_lines_not_warnings(
         await eventually(lambda: link_of(layer).is_connected, "the link to be set up again")
         await layer.send(channel, {"type": "back"})
         assert await receive(layer, channel) == {"type": "back"}
-    warned = warnings_of(caplog)
-    assert len(warned) == 2, warned  # one outage, one recovery
+    assert len(warnings_of(caplog)) == 1, warnings_of(caplog)  # one outage
+    assert len(infos_of(caplog)) == 1, infos_of(caplog)  # one recovery
 
 
 async def test_a_cut_while_first_setting_up_raises_once_and_leaves_one_connection(
@@ -468,7 +478,7 @@ async def test_the_broker_closing_every_connection_is_survived(
     print(f"close_all_connections -> messages flow again in {now() - closed_at:.2f}s")
 
 
-async def test_the_broker_closing_every_connection_logs_one_warning_and_one_recovery_line(
+async def test_the_broker_closing_every_connection_logs_one_warning_and_one_info_line_on_recovery(
     layers: LayerFactory, proxy: FaultProxy, broker: Broker, caplog: pytest.LogCaptureFixture
 ) -> None:
     layer = layers()
@@ -481,6 +491,15 @@ async def test_the_broker_closing_every_connection_logs_one_warning_and_one_reco
         assert await receive(layer, channel) == {"type": "direct"}
     warned = warnings_of(caplog)
     assert not any(record.exc_info for record in caplog.records)
-    assert len(warned) == 2, warned
-    assert "reconnecting" in warned[0]
-    assert warned[1].startswith("reconnected to")
+    # One outage, or two when the broker closed the second connection only after the first was
+    # back (rabbitmqctl closes them one by one): a warning and an info line each, in turn.
+    recovered = infos_of(caplog)
+    assert len(warned) == len(recovered) in (1, 2), (warned, recovered)
+    assert all("reconnecting" in line for line in warned)
+    assert all(line.startswith("reconnected to") for line in recovered)
+    lines = [
+        record.levelno
+        for record in caplog.records
+        if record.name.startswith("channels_rabbitmq") and record.levelno >= logging.INFO
+    ]
+    assert lines == [logging.WARNING, logging.INFO] * len(warned)

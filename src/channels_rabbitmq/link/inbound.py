@@ -58,6 +58,8 @@ class Inbound:
         self.codec = codec
         #: Deliveries dropped, by reason (``DROPPED_*``), shared with the link's normal channels.
         self.dropped = dropped
+        #: Messages from RabbitMQ for channels and groups (not the layer's control messages or probes).
+        self.received = 0
         #: Set while a new consuming connection proves that it receives: any delivery does.
         self.arrival: asyncio.Future[None] | None = None
         self._consuming_connection = consuming_connection
@@ -84,6 +86,7 @@ class Inbound:
 
     def on_delivery(self, delivery: Delivery | UndecodableDelivery) -> None:
         if delivery.channel_id != CONSUME_CHANNEL:  # a normal channel's: see .normal
+            self.received += 1
             connection = self._consuming_connection()
             if connection is not None:
                 self._on_normal_delivery(delivery, connection)
@@ -93,6 +96,7 @@ class Inbound:
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
         if isinstance(delivery, UndecodableDelivery):
+            self.received += 1
             self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a message from the wire: %s", delivery.reason)
             return
@@ -115,6 +119,7 @@ class Inbound:
                 if headers and CONTROL_HEADER in headers:
                     self._on_control(delivery)
                     return
+                self.received += 1
                 self.dropped[DROPPED_UNDECODABLE] += 1
                 self._dropped_log.warning(
                     "dropped a message from the wire: no %s header naming a channel of queue %s",
@@ -124,6 +129,7 @@ class Inbound:
                 return
             if destination.startswith(self.probe_prefix):  # ours, or a late one from an alarm
                 return  # dropped unread: its body need not be in the configured serializer
+        self.received += 1
         try:
             message, body = self.codec.decode(delivery.body, destination)
         except MalformedMessage as error:

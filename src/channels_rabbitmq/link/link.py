@@ -34,6 +34,7 @@ from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefuse
 from ..routing import EMPTY, LocalRouter
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
 from .control import Control
+from .counters import LinkCounters
 from .errors import layer_error
 from .inbound import Inbound
 from .normal import NormalChannels
@@ -111,6 +112,8 @@ class BrokerLink:
             on_down=lambda error: self._connection_down("publish", error),
             on_blocked=self._on_blocked,
         )
+        #: What ``layer.stats()`` reports of this link (see :mod:`.counters`).
+        self.counters = LinkCounters()
         self.loop_watcher: Any = None  # see loops.Links._close_with_loop
         #: Per channel, the last receive() carried here from another loop (they take turns).
         self.bridged_receives: dict[str, asyncio.Future[None]] = {}
@@ -135,6 +138,10 @@ class BrokerLink:
         return self.inbound.dropped
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def is_connected(self) -> bool:
         """The queue is consumed and no connection of the link is being recovered."""
         return self.consuming.is_up and not self._outage
@@ -155,16 +162,20 @@ class BrokerLink:
         self.notice.channel_made(channel)
         return channel
 
-    async def receive(self, channel: str) -> dict[str, Any]:
+    async def receive(self, channel: str, *, counted: bool = True) -> dict[str, Any]:
+        """The channel's next message; ``counted``: as delivered (else the caller counts it)."""
         if "!" not in channel:
             if not self.consuming.ever_connected:
                 await self.connect_first()
-            return await self.normal.receive(channel)
+            message = await self.normal.receive(channel)
+            self.counters.delivered += counted
+            return message
         router = self.router
         if self.notice.window_open:
             self.notice.before_receive(channel)
         message = router.take(channel, time.monotonic())
         if message is not EMPTY:
+            self.counters.delivered += counted
             return message
         if self.closed:
             raise StopConsumer()
@@ -176,13 +187,15 @@ class BrokerLink:
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
         try:
-            return await waiter
+            message = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 router.put_back(channel, waiter.result(), time.monotonic())
             else:
                 router.remove_waiter(channel, waiter)
             raise
+        self.counters.delivered += counted
+        return message
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add a membership and bind; returns once bound (or once an outage will bind it)."""
@@ -251,13 +264,23 @@ class BrokerLink:
 
     async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
         """Publish and wait for the broker's confirm: True when accepted, False when refused."""
+        counters = self.counters
+        counters.published += 1
+        started = time.monotonic()
         try:
             connection = self.publishing.connection
             if connection is not None and connection.can_publish:
-                return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
-            return await self._publish_when_possible(exchange, routing_key, properties, body)
+                accepted = await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+            else:
+                accepted = await self._publish_when_possible(exchange, routing_key, properties, body)
         except AmqpError as error:
+            counters.publish_failed += 1
             raise layer_error(error, self.config.description) from None
+        except BaseException:  # no connection in time, or the caller was cancelled
+            counters.publish_failed += 1
+            raise
+        counters.confirm(accepted, time.monotonic() - started)
+        return accepted
 
     async def _publish_when_possible(
         self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
@@ -316,14 +339,15 @@ class BrokerLink:
         """One warning per outage, however many of the link's connections it took."""
         if not self._outage:
             logger.warning("%s; reconnecting", error)
+            self.counters.outage_began()
         self._outage.setdefault(role, time.monotonic())
 
     def _connection_back(self, role: str, connection: AmqpConnection) -> None:
+        """One info line once every connection the outage took is back."""
         lost_at = self._outage.pop(role, None)
         if lost_at is not None and not self._outage:
-            logger.warning(
-                "reconnected to %s after %.1fs", connection.description, time.monotonic() - lost_at
-            )
+            lasted = self.counters.outage_ended()
+            logger.info("reconnected to %s after %.1fs", connection.description, lasted)
 
     def _on_blocked(self, connection: AmqpConnection, reason: str | None) -> None:
         """The broker blocked (``reason``) or unblocked (None) the publishing connection."""
@@ -331,7 +355,7 @@ class BrokerLink:
             self._blocked_timer.cancel()
             self._blocked_timer = None
         if reason is None:
-            logger.warning("RabbitMQ unblocked publishing on %s", connection.description)
+            logger.info("RabbitMQ unblocked publishing on %s", connection.description)
             return
         logger.warning(
             "RabbitMQ blocked publishing on %s (%s); receiving goes on, sends wait up to connection_wait=%gs",

@@ -91,6 +91,11 @@ class NormalChannels:
         self._dropped_log = RateLimitedLogger(logger)
         self.closed = False
 
+    @property
+    def channel_count(self) -> int:
+        """Normal channels this link declared or receives from; ``layer.stats()`` reports it."""
+        return len(set(self._declared) | {receiver.queue for receiver in list(self._receivers.values())})
+
     def queue_of(self, name: str) -> str:
         return f"{self.config.normal_channel_prefix}{name}"
 

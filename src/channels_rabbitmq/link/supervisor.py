@@ -74,6 +74,7 @@ class ConnectionSupervisor:
         self.connection: AmqpConnection | None = None  # the installed connection, while UP
         self.address: BrokerAddress | None = None  # the URL it was opened from
         self.last_error: BrokerConnectionError | None = None
+        self.connections = 0  # opened and set up, the first one included
         self.reconnections = 0
         self._connection_name = connection_name
         self._set_up = set_up
@@ -175,6 +176,7 @@ class ConnectionSupervisor:
         self.connection = connection
         self.address = address
         self.state = State.UP
+        self.connections += 1
         self.last_error = None
         self._up.set()
         if self._on_up is not None:

@@ -46,6 +46,7 @@ import asyncio
 import logging
 import os
 import sys
+from typing import TextIO
 
 from .report import RedactingFormatter, Report
 from .settings import layer_from_django_settings, layer_from_urls
@@ -78,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyfile", metavar="FILE", help="the client certificate's private key")
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="how long to wait for each answer (default: %(default)g); with URLs, also the "
@@ -86,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_seconds(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
     try:
         value = float(text)
     except ValueError:
@@ -96,8 +98,9 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run every step in turn, printing one line each; the exit status (0, 1 or 2, see above)."""
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run every step in turn, printing one line each to ``out`` (stdout); the exit status
+    (0, 1 or 2, see above)."""
     settings_module = args.settings or os.environ.get("DJANGO_SETTINGS_MODULE")
     if args.urls and args.settings:
         print("check: give either URLs or --settings, not both", file=sys.stderr)
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    report = Report(sys.stdout)
+    report = Report(out if out is not None else sys.stdout)
     log_handler = logging.StreamHandler(sys.stderr)
     log_handler.setFormatter(RedactingFormatter(report))
     log_handler.setLevel(logging.WARNING)

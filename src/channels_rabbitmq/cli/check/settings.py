@@ -129,7 +129,7 @@ def layer_from_django_settings(module: str, alias: str, report: Report) -> Rabbi
         return None
     entry = layers[alias]
     backend = entry.get("BACKEND") if isinstance(entry, dict) else None
-    if not _is_this_layer(backend):
+    if not is_this_layer(backend):
         report.fail(
             f"settings: {where} uses {backend or 'no BACKEND'}, not {LAYER_BACKEND}",
             "this command checks channels_rabbitmq layers only",
@@ -156,7 +156,7 @@ def layer_from_django_settings(module: str, alias: str, report: Report) -> Rabbi
     return layer
 
 
-def _is_this_layer(backend: object) -> bool:
+def is_this_layer(backend: object) -> bool:
     """True for this layer's class, under its own path or another that names it or a subclass."""
     if backend == LAYER_BACKEND:
         return True
