@@ -138,10 +138,6 @@ class BrokerLink:
         return self.inbound.dropped
 
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
     def is_connected(self) -> bool:
         """The queue is consumed and no connection of the link is being recovered."""
         return self.consuming.is_up and not self._outage
