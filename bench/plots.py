@@ -93,12 +93,12 @@ def draw_curve(panel: Axes, series: dict[str, Any], key: str, scale: float, labe
     )
 
 
-def series_label(series: dict[str, Any]) -> str:
+def series_label(axis_name: str, series: dict[str, Any]) -> str:
     """The legend's name of a series, with the points where every round failed."""
     label = f"{series['layer_label']} {series['version']}, {series['loop']}"
     failed = [point["x"] for point in series["points"] if point["errors"] and point["throughput"] is None]
     if failed:
-        label += f" (failed at {', '.join(f'{x:,}' for x in failed)})"
+        label += f" (failed at {', '.join(tick_label(axis_name, x) for x in failed)})"
     return label
 
 
@@ -126,7 +126,7 @@ def draw_axis(document: dict[str, Any], axis: dict[str, Any], path: Path) -> Pat
     """The PNG of one axis: throughput (left) and p99 latency (right), both on log scales."""
     figure, (left, right) = plt.subplots(1, 2, figsize=FIGURE_SIZE)
     for series in axis["series"]:
-        label = series_label(series)
+        label = series_label(axis["name"], series)
         draw_curve(left, series, axis["throughput_key"], 1.0, label)
         draw_curve(right, series, "p99_us", 1e-3, label)
     style_panel(left, axis, f"throughput ({axis['throughput_label']}, log)")

@@ -59,7 +59,7 @@ class Fanout:
     timeout: float
     #: At most this many deliveries in the throughput phase: the sender stops before its time
     #: box when the receivers would need much longer to take it all.
-    max_deliveries: int = 100_000
+    max_deliveries: int = 60_000
 
 
 class Child:

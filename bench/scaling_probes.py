@@ -52,6 +52,8 @@ SETUP_WINDOW = 50
 #: At most this many messages in one throughput phase, whatever the time box.
 MAX_MESSAGES = 500_000
 RANDOM_SEED = 12345
+#: Seconds without any arrival after which the messages still awaited count as lost.
+IDLE_LIMIT = 10.0
 #: Message types: timed messages, latency probes, and the one warm-up message per channel.
 TIMED, PROBE, WARM = "m", "probe", "warm"
 
@@ -64,6 +66,10 @@ KEPT_UNTIL_EXIT: list[object] = []
 def now() -> float:
     """The stamp messages carry: CLOCK_MONOTONIC on Linux, one clock for every process of the machine."""
     return time.monotonic()
+
+
+class MessagesLost(Exception):
+    """Messages sent never arrived: the layer dropped them."""
 
 
 class Collector:
@@ -105,14 +111,28 @@ class Collector:
                 self._failure.set_exception(error)
 
     async def until(self, kind: str, count: int) -> None:
-        """Wait until ``count`` messages of ``kind`` have arrived in all (since the start)."""
+        """Wait until ``count`` messages of ``kind`` have arrived in all (since the start).
+
+        Raises MessagesLost when nothing at all arrives for IDLE_LIMIT seconds meanwhile: a
+        layer that drops messages (RedisPubSubChannelLayer under load) would be waited for
+        until the timeout, and say less.
+        """
         if self.counts.get(kind, 0) >= count:
             return
         self._wanted = (kind, count)
         self._reached.clear()
         waiter: asyncio.Future[Any] = asyncio.ensure_future(self._reached.wait())
         try:
-            await asyncio.wait({waiter, self._failure}, return_when=asyncio.FIRST_COMPLETED)
+            while not waiter.done() and not self._failure.done():
+                seen = self.last_arrival
+                await asyncio.wait(
+                    {waiter, self._failure}, timeout=IDLE_LIMIT, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not waiter.done() and not self._failure.done() and self.last_arrival == seen:
+                    raise MessagesLost(
+                        f"{self.counts.get(kind, 0)} of {count} {kind!r} messages arrived, "
+                        f"then none for {IDLE_LIMIT:g} s"
+                    )
         finally:
             waiter.cancel()
             self._wanted = None
