@@ -2,6 +2,9 @@
 # make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, docs, pytest
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
 # make docs   the documentation site (docs/, mkdocs.yml) built with --strict into build/site
+# make bench-plots  scaling curves of this layer and its peers (message size, groups, channels,
+#             server processes) as PNG files and JSON in docs/img/bench/; about 15 minutes
+#             (not part of make test; e.g. make bench-plots BENCH_PLOTS_ARGS="--rounds 1 --axes size")
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
 # Each starts a private RabbitMQ node (scripts/with-broker) when nothing answers at AMQP_URL.
@@ -10,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := src tests bench example soak scripts/with-broker
 
-.PHONY: demo test lint typecheck docs format bench soak clean
+.PHONY: demo test lint typecheck docs format bench bench-plots soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +48,9 @@ format: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-plots: $(BIN)/.installed
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench.scaling $(BENCH_PLOTS_ARGS)
 
 soak: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)

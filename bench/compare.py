@@ -355,12 +355,26 @@ def run_one(run: Run, settings: Settings, while_waiting: Callable[[], None] | No
     progress bar).
     """
     base = {"layer": run.layer.label, "scenario": run.scenario, "loop": run.loop, "round": run.round_no}
-    kill_after = settings.timeout + KILL_GRACE
+    command = scenario_command(run, settings)
+    return run_command(command, run.layer.config, base, settings.timeout + KILL_GRACE, while_waiting)
+
+
+def run_command(
+    command: list[str],
+    config: dict[str, Any],
+    base: dict[str, Any],
+    kill_after: float,
+    while_waiting: Callable[[], None] | None = None,
+    cwd: Path | None = None,
+) -> dict[str, Any]:
+    """Run a measuring subprocess with the layer's config in its environment; ``base`` and its
+    last JSON line, or ``base`` and an "error" if it gave none (killed after ``kill_after`` s)."""
     deadline = time.monotonic() + kill_after
     process = subprocess.Popen(
-        scenario_command(run, settings),
+        command,
+        cwd=cwd,
         # The layer's config holds the broker's password: in the environment, not on the command line.
-        env={**os.environ, scenarios.CONFIG_VARIABLE: json.dumps(run.layer.config)},
+        env=config_environment(config),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -390,6 +404,11 @@ def run_one(run: Run, settings: Settings, while_waiting: Callable[[], None] | No
         reason = last_line(stderr) or f"exit status {process.returncode}, no output"
         return {**base, "error": f"no result: {reason}"}
     return {**base, **line}
+
+
+def config_environment(config: dict[str, Any]) -> dict[str, str]:
+    """This environment, plus the layer's config for a measuring subprocess to read."""
+    return {**os.environ, scenarios.CONFIG_VARIABLE: json.dumps(config)}
 
 
 def last_line(text: str) -> str:

@@ -113,10 +113,10 @@ def package_version(path: str) -> str:
 class LayerPool:
     """Builds the layer instances of one scenario and closes each of them once."""
 
-    def __init__(self, opts: Options) -> None:
-        self._cls = load_class(opts.layer)
-        self._config = opts.config
-        self._shared = opts.shared_instance
+    def __init__(self, layer: str, config: dict[str, Any], shared_instance: bool) -> None:
+        self._cls = load_class(layer)
+        self._config = config
+        self._shared = shared_instance
         self.instances: list[Layer] = []
 
     def make(self) -> Layer:
@@ -180,13 +180,22 @@ async def send_windowed(sender: Layer, targets: list[str], n: int, window: int, 
     sends on its own: the same method as the reference harness in shared/bench beside this
     repository, so the figures compare with the peer figures published there.
     """
-    gate = asyncio.Semaphore(window)
 
     async def send_one(i: int) -> None:
-        async with gate:
-            await sender.send(targets[i % len(targets)], message(i, payload))
+        await sender.send(targets[i % len(targets)], message(i, payload))
 
-    await asyncio.gather(*(send_one(i) for i in range(n)))
+    await windowed(n, window, send_one)
+
+
+async def windowed(n: int, window: int, call: Callable[[int], Awaitable[None]]) -> None:
+    """``call(i)`` for i in range(n), each its own task, at most ``window`` of them running."""
+    gate = asyncio.Semaphore(window)
+
+    async def gated(i: int) -> None:
+        async with gate:
+            await call(i)
+
+    await asyncio.gather(*(gated(i) for i in range(n)))
 
 
 async def receive_n(layer: Layer, channel: str, n: int) -> None:
@@ -443,14 +452,31 @@ def short_reason(error: BaseException) -> str:
 
 async def run(opts: Options) -> dict[str, Any]:
     """Run one scenario under the timeout; any failure becomes an "error" entry."""
+    return await guarded(
+        opts.layer,
+        opts.config,
+        opts.shared_instance,
+        lambda pool: SCENARIOS[opts.scenario](opts, pool),
+        opts.timeout,
+    )
+
+
+async def guarded(
+    layer: str,
+    config: dict[str, Any],
+    shared_instance: bool,
+    body: Callable[[LayerPool], Awaitable[dict[str, Any]]],
+    timeout: float,
+) -> dict[str, Any]:
+    """``body(pool)`` under a timeout, every instance closed after; a failure becomes an "error" entry."""
     try:
-        pool = LayerPool(opts)
+        pool = LayerPool(layer, config, shared_instance)
     except Exception as error:
         return {"error": f"cannot build the layer: {short_reason(error)}"}
     try:
-        return await asyncio.wait_for(SCENARIOS[opts.scenario](opts, pool), opts.timeout)
+        return await asyncio.wait_for(body(pool), timeout)
     except asyncio.TimeoutError:
-        return {"error": f"timeout after {opts.timeout:g} s"}
+        return {"error": f"timeout after {timeout:g} s"}
     except Exception as error:
         return {"error": short_reason(error)}
     finally:
