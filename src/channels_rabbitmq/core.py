@@ -35,7 +35,9 @@ from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_o
 
 logger = logging.getLogger(__name__)
 
-NAME_CACHE_SIZE = 10_000  # checked names remembered, per layer; forgotten all at once when full
+# Checked names remembered, per layer; forgotten all at once when full. Above the 50,000 channels a process
+# may serve (the scaling curves): a smaller cache was cleared again and again, and every call re-checked.
+NAME_CACHE_SIZE = 100_000
 _UNCHECKED = (b"", b"")  # a send target not yet looked at (None is a normal channel's)
 
 
