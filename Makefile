@@ -1,5 +1,7 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
 # make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, pytest
+# make test-matrix  the unit and core integration tests on Python 3.10-3.13 x Django 5.2 and 6.1 (nox)
+# make dist   the sdist and the wheel in dist/, checked with twine check --strict
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
@@ -7,14 +9,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests bench example soak scripts/with-broker
+LINTED := src tests bench example soak scripts/with-broker noxfile.py
 
-.PHONY: demo test lint typecheck format bench soak clean
+.PHONY: demo test test-matrix dist lint typecheck format bench soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,demo]'
+	$(BIN)/pip install --quiet -e '.[test,bench,demo,dev]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -25,6 +27,14 @@ test: $(BIN)/.installed
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-matrix: $(BIN)/.installed
+	$(BIN)/python scripts/with-broker -- $(BIN)/nox $(NOX_ARGS)
+
+dist: $(BIN)/.installed
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)
@@ -44,4 +54,4 @@ soak: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts
+	rm -rf $(VENV) .nox build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts
