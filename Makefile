@@ -1,7 +1,7 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
 # make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, pytest
 # make test-matrix  the unit and core integration tests on Python 3.10-3.13 x Django 5.2 and 6.1 (nox)
-# make dist   the sdist and the wheel in dist/, checked with twine check --strict
+# make dist   the sdist and the wheel in dist/, checked (twine check --strict, scripts/check-dist)
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
@@ -9,7 +9,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests bench example soak scripts/with-broker noxfile.py
+LINTED := src tests bench example soak scripts/with-broker scripts/check-dist noxfile.py
 
 .PHONY: demo test test-matrix dist lint typecheck format bench soak clean
 
@@ -32,9 +32,10 @@ test-matrix: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/nox $(NOX_ARGS)
 
 dist: $(BIN)/.installed
-	rm -rf dist
+	rm -rf dist build
 	$(BIN)/python -m build --outdir dist .
 	$(BIN)/twine check --strict dist/*
+	$(BIN)/python scripts/check-dist dist
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)
