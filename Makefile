@@ -1,5 +1,7 @@
 # make demo   the chat demo on two servers (http://127.0.0.1:8001/ and :8002/); Ctrl-C stops it
 # make test   the README's test command: .venv, dependencies, Chromium, a broker, lint, types, docs, pytest
+# make test-matrix  the unit and core integration tests on Python 3.10-3.13 x Django 5.2 and 6.1 (nox)
+# make dist   the sdist and the wheel in dist/, checked (twine check --strict, scripts/check-dist)
 # make bench  this layer beside InMemoryChannelLayer and channels_redis, one run
 # make docs   the documentation site (docs/, mkdocs.yml) built with --strict into build/site
 # make bench-plots  scaling curves of this layer and its peers (message size, groups, channels,
@@ -11,14 +13,14 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests bench example soak scripts/with-broker
+LINTED := src tests bench example soak scripts/with-broker scripts/check-dist noxfile.py
 
-.PHONY: demo test lint typecheck docs format bench bench-plots soak clean
+.PHONY: demo test test-matrix dist lint typecheck docs format bench bench-plots soak clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench,demo,docs,prometheus]'
+	$(BIN)/pip install --quiet -e '.[test,bench,demo,docs,prometheus,dev]'
 	touch $@
 
 demo: $(BIN)/.installed
@@ -30,6 +32,15 @@ test: $(BIN)/.installed
 	$(MAKE) --no-print-directory typecheck
 	$(MAKE) --no-print-directory docs
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-matrix: $(BIN)/.installed
+	$(BIN)/python scripts/with-broker -- $(BIN)/nox $(NOX_ARGS)
+
+dist: $(BIN)/.installed
+	rm -rf dist build
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+	$(BIN)/python scripts/check-dist dist
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)
@@ -56,4 +67,4 @@ soak: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts
+	rm -rf $(VENV) .nox build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis artifacts

@@ -281,6 +281,19 @@ def test_decode_headers_reads_pamqp_tables_with_non_string_values():
     assert frames.decode_headers(memoryview(encoded)) == headers
 
 
+def test_decode_headers_reads_signed_integers_of_every_width():
+    # Built by hand: pamqp 3.x (the newest on Python 3.10) cannot encode -128..-1 as "b".
+    entries = [
+        b"\x01b" + b"b" + struct.pack(">b", -1),
+        b"\x01s" + b"s" + struct.pack(">h", -300),
+        b"\x01I" + b"I" + struct.pack(">i", -70_000),
+        b"\x01l" + b"l" + struct.pack(">q", -(2**40)),
+    ]
+    table = b"".join(entries)
+    encoded = struct.pack(">HI", frames.HEADERS_FLAG, len(table)) + table
+    assert frames.decode_headers(memoryview(encoded)) == {"b": -1, "s": -300, "I": -70_000, "l": -(2**40)}
+
+
 def test_decode_headers_reads_headers_next_to_other_properties():
     encoded = properties_bytes(
         commands.Basic.Properties(content_type="application/msgpack", headers={"asgi_channel": "q!x"})

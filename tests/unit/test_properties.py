@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from pamqp import body as pamqp_body
 from pamqp import commands
+from pamqp import encode as pamqp_encode
 from pamqp import frame as pamqp_frame
 from pamqp import header as pamqp_header
 from pamqp import heartbeat as pamqp_heartbeat
@@ -380,12 +381,22 @@ def delivery_bytes(spec: Spec, frame_max: int) -> bytes:
     return b"".join(parts)
 
 
+def pamqp_encodes_negative_short_short_ints() -> bool:
+    """pamqp 3.x, the newest on Python 3.10, packs -128..-1 in a table as an unsigned octet and fails;
+    4.x encodes them. Tables hand-built here carry such values to the decoder on every version."""
+    try:
+        pamqp_encode.table_integer(-1)
+    except struct.error:
+        return False
+    return True
+
+
 short_strings = st.text(st.characters(codec="utf-8"), max_size=30)
+header_integers = st.integers(-(2**31), 2**31 - 1)
+if not pamqp_encodes_negative_short_short_ints():
+    header_integers = st.integers(-(2**31), -129) | st.integers(0, 2**31 - 1)
 header_values = st.recursive(
-    st.text(st.characters(codec="utf-8"), max_size=20)
-    | st.integers(-(2**31), 2**31 - 1)
-    | st.booleans()
-    | st.none(),
+    st.text(st.characters(codec="utf-8"), max_size=20) | header_integers | st.booleans() | st.none(),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
     ),
