@@ -106,8 +106,9 @@ def stage_of(stack: Sequence[Frame]) -> str | None:
     if any(marker in frame.path for frame in stack for marker in START_MARKERS):
         return None
     for frame in reversed(stack):
+        name = frame.function.rpartition(".")[2]  # py-spy names a method Class.method
         for stage, fragment, functions in RULES:
-            if fragment in frame.path and (functions is None or frame.function in functions):
+            if fragment in frame.path and (functions is None or name in functions):
                 return stage
     return "other"
 
