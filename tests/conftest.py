@@ -186,3 +186,15 @@ async def make_layer(broker: Broker) -> AsyncIterator[LayerFactory]:
     yield make
     for layer in layers:
         await layer.close()
+
+
+async def eventually(
+    condition: Callable[[], bool], what: str, timeout: float = 15, poll: float = 0.01
+) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds, naming ``what`` was awaited."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still waiting after {timeout:g}s for {what}")
+        await asyncio.sleep(poll)

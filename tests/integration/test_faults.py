@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,7 +19,7 @@ import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
-from tests.conftest import Broker, LayerFactory, link_of, rabbitmqctl
+from tests.conftest import Broker, LayerFactory, eventually, link_of, rabbitmqctl
 from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
@@ -51,18 +51,6 @@ async def layers(proxy: FaultProxy, make_layer: LayerFactory, broker: Broker) ->
     yield make
     for layer in made:
         await layer.close()
-
-
-async def eventually(
-    condition: Callable[[], bool], what: str, timeout: float = 15, poll: float = 0.01
-) -> None:
-    """Wait until ``condition()`` holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"still waiting after {timeout:g}s for {what}")
-        await asyncio.sleep(poll)
 
 
 async def receive(layer: RabbitmqChannelLayer, channel: str, timeout: float = 5) -> dict[str, Any]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote, urlsplit
 
 import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker, rabbitmqctl
+from tests.conftest import Broker, eventually, rabbitmqctl
 from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
@@ -42,15 +42,6 @@ async def proxy(broker: Broker) -> AsyncIterator[FaultProxy]:
     async with FaultProxy(address.hostname or "127.0.0.1", address.port or 5672) as proxy:
         yield proxy
     assert not proxy.errors
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"still waiting after {timeout:g}s for {what}")
-        await asyncio.sleep(0.01)
 
 
 def layer_records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:

@@ -12,7 +12,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +27,7 @@ from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError,
 from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
 from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import FLUSH_ROUTING_KEY, control_properties
-from tests.conftest import Broker, LayerFactory, link_of, rabbitmqctl
+from tests.conftest import Broker, LayerFactory, eventually, link_of, rabbitmqctl
 from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
@@ -63,13 +63,6 @@ async def receive(layer: RabbitmqChannelLayer, channel: str, timeout: float = 5)
 async def assert_nothing_arrives(layer: RabbitmqChannelLayer, channel: str, wait: float = 0.3) -> None:
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(layer.receive(channel), wait)
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"still waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def bound_groups(broker: Broker, exchange: str, queue: str, control: bool = False) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,18 +12,9 @@ from channels.exceptions import ChannelFull
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.stats import DROP_REASONS, LayerStats
-from tests.conftest import LayerFactory
+from tests.conftest import LayerFactory, eventually
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"still waiting after {timeout:g}s for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def receive(layer: RabbitmqChannelLayer, channel: str) -> dict[str, Any]:
