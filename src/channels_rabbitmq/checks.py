@@ -59,7 +59,7 @@ def check_channel_layers_for_deployment(app_configs: Any = None, **kwargs: Any) 
         if isinstance(config, Mapping) and "host" not in config:
             messages.append(
                 CheckWarning(
-                    f"{where} sets no host: the layer connects to the default broker, {built.address}",
+                    f"no host set: the layer connects to the default broker, {built.address}",
                     hint="set CONFIG['host'] to your broker's amqps:// URL",
                     obj=where,
                     id="channels_rabbitmq.W002",
@@ -89,7 +89,7 @@ def _build(where: str, config: object) -> tuple[LayerConfig | None, list[CheckMe
     if not isinstance(config, Mapping):
         return None, [
             Error(
-                f"the CONFIG of {where} is a {type(config).__name__}, not a dict",
+                f"CONFIG is a {type(config).__name__}, not a dict",
                 hint="CONFIG holds the layer's keyword arguments, e.g. {'host': 'amqps://user:...@host/vhost'}",
                 obj=where,
                 id="channels_rabbitmq.E001",
@@ -103,7 +103,7 @@ def _build(where: str, config: object) -> tuple[LayerConfig | None, list[CheckMe
         close = difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else []
         problems.append(
             Error(
-                f"{where} has an unknown CONFIG key {key!r}: the layer refuses to start",
+                f"unknown CONFIG key {key!r}: the layer refuses to start",
                 hint=f"did you mean {close[0]!r}?" if close else f"the keys are: {', '.join(sorted(known))}",
                 obj=where,
                 id="channels_rabbitmq.E002",
@@ -112,10 +112,11 @@ def _build(where: str, config: object) -> tuple[LayerConfig | None, list[CheckMe
     try:
         built = LayerConfig.build(**{key: value for key, value in config.items() if key in known})
     except TypeError as error:  # its messages name the key and never quote a password
-        problems.append(Error(f"{where}: {error}", hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E003"))
+        # Django prints obj (the alias) before the message: the message need not name it again.
+        problems.append(Error(str(error), hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E003"))
         return None, problems
     except ValueError as error:
-        problems.append(Error(f"{where}: {error}", hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E004"))
+        problems.append(Error(str(error), hint=CONFIG_HINT, obj=where, id="channels_rabbitmq.E004"))
         return None, problems
     return (built if not problems else None), problems
 
@@ -132,7 +133,7 @@ def _is_this_machine(address: BrokerAddress) -> bool:
 def _guest_on_remote_hosts(where: str, config: LayerConfig) -> list[CheckMessage]:
     return [
         CheckWarning(
-            f"{where} connects to {address} as 'guest': RabbitMQ lets guest log in from its own machine only",
+            f"connects to {address} as 'guest': RabbitMQ lets guest log in from its own machine only",
             hint="create a user for the application (rabbitmqctl add_user) and put it in the host URL",
             obj=where,
             id="channels_rabbitmq.W001",
@@ -145,8 +146,7 @@ def _guest_on_remote_hosts(where: str, config: LayerConfig) -> list[CheckMessage
 def _unencrypted(where: str, config: LayerConfig) -> list[CheckMessage]:
     messages: list[CheckMessage] = [
         CheckWarning(
-            f"{where} connects to {address} without TLS: the password and every message cross the "
-            "network in clear",
+            f"connects to {address} without TLS: the password and every message cross the network in clear",
             hint="use an amqps:// URL and an ssl_context (ssl.create_default_context(cafile=...))",
             obj=where,
             id="channels_rabbitmq.W003",
@@ -159,7 +159,7 @@ def _unencrypted(where: str, config: LayerConfig) -> list[CheckMessage]:
         unchecked = "certificate" if context.verify_mode == ssl.CERT_NONE else "host name"
         messages.append(
             CheckWarning(
-                f"the ssl_context of {where} does not verify the broker's {unchecked}: anyone on the path "
+                f"its ssl_context does not verify the broker's {unchecked}: anyone on the path "
                 "can pose as the broker",
                 hint="use ssl.create_default_context(cafile=...), which verifies both",
                 obj=where,
