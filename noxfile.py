@@ -1,6 +1,6 @@
 """The support matrix (``make test-matrix``): every supported Python with every Django it can run.
 
-Each session installs the project from this checkout as a user would (``pip install .[test]``,
+Each session installs the project from this checkout as a user would (``pip install .[test,prometheus]``,
 not editable), pins one Django series, and runs the unit tests and the core integration tests
 against the broker at ``AMQP_URL``. Channels is the newest 4.x (``channels>=4.2.2,<5``).
 
@@ -28,7 +28,8 @@ PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 DJANGO_SERIES = {"5.2": "3.10", "6.1": "3.12"}
 
 #: The integration tests of the layer's API, of event loops and threads, and of Django (uvicorn
-#: servers, websockets, the test communicator), each on asyncio's loop and on uvloop. The other
+#: servers, websockets, the test communicator, the system checks and the rabbitmq_check command, the
+#: Prometheus endpoint), each on asyncio's loop and on uvloop. The other
 #: integration modules run in ``make test`` only, on the project's own Python: broker faults,
 #: clusters, TLS, the browser, the benchmark, the CLI and scripts/with-broker test this machine's
 #: set-up and the broker more than the interpreter, and the matrix must stay well under 25 minutes
@@ -40,6 +41,8 @@ CORE_INTEGRATION = (
     "tests/integration/test_layer.py",
     "tests/integration/test_loops_and_threads.py",
     "tests/integration/test_django.py",
+    "tests/integration/test_django_checks.py",
+    "tests/integration/test_prometheus.py",
 )
 
 nox.options.sessions = ["tests"]
@@ -95,7 +98,8 @@ def tests(session: nox.Session, django: str) -> None:
 
     Arguments after ``--`` replace the test paths and options given to pytest.
     """
-    session.install(".[test]", f"django~={django}.0")
+    # prometheus: the test project serves /metrics, and the collector is tested on every Python too.
+    session.install(".[test,prometheus]", f"django~={django}.0")
     session.run("python", "-c", PRINT_VERSIONS)
     session.run(
         "python", "-m", "pytest", *(session.posargs or [*PYTEST_OPTIONS, "tests/unit", *CORE_INTEGRATION])
