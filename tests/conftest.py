@@ -29,6 +29,7 @@ from pytest_asyncio import is_async_test
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
+from tests.faults.proxy import FaultProxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -198,3 +199,12 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"still waiting after {timeout:g}s for {what}")
         await asyncio.sleep(poll)
+
+
+@pytest.fixture
+async def proxy(broker: Broker) -> AsyncIterator[FaultProxy]:
+    """A fault-injecting TCP proxy in front of the run's broker; it must have seen no error of its own."""
+    address = urlsplit(broker.url)
+    async with FaultProxy(address.hostname or "127.0.0.1", address.port or 5672) as proxy:
+        yield proxy
+    assert not proxy.errors

@@ -13,7 +13,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -26,14 +25,6 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # 
 
 #: Small delays keep reconnections (and so the tests) fast.
 FAST = {"connect_timeout": 3, "reconnect_delay_min": 0.05, "reconnect_delay_max": 0.5, "connection_wait": 5}
-
-
-@pytest.fixture
-async def proxy(broker: Broker) -> AsyncIterator[FaultProxy]:
-    broker_address = urlsplit(broker.url)
-    async with FaultProxy(broker_address.hostname or "127.0.0.1", broker_address.port or 5672) as proxy:
-        yield proxy
-    assert not proxy.errors
 
 
 @pytest.fixture

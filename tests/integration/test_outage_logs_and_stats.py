@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterator
-from urllib.parse import quote, urlsplit
+from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
 
@@ -34,14 +34,6 @@ def user(broker: Broker) -> Iterator[str]:
         yield name
     finally:
         rabbitmqctl("delete_user", name)
-
-
-@pytest.fixture
-async def proxy(broker: Broker) -> AsyncIterator[FaultProxy]:
-    address = urlsplit(broker.url)
-    async with FaultProxy(address.hostname or "127.0.0.1", address.port or 5672) as proxy:
-        yield proxy
-    assert not proxy.errors
 
 
 def layer_records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
