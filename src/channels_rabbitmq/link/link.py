@@ -129,6 +129,9 @@ class BrokerLink:
         )
         self._blocked_timer: asyncio.TimerHandle | None = None
         self._receiving = False  # a receive() found the consuming connection made once
+        # Publishes waiting for the connection to take them, and their turns: see _publish_when_possible.
+        self._publishes_held = 0
+        self._held_publishes = asyncio.Lock()
         #: close() was called: receive() raises StopConsumer, the layer looks for the link again.
         self.closed = False
 
@@ -265,7 +268,7 @@ class BrokerLink:
         started = time.monotonic()
         try:
             connection = self.publishing.connection
-            if connection is not None and connection.can_publish:
+            if connection is not None and connection.can_publish and not self._publishes_held:
                 accepted = await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
             else:
                 accepted = await self._publish_when_possible(exchange, routing_key, properties, body)
@@ -281,8 +284,17 @@ class BrokerLink:
     async def _publish_when_possible(
         self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
     ) -> bool:
-        connection = await self.publishable()
-        return await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        """Publish once the connection may, in turn: publishes that had to wait are written in the
+        order they were made, and no later one overtakes them meanwhile (one sender's messages to a
+        channel stay in order across a connect, a block or a full write buffer)."""
+        self._publishes_held += 1
+        try:
+            async with self._held_publishes:  # asyncio.Lock wakes its waiters first come, first served
+                connection = await self.publishable()
+                confirmed = connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+        finally:
+            self._publishes_held -= 1
+        return await confirmed
 
     async def publishable(self) -> AmqpConnection:
         """The publishing connection once it may publish: connect, or wait out a block or a full
