@@ -30,6 +30,7 @@ from .config import DEFAULT_HOST, LayerConfig
 from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
+from .names import require_valid_channel_name, require_valid_group_name
 from .stats import LayerStats
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
 
@@ -66,6 +67,19 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
 
     def __repr__(self) -> str:
         return f"<RabbitmqChannelLayer {self.config.description}>"
+
+    # Names --------------------------------------------------------------------------------------
+
+    def require_valid_channel_name(self, name: object, receive: bool = False) -> bool:
+        """Channels' rule, no final newline, and what RabbitMQ can carry: at most 255 bytes in UTF-8
+        (a normal channel's, after ``normal_channel_prefix``). Raises ``TypeError`` (see :mod:`.names`)."""
+        require_valid_channel_name(name, normal_prefix=self.config.normal_channel_prefix, receive=receive)
+        return True
+
+    def require_valid_group_name(self, name: object) -> bool:
+        """Channels' rule, no final newline, at most 255 bytes in UTF-8. Raises ``TypeError``."""
+        require_valid_group_name(name)
+        return True
 
     # Channels -----------------------------------------------------------------------------------
 

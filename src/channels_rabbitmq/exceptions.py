@@ -19,6 +19,7 @@ messages are for people and may change.
         BrokerConnectionLostError     the connection ended: reply_code, reply_text, during_handshake
         BrokerBlockedError            a resource alarm outlasted connection_wait: reason
       BrokerRefusedError              one request refused (bind, purge): request, reply_code, reply_text
+      RequestNotEncodableError        one request AMQP cannot carry (also a ValueError): request, reason
       ChannelLayerClosedError         the layer was closed
 
 Every :class:`BrokerConnectionError` has ``url`` (the broker's URL without its password)
@@ -44,6 +45,7 @@ __all__ = [
     "ChannelLayerClosedError",
     "RabbitmqLayerError",
     "ReplyCode",
+    "RequestNotEncodableError",
 ]
 
 
@@ -243,6 +245,17 @@ class BrokerRefusedError(RabbitmqLayerError):
         self.request = request
         where = f" to {request}" if request else ""
         super().__init__(f"RabbitMQ refused the request{where}: {int(reply_code)} {reply_text}")
+
+
+class RequestNotEncodableError(RabbitmqLayerError, ValueError):
+    """``request`` cannot be encoded as AMQP 0-9-1 (``reason``: a name over 255 bytes, say). The
+    layer checks names at each call (``TypeError``), so this marks input that slipped past
+    those checks; it fails that call alone, and nothing of it reached the broker."""
+
+    def __init__(self, request: str, reason: str) -> None:
+        self.request = request
+        self.reason = reason
+        super().__init__(f"cannot encode {request} for RabbitMQ: {reason}")
 
 
 class ChannelLayerClosedError(RabbitmqLayerError, RuntimeError):

@@ -6,8 +6,11 @@ import pytest
 from channels.layers import BaseChannelLayer
 from hypothesis import given
 from hypothesis import strategies as st
+from pamqp import commands
 
+from channels_rabbitmq.amqp.frames import encode_method
 from channels_rabbitmq.core import RabbitmqChannelLayer
+from channels_rabbitmq.names import MAX_NAME_BYTES, is_valid_group_name, require_valid_group_name
 from channels_rabbitmq.wire import (
     LOCAL_PART_LENGTH,
     MAX_PREFIX_LENGTH,
@@ -110,3 +113,44 @@ async def test_new_channel_refuses_a_bad_prefix_before_connecting(prefix, error)
         await layer.new_channel(prefix)
     assert layer._links.all() == []  # no link made, nothing connected
     await layer.close()
+
+
+# What this layer accepts beyond Channels' rule (channels_rabbitmq.names) ---------------------------
+
+NAME_CHARACTERS = st.sampled_from("abcXYZ019-_.\uff10\u0663\u0301\n")
+
+
+@given(name=st.text(NAME_CHARACTERS, min_size=1, max_size=110))
+def test_a_group_name_is_accepted_exactly_when_channels_accepts_it_and_amqp_carries_it(name):
+    channels_accepts = _accepts(BaseChannelLayer().require_valid_group_name, name)
+    fits = len(name.encode()) <= MAX_NAME_BYTES and not name.endswith("\n")
+    assert is_valid_group_name(name) == (channels_accepts and fits)
+    if is_valid_group_name(name):  # then it encodes as a routing key
+        encode_method(3, commands.Queue.Bind(queue="q", exchange="groups", routing_key=name))
+
+
+@given(name=st.text(NAME_CHARACTERS, min_size=1, max_size=110))
+def test_a_normal_channel_name_is_accepted_only_when_it_makes_an_ascii_queue_name(name):
+    layer = RabbitmqChannelLayer()
+    accepted = _accepts(layer.require_valid_channel_name, name)
+    assert accepted == (
+        _accepts(BaseChannelLayer().require_valid_channel_name, name) and name.isascii() and "\n" not in name
+    )
+    if accepted:  # then its queue can be declared
+        queue = layer.config.normal_channel_prefix + name
+        encode_method(3, commands.Queue.Declare(queue=queue, durable=True))
+
+
+def test_the_byte_limit_is_named_in_the_error():
+    with pytest.raises(TypeError, match="287 bytes in UTF-8: RabbitMQ carries at most 255"):
+        require_valid_group_name("chat_" + "\uff10" * 94)
+    with pytest.raises(TypeError, match="newline"):
+        require_valid_group_name("room\n")
+
+
+def _accepts(check, name) -> bool:
+    try:
+        check(name)
+    except TypeError:
+        return False
+    return True

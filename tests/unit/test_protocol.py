@@ -13,6 +13,7 @@ from pamqp import heartbeat as pamqp_heartbeat
 
 from channels_rabbitmq.amqp import frames
 from channels_rabbitmq.amqp import protocol as protocol_module
+from channels_rabbitmq.amqp.errors import RequestNotEncodable
 from channels_rabbitmq.amqp.protocol import (
     AmqpProtocol,
     ChannelClosed,
@@ -403,6 +404,24 @@ def test_heartbeat_frame_queues_a_heartbeat():
     ((channel, value),) = sent_methods(protocol)
     assert channel == 0
     assert isinstance(value, pamqp_heartbeat.Heartbeat)
+
+
+def test_a_method_that_cannot_be_encoded_raises_and_queues_nothing():
+    protocol = open_protocol()
+    with pytest.raises(RequestNotEncodable) as raised:
+        protocol.send_method(3, commands.Queue.Bind(queue="q", exchange="groups", routing_key="\uff10" * 86))
+    assert raised.value.request == "Queue.Bind"
+    assert protocol.take_outgoing() == b""
+
+
+def test_a_publish_with_a_routing_key_over_255_bytes_raises_and_takes_no_tag():
+    protocol = open_protocol()
+    protocol.send_method(1, commands.Confirm.Select())
+    protocol.take_outgoing()
+    with pytest.raises(RequestNotEncodable):
+        protocol.publish(1, b"groups", "\uff10".encode() * 86, NO_PROPERTIES, b"x")
+    assert protocol.take_outgoing() == b""
+    assert protocol.publish(1, b"groups", b"room", NO_PROPERTIES, b"x") == 1
 
 
 # Publishing ----------------------------------------------------------------------------------------

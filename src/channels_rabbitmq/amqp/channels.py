@@ -24,7 +24,7 @@ from pamqp import commands
 from pamqp.base import Frame
 
 from . import protocol as amqp
-from .errors import ChannelRefused
+from .errors import ChannelRefused, RequestNotEncodable
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ChannelRequests:
         queue = self._queues.setdefault(channel_id, deque())
         queue.append((method, future))
         if len(queue) == 1:
-            self._send(channel_id, method)
+            self._send_head(channel_id)
         return future
 
     def configure(self, channel_id: int, setup: list[Frame], *, essential: bool) -> None:
@@ -81,8 +81,7 @@ class ChannelRequests:
         self._progress[channel_id] = self._loop.time()
         if not future.done():
             future.set_result(method)
-        if queue:
-            self._send(channel_id, queue[0][0])
+        self._send_head(channel_id)
 
     def on_channel_closed(self, event: amqp.ChannelClosed) -> None:
         """The request being answered fails with the broker's reason; the rest wait."""
@@ -99,7 +98,7 @@ class ChannelRequests:
             future = self._loop.create_future()
             future.add_done_callback(_log_failed_reopen)
             queue.appendleft((method, future))
-        self._send(channel_id, queue[0][0])
+        self._send_head(channel_id)
 
     def fail_all(self, error: BaseException) -> None:
         for queue in self._queues.values():
@@ -108,9 +107,22 @@ class ChannelRequests:
                     future.set_exception(error)
             queue.clear()
 
-    def _send(self, channel_id: int, method: Frame) -> None:
-        self._progress[channel_id] = self._loop.time()
-        self._send_method(channel_id, method)
+    def _send_head(self, channel_id: int) -> None:
+        """Send the channel's first queued request. One that cannot be encoded fails alone (its
+        future gets :class:`RequestNotEncodable`) and the next one goes instead: a bad request
+        never holds up the ones behind it."""
+        queue = self._queues.get(channel_id)
+        while queue:
+            method, future = queue[0]
+            try:
+                self._send_method(channel_id, method)
+            except RequestNotEncodable as error:
+                queue.popleft()
+                if not future.done():
+                    future.set_exception(error)
+                continue
+            self._progress[channel_id] = self._loop.time()
+            return
 
 
 class PublishConfirms:

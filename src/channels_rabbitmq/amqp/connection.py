@@ -134,10 +134,16 @@ class AmqpConnection(asyncio.Protocol):
                     self._on_delivery(event)
                 except Exception:
                     logger.exception("dropped a delivery that could not be routed")
-            elif type(event) is amqp.PublishConfirmed:
-                self._confirms.on_confirm(event)
             else:
-                self._on_event(event)
+                try:
+                    if type(event) is amqp.PublishConfirmed:
+                        self._confirms.on_confirm(event)
+                    else:
+                        self._on_event(event)
+                except Exception:  # a bug of ours must not escape into the loop, nor cost other calls
+                    logger.exception(
+                        "error while handling %s from %s", type(event).__name__, self.description
+                    )
         if delivered:
             self._on_deliveries_done()
         if self.machine.has_outgoing:

@@ -14,6 +14,8 @@ public ones where it calls the client (:mod:`channels_rabbitmq.link.errors`).
         ConnectionLost          an open connection ended (socket error, closed by the broker,
                                 missed heartbeats, consumer cancelled)
       ChannelRefused            the broker closed a channel in answer to one request
+      RequestNotEncodable       a request or publish that AMQP cannot carry (a name over 255
+                                bytes, say): it fails alone, and nothing of it is sent
       ProtocolError             the sans-I/O protocol's own: bytes it cannot go on from
 """
 
@@ -192,3 +194,14 @@ class ChannelRefused(AmqpError):
         self.request = request
         where = f" to {request}" if request else ""
         super().__init__(f"RabbitMQ refused the request{where}: {reply_code} {reply_text}")
+
+
+class RequestNotEncodable(AmqpError, ValueError):
+    """``request`` (a pamqp method name, or ``"Basic.Publish"``) cannot be encoded as AMQP 0-9-1:
+    ``reason`` says why (a short string over 255 bytes, say). Nothing of it was sent, and the
+    connection goes on with the requests after it."""
+
+    def __init__(self, request: str, reason: str) -> None:
+        self.request = request
+        self.reason = reason
+        super().__init__(f"cannot encode {request}: {reason}")

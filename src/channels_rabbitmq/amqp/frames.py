@@ -19,6 +19,8 @@ from pamqp import commands
 from pamqp import frame as pamqp_frame
 from pamqp import header as pamqp_header
 
+from .errors import RequestNotEncodable
+
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 
 FRAME_METHOD = 1
@@ -138,6 +140,10 @@ def encode_publish_method(
 ) -> bytes:
     """The ``basic.publish`` method frame (immediate off); the same for every message to one
     destination, so it is made once."""
+    if len(exchange) > 255 or len(routing_key) > 255:
+        raise RequestNotEncodable(
+            "Basic.Publish", f"exchange or routing key over 255 bytes ({len(exchange)}, {len(routing_key)})"
+        )
     # index and ticket, two short strings, one octet of bits
     method_size = _publish_head.size - FRAME_HEAD_SIZE + 1 + len(exchange) + 1 + len(routing_key) + 1
     return b"".join(

@@ -9,13 +9,14 @@ plain unit test on bytes.
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from pamqp import commands
 
 from . import frames
-from .errors import ProtocolError
+from .errors import ProtocolError, RequestNotEncodable
 from .frames import (
     BASIC_ACK_INDEX,
     BASIC_DELIVER_INDEX,
@@ -228,13 +229,20 @@ class AmqpProtocol:
         return bool(self._outgoing)
 
     def send_method(self, channel_id: int, method: Any) -> None:
-        """Queue any method (pamqp object); replies come back as :class:`MethodReceived`."""
+        """Queue any method (pamqp object); replies come back as :class:`MethodReceived`.
+
+        Raises :class:`RequestNotEncodable` for a method AMQP cannot carry; nothing is queued then.
+        """
+        try:
+            frame = frames.encode_method(channel_id, method)
+        except (TypeError, ValueError, struct.error) as error:
+            raise RequestNotEncodable(getattr(method, "name", type(method).__name__), str(error)) from None
         if isinstance(method, commands.Confirm.Select):
             self._next_publish_tag[channel_id] = 1
         elif isinstance(method, commands.Channel.Open):
             self._next_publish_tag.pop(channel_id, None)
             self._incoming.pop(channel_id, None)
-        self._outgoing.append(frames.encode_method(channel_id, method))
+        self._outgoing.append(frame)
 
     def publish(
         self,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -49,6 +48,7 @@ from ..exceptions import (
     ChannelLayerClosedError,
     RabbitmqLayerError,
 )
+from ..names import is_valid_channel_name, is_valid_group_name
 from ..wire import CONTROL_HEADER, FLUSH_ROUTING_KEY, control_destination, control_properties, queue_of
 from .errors import layer_error
 from .topology import PUBLISH_CHANNEL, random_name, retrieve
@@ -64,7 +64,6 @@ OP_REPLY = "reply"
 MAX_PERFORMING = 10_000
 #: Request ids remembered against replays (with ``encryption_keys``); the oldest go first.
 MAX_REMEMBERED = 100_000
-_GROUP_NAME = re.compile(r"[a-zA-Z\d\-_.]{1,99}")  # Channels' rule for group names
 
 
 class ControlledLink(Protocol):
@@ -290,9 +289,14 @@ class Control:
             action = self._link.flush
         else:
             group, channel = fields.get("group"), fields.get("channel")
-            if type(group) is not str or not _GROUP_NAME.fullmatch(group):
+            # As strict as the public API's arguments (names.py): the sender may be anyone on the vhost.
+            if not is_valid_group_name(group):
                 raise MalformedMessage(f"{operation} control message with no valid group name")
-            if type(channel) is not str or "!" not in channel or queue_of(channel) != self._link.queue_name:
+            if (
+                not is_valid_channel_name(channel)
+                or "!" not in channel
+                or queue_of(channel) != self._link.queue_name
+            ):
                 raise MalformedMessage(f"{operation} control message for a channel of another queue")
             method = self._link.group_add if operation == OP_GROUP_ADD else self._link.group_discard
             action = functools.partial(method, group, channel)

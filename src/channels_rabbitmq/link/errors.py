@@ -19,6 +19,7 @@ from ..exceptions import (
     BrokerUnreachableError,
     BrokerVhostRefusedError,
     RabbitmqLayerError,
+    RequestNotEncodableError,
 )
 
 
@@ -26,6 +27,8 @@ def layer_error(error: amqp.AmqpError, url: str | None = None, virtual_host: str
     """The layer's error for an error of the AMQP client (``url``: the broker's, without password)."""
     if isinstance(error, amqp.ChannelRefused):
         return BrokerRefusedError(amqp.reply_code(error.reply_code), error.reply_text, error.request)
+    if isinstance(error, amqp.RequestNotEncodable):
+        return RequestNotEncodableError(error.request, error.reason)
     if not isinstance(error, amqp.ConnectionFailed):  # a ProtocolError outside a connection
         return BrokerProtocolError(str(error), url=url)
     return connection_error(error, url, virtual_host)

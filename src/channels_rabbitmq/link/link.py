@@ -30,7 +30,13 @@ from ..amqp.connection import AmqpConnection
 from ..amqp.errors import AmqpError
 from ..codec import MessageCodec
 from ..config import LayerConfig
-from ..exceptions import BrokerBlockedError, BrokerConnectionError, BrokerRefusedError, BrokerTimeoutError
+from ..exceptions import (
+    BrokerBlockedError,
+    BrokerConnectionError,
+    BrokerRefusedError,
+    BrokerTimeoutError,
+    RequestNotEncodableError,
+)
 from ..routing import EMPTY, LocalRouter
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
 from .control import Control
@@ -206,7 +212,7 @@ class BrokerLink:
         self.router.add_membership(group, channel, time.monotonic())
         try:
             await self.topology.binding_settled(group)
-        except BrokerRefusedError:
+        except (BrokerRefusedError, RequestNotEncodableError):
             if self.router.discard_membership(group, channel):
                 self.topology.sync_binding_in_background(group)
             raise

@@ -38,6 +38,7 @@ from ..exceptions import (
     BrokerRefusedError,
     BrokerTimeoutError,
     ChannelLayerClosedError,
+    RequestNotEncodableError,
 )
 from ..routing import LocalRouter
 from ..wire import FLUSH_ROUTING_KEY, channel_properties
@@ -154,7 +155,9 @@ class Topology:
             for outcome in await asyncio.gather(*binds, return_exceptions=True):
                 # A refused bind already dropped its group's members (and said so); anything
                 # else means this connection cannot be set up.
-                if isinstance(outcome, BaseException) and not isinstance(outcome, BrokerRefusedError):
+                if isinstance(outcome, BaseException) and not isinstance(
+                    outcome, BrokerRefusedError | RequestNotEncodableError
+                ):
                     raise outcome
             await connection.open_channel(
                 CONSUME_CHANNEL,
@@ -299,14 +302,13 @@ class Topology:
                     if self._current() is connection:
                         raise
                     continue  # that connection is gone; the loop looks at the next one
-                except BrokerRefusedError as error:
+                except (BrokerRefusedError, RequestNotEncodableError) as error:
                     if wanted:  # a member without a binding would wait for messages that never come
                         dropped = self.router.discard_group(group)
                         logger.warning(
-                            "RabbitMQ refused to bind group %r (%s %s): %d local member(s) left it",
+                            "could not bind group %r (%s): %d local member(s) left it",
                             group,
-                            int(error.reply_code),
-                            error.reply_text,
+                            error,
                             len(dropped),
                         )
                     raise
