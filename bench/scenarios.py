@@ -31,6 +31,11 @@ Scenarios (N is --n; the default depends on the scenario):
           main loop holds one member of the group and counts what it receives.
           Reports calls_per_s and received; a layer that cannot be used from
           another event loop reports "error" instead.
+  storm   a connect storm, as after a deploy: N websockets connect to one server
+          process at once, and each makes a channel and joins a group of its own
+          (``user-<i>``). Reports seconds (until every group_add has returned),
+          p50_ms and p99_ms of one group_add, and that a group_send to the last
+          group arrives.
 
 Every instance is warmed up before timing (group_add + group_discard on each,
 then one send + receive) and closed at the end. In-memory layers need
@@ -63,7 +68,7 @@ T = TypeVar("T")
 #: keeps a broker password out of the process list.
 CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
 LOOPS = ("asyncio", "uvloop")
-DEFAULT_N = {"p2p": 20000, "many": 20000, "fanout": 50, "rtt": 2000, "sync": 300}
+DEFAULT_N = {"p2p": 20000, "many": 20000, "fanout": 50, "rtt": 2000, "sync": 300, "storm": 10000}
 WARM_GROUP = "bench.warm"
 WARM_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
@@ -431,12 +436,43 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
     return result
 
 
+async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
+    """N concurrent connects, each a new channel joining a group of its own."""
+    server, sender = pool.make(), pool.make()
+    first = await server.new_channel()
+    await warm_up(distinct([server, sender]), [(sender, server, first)])
+    prefix = unique_group("storm")
+    latencies: list[float] = []
+    channels: dict[int, str] = {}
+
+    async def connect(i: int) -> None:
+        channel = channels[i] = await server.new_channel()
+        started = time.perf_counter()
+        await server.group_add(f"{prefix}.{i}", channel)
+        latencies.append(time.perf_counter() - started)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(connect(i) for i in range(opts.n)))
+    seconds = time.perf_counter() - start
+    last = opts.n - 1
+    await sender.group_send(f"{prefix}.{last}", message(last, "x"))
+    await asyncio.wait_for(server.receive(channels[last]), WARM_TIMEOUT)
+    latencies.sort()
+    return {
+        "seconds": round(seconds, 3),
+        "p50_ms": round(nearest_rank(latencies, 0.5) * 1e3, 2),
+        "p99_ms": round(nearest_rank(latencies, 0.99) * 1e3, 2),
+        "n": opts.n,
+    }
+
+
 SCENARIOS: dict[str, Callable[[Options, LayerPool], Awaitable[dict[str, Any]]]] = {
     "p2p": scenario_p2p,
     "many": scenario_many,
     "fanout": scenario_fanout,
     "rtt": scenario_rtt,
     "sync": scenario_sync,
+    "storm": scenario_storm,
 }
 
 

@@ -29,6 +29,7 @@ from pytest_asyncio import is_async_test
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
+from tests.brokers.nodes import Distribution
 from tests.faults.proxy import FaultProxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -95,10 +96,10 @@ async def loop_kind(request: pytest.FixtureRequest) -> AsyncIterator[str | None]
 
 
 def rabbitmqctl(*args: str) -> str:
-    """Run rabbitmqctl quietly and return its output."""
-    result = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    """Run rabbitmqctl quietly and return its output: the broker's own (``RABBITMQ_ROOT``'s, for a
+    4.x broker run by ``scripts/rabbitmq4``; ``RABBITMQ_NODENAME`` names the node)."""
+    argv = Distribution.from_environment().argv("rabbitmqctl", "-q", *args)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -150,7 +151,7 @@ class Broker:
 @pytest.fixture(scope="session")
 def broker() -> Iterator[Broker]:
     """A vhost of its own on the real broker for this test run; deleted afterwards."""
-    if shutil.which("rabbitmqctl") is None:
+    if shutil.which("rabbitmqctl") is None and not Distribution.from_environment().is_chroot:
         pytest.fail("rabbitmqctl is needed to isolate the tests in a vhost of their own")
     base = os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
     username = urlsplit(base).username or "guest"

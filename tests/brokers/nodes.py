@@ -12,6 +12,12 @@ handed over to that user before the node starts, so it can read its config and k
 
 Use :class:`Nodes` as a context manager: on exit (normal or not) every node it started is
 stopped and its directory deleted.
+
+The nodes are of this machine's RabbitMQ, or, when ``RABBITMQ_ROOT`` names a folder that holds
+another Debian with its own ``rabbitmq-server`` (``scripts/rabbitmq4`` makes one with 4.x), of
+that one: every command then runs under ``chroot``, the nodes' files live inside that folder, and
+each node is configured as RabbitMQ 4.3 runs by default (:data:`RABBITMQ_4_SETTINGS`, and the
+Khepri metadata store). Both kinds share epmd and the loopback, so they run side by side.
 """
 
 from __future__ import annotations
@@ -38,6 +44,13 @@ RABBITMQ_USER = "rabbitmq"
 STARTED_LINE = "Server startup complete"
 FAILED_MARKERS = ("BOOT FAILED", "eaddrinuse")
 _PORT_RANGE = (20000, 32000)  # below the ephemeral range (32768+), so no client socket takes them
+#: rabbitmq.conf lines that give a 4.x node RabbitMQ 4.3's defaults: what 4.3 deprecates is denied.
+RABBITMQ_4_SETTINGS = {
+    "deprecated_features.permit.transient_nonexcl_queues": "false",
+    "deprecated_features.permit.global_qos": "false",
+    "deprecated_features.permit.classic_queue_mirroring": "false",
+    "deprecated_features.permit.ram_node_type": "false",
+}
 
 T = TypeVar("T")
 
@@ -46,18 +59,89 @@ class NodeError(RuntimeError):
     """A node did not start, stop or answer; the message carries what its log said."""
 
 
+class Distribution:
+    """Where the RabbitMQ programs come from: this machine's (``root`` None), or the Debian in
+    the folder ``root``, run under ``chroot`` (see ``scripts/rabbitmq4``)."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root
+
+    @classmethod
+    def from_environment(cls) -> Distribution:
+        """``RABBITMQ_ROOT`` when set (and not empty), else this machine's."""
+        root = os.environ.get("RABBITMQ_ROOT")
+        return cls(Path(root).resolve() if root else None)
+
+    def __repr__(self) -> str:
+        return f"<Distribution {self.root or 'this machine'}>"
+
+    @property
+    def is_chroot(self) -> bool:
+        return self.root is not None
+
+    def argv(self, *command: str) -> list[str]:
+        """A command of this distribution (``rabbitmqctl``, ...), as run from this machine."""
+        return ["chroot", str(self.root), *command] if self.root is not None else list(command)
+
+    def inside(self, path: Path) -> str:
+        """``path`` (of this machine) as the distribution's programs see it."""
+        if self.root is None:
+            return str(path)
+        return "/" + str(path.resolve().relative_to(self.root))
+
+    def temp_directory(self) -> str:
+        """Where nodes' folders go: somewhere the distribution's rabbitmq user can reach."""
+        if self.root is None:
+            return reachable_tmp()
+        return str(self.root / "tmp")
+
+    def user_ids(self) -> tuple[int, int]:
+        """The uid and gid of the rabbitmq user the nodes run as, in this distribution."""
+        if self.root is None:
+            entry = pwd.getpwnam(RABBITMQ_USER)
+            return entry.pw_uid, entry.pw_gid
+        for line in (self.root / "etc" / "passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == RABBITMQ_USER:
+                return int(fields[2]), int(fields[3])
+        raise NodeError(f"there is no {RABBITMQ_USER} user in {self.root}")
+
+    def settings(self) -> dict[str, str]:
+        """rabbitmq.conf lines every node of this distribution gets."""
+        return dict(RABBITMQ_4_SETTINGS) if self.root is not None else {}
+
+    def unavailable_reason(self) -> str | None:
+        """Why extra nodes of this distribution cannot run here, or None when they can."""
+        if os.geteuid() != 0:
+            return "extra RabbitMQ nodes are started as root (the Debian scripts then switch to rabbitmq)"
+        if self.root is not None:
+            if not (self.root / "usr" / "sbin" / "rabbitmq-server").exists():
+                return f"{self.root} holds no rabbitmq-server: make it with scripts/rabbitmq4 build"
+            mount_system_folders(self.root)
+        else:
+            for tool in ("rabbitmq-server", "rabbitmqctl"):
+                if shutil.which(tool) is None:
+                    return f"{tool} is not installed"
+        try:
+            self.user_ids()
+        except (KeyError, NodeError):
+            return f"there is no {RABBITMQ_USER} user to run the nodes as"
+        return None
+
+
+def mount_system_folders(root: Path) -> None:
+    """Bind-mount /proc and /dev into a chroot folder, unless they are there already (idempotent)."""
+    mounted = Path("/proc/self/mounts").read_text()
+    for folder in ("proc", "dev"):
+        target = root / folder
+        if f" {target} " not in mounted:
+            target.mkdir(exist_ok=True)
+            subprocess.run(["mount", "--bind", f"/{folder}", str(target)], check=True, timeout=30)
+
+
 def unavailable_reason() -> str | None:
     """Why extra nodes cannot run on this machine, or None when they can."""
-    for tool in ("rabbitmq-server", "rabbitmqctl"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    if os.geteuid() != 0:
-        return "extra RabbitMQ nodes are started as root (the Debian scripts then switch to rabbitmq)"
-    try:
-        pwd.getpwnam(RABBITMQ_USER)
-    except KeyError:
-        return f"there is no {RABBITMQ_USER} user to run the nodes as"
-    return None
+    return Distribution.from_environment().unavailable_reason()
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -176,8 +260,10 @@ class Node:
         tls: bool = False,
         listen: str = "127.0.0.1",
         settings: dict[str, str] | None = None,
+        distribution: Distribution | None = None,
     ) -> None:
         self.name = name
+        self.distribution = distribution or Distribution.from_environment()
         self.directory = directory
         self.tls = tls
         self.listen = listen
@@ -234,6 +320,7 @@ class Node:
             "listeners.ssl.default": listener if self.tls else None,
             "log.console": "false",
             "log.file.level": "info",
+            **self.distribution.settings(),
             **self.settings,
         }
         self.config_file.write_text(
@@ -243,21 +330,22 @@ class Node:
         (self.directory / "rabbitmq-env.conf").write_text("# settings come from the environment\n")
 
     def _env(self) -> dict[str, str]:
+        inside = self.distribution.inside
         env = {key: value for key, value in os.environ.items() if not key.startswith(("RABBITMQ_", "ERL_"))}
         env.update(
             RABBITMQ_NODENAME=self.name,
             RABBITMQ_NODE_PORT=str(self.port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(self.directory / "data"),
-            RABBITMQ_LOG_BASE=str(self.directory / "log"),
-            RABBITMQ_PID_FILE=str(self.pid_file),
-            RABBITMQ_CONFIG_FILE=str(self.config_file),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.directory / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.directory / "enabled_plugins"),
-            RABBITMQ_CONF_ENV_FILE=str(self.directory / "rabbitmq-env.conf"),
+            RABBITMQ_MNESIA_BASE=inside(self.directory / "data"),
+            RABBITMQ_LOG_BASE=inside(self.directory / "log"),
+            RABBITMQ_PID_FILE=inside(self.pid_file),
+            RABBITMQ_CONFIG_FILE=inside(self.config_file),
+            RABBITMQ_ADVANCED_CONFIG_FILE=inside(self.directory / "advanced.config"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=inside(self.directory / "enabled_plugins"),
+            RABBITMQ_CONF_ENV_FILE=inside(self.directory / "rabbitmq-env.conf"),
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
             ERL_EPMD_ADDRESS="127.0.0.1",
-            ERL_CRASH_DUMP=str(self.directory / "erl_crash.dump"),
+            ERL_CRASH_DUMP=inside(self.directory / "erl_crash.dump"),
         )
         return env
 
@@ -272,7 +360,7 @@ class Node:
         self.started_seconds = None
         self._launched_at = time.monotonic()
         self._launched = True
-        result = run(["rabbitmq-server", "-detached"], env=self._env(), timeout=60)
+        result = run(self.distribution.argv("rabbitmq-server", "-detached"), env=self._env(), timeout=60)
         self._launcher_output = (result.stdout + result.stderr).strip()
         if result.returncode != 0:
             raise NodeError(f"rabbitmq-server -detached for {self.name} failed:\n{self._launcher_output}")
@@ -296,11 +384,14 @@ class Node:
             time.sleep(0.1)
 
     def start(self, timeout: float = 90, *, taken: Iterable[int] = ()) -> None:
-        """Launch and wait; once more on fresh ports if someone took ours meanwhile."""
+        """Launch and wait; once more on fresh ports if someone took ours meanwhile. A node of a
+        4.x distribution then switches to the Khepri metadata store, as 4.2 and later run."""
         for attempt in range(2):
             self.launch()
             try:
                 self.wait_started(timeout)
+                if self.distribution.is_chroot:
+                    self.ctl("enable_feature_flag", "--opt-in", "khepri_db", timeout=timeout)
                 return
             except NodeError:
                 if attempt == 1 or "eaddrinuse" not in self._new_log():
@@ -308,11 +399,12 @@ class Node:
                 self.terminate()
                 self.allocate_ports(taken)
                 self.write_files()
-                hand_over(self.directory)
+                hand_over(self.directory, self.distribution)
 
     def ctl(self, *args: str, timeout: float = 90) -> str:
         """``rabbitmqctl -n <this node> <args>``; its stdout, or NodeError."""
-        result = run(["rabbitmqctl", "-q", "-n", self.name, *args], env=self._cli_env, timeout=timeout)
+        argv = self.distribution.argv("rabbitmqctl", "-q", "-n", self.name, *args)
+        result = run(argv, env=self._cli_env, timeout=timeout)
         if result.returncode != 0:
             raise NodeError(
                 f"rabbitmqctl -n {self.name} {' '.join(args)} failed ({result.returncode}): "
@@ -325,7 +417,7 @@ class Node:
         if not self.is_running:
             return
         try:
-            self.ctl("stop", str(self.pid_file), timeout=timeout)
+            self.ctl("stop", self.distribution.inside(self.pid_file), timeout=timeout)
         except NodeError:
             self.terminate()
         self._wait_gone(timeout)
@@ -417,13 +509,13 @@ def reachable_tmp() -> str:
     return str(path)
 
 
-def hand_over(directory: Path) -> None:
+def hand_over(directory: Path, distribution: Distribution | None = None) -> None:
     """Give the node's files to the rabbitmq user the node runs as."""
-    entry = pwd.getpwnam(RABBITMQ_USER)
-    os.chown(directory, entry.pw_uid, entry.pw_gid)
+    uid, gid = (distribution or Distribution.from_environment()).user_ids()
+    os.chown(directory, uid, gid)
     for root, dirs, files in os.walk(directory):
         for name in dirs + files:
-            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+            os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
 class Nodes:
@@ -437,12 +529,15 @@ class Nodes:
             nodes.cluster()
     """
 
-    def __init__(self, purpose: str = "nodes") -> None:
-        reason = unavailable_reason()
+    def __init__(self, purpose: str = "nodes", distribution: Distribution | None = None) -> None:
+        self.distribution = distribution = distribution or Distribution.from_environment()
+        reason = distribution.unavailable_reason()
         if reason is not None:
             raise NodeError(reason)
         self.token = secrets.token_hex(3)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"channels-rabbitmq-{purpose}-", dir=reachable_tmp()))
+        self.directory = Path(
+            tempfile.mkdtemp(prefix=f"channels-rabbitmq-{purpose}-", dir=distribution.temp_directory())
+        )
         self.nodes: list[Node] = []
         self.started_seconds: float | None = None  # launch to every node up
         self.clustered_seconds: float | None = None  # forming the cluster, after that
@@ -478,7 +573,13 @@ class Nodes:
         index = len(self.nodes) + 1
         name = f"ct{self.token}{index}@localhost"
         node = Node(
-            name, self.directory / f"node{index}", self.cli_env, tls=tls, listen=listen, settings=settings
+            name,
+            self.directory / f"node{index}",
+            self.cli_env,
+            tls=tls,
+            listen=listen,
+            settings=settings,
+            distribution=self.distribution,
         )
         node.allocate_ports(self._ports())
         self.nodes.append(node)
@@ -492,7 +593,7 @@ class Nodes:
         started = time.monotonic()
         for node in self.nodes:
             node.write_files()
-        hand_over(self.directory)
+        hand_over(self.directory, self.distribution)
         _parallel(lambda node: node.start(timeout, taken=self._ports()), self.nodes)
         self.started_seconds = time.monotonic() - started
 

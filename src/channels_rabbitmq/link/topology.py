@@ -52,9 +52,21 @@ CONTROL_CHANNEL = 3
 ROLL_CALL_CHANNEL = 4
 
 #: The roll call: a queue that never holds a message, which every link consumes from, so that
-#: its consumer count is the number of links that hear flush() (see control.py).
-ROLL_CALL_ARGUMENTS: dict[str, Any] = {"x-max-length": 0, "x-overflow": "reject-publish", "x-expires": 60_000}
+#: its consumer count is the number of links that hear flush() (see control.py). It is shared, so
+#: it cannot be exclusive, and RabbitMQ 4.3 refuses transient shared queues: it is a quorum queue,
+#: which is durable, survives the loss of a cluster node, and expires a minute after its last link.
+ROLL_CALL_ARGUMENTS: dict[str, Any] = {
+    "x-queue-type": "quorum",
+    "x-max-length": 0,
+    "x-overflow": "reject-publish",
+    "x-expires": 60_000,
+}
+#: Its name, for a groups exchange. Until this release it was ``channels.links:<exchange>``, a transient
+#: classic queue: a new name, since a queue's type cannot change under its name.
+ROLL_CALL_QUEUE = "channels.roll-call:{exchange}"
 
+#: How long a consuming connection's set-up waits to join the roll call before going on without it.
+ROLL_CALL_JOIN_WAIT = 2.0
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})  # dropped unread, whatever the serializer
 QUEUE_LOCKED_RETRIES = 50  # 5 s for the broker to delete our previous connection's queue
@@ -90,9 +102,10 @@ class Topology:
         self._seal = seal
         self._groups_exchange = config.groups_exchange
         #: The roll call's queue: one per groups exchange (a flush() reaches one exchange's links).
-        self.roll_call = f"channels.links:{config.groups_exchange}"
+        self.roll_call = ROLL_CALL_QUEUE.format(exchange=config.groups_exchange)
         self._bound: set[str] = set()  # groups bound on the current consuming connection
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
+        self._roll_call_joins: set[asyncio.Task[None]] = set()
         # A consuming connection past its queue declaration, not yet installed: bindings go there.
         self.setting_up: AmqpConnection | None = None
 
@@ -175,31 +188,72 @@ class Topology:
 
     async def _hear_control(self, connection: AmqpConnection) -> None:
         """Bind the queue to hear flush(), and answer the roll call. A refusal (a permission) costs
-        only that, and a warning: flush() from other processes does not reach this link."""
+        only that, and a warning: flush() from other processes does not reach this link.
+
+        The roll call is a quorum queue: without a majority of its nodes it does not answer. So
+        the set-up waits for it at most :data:`ROLL_CALL_JOIN_WAIT`, then goes on while the join
+        completes (or not) in the background; it never costs the connection.
+        """
         bind = commands.Queue.Bind(
             queue=self.queue_name, exchange=self._groups_exchange, routing_key=FLUSH_ROUTING_KEY
         )
-        declare = commands.Queue.Declare(queue=self.roll_call, arguments=ROLL_CALL_ARGUMENTS)
-        consume = commands.Basic.Consume(queue=self.roll_call, consumer_tag="roll-call", no_ack=True)
         try:
             await self.request(connection, bind, "bind")
-            await connection.open_channel(ROLL_CALL_CHANNEL, [])
-            await self.request(connection, declare, "declare", ROLL_CALL_CHANNEL)
-            await self.request(connection, consume, "consume", ROLL_CALL_CHANNEL)
         except BrokerRefusedError as error:
-            logger.warning(
-                "could not bind queue %s to hear flush() or join its roll call (queue %s): %s; "
-                "flush() from other processes will not reach this one",
-                self.queue_name,
-                self.roll_call,
-                error,
+            self._warn_deaf(error)
+            return
+        joining = self.loop.create_task(self._join_roll_call(connection))
+        self._roll_call_joins.add(joining)
+        joining.add_done_callback(self._roll_call_joins.discard)
+        await asyncio.wait((joining,), timeout=min(ROLL_CALL_JOIN_WAIT, self.config.connect_timeout))
+
+    async def _join_roll_call(self, connection: AmqpConnection) -> None:
+        declare = commands.Queue.Declare(queue=self.roll_call, durable=True, arguments=ROLL_CALL_ARGUMENTS)
+        consume = commands.Basic.Consume(queue=self.roll_call, consumer_tag="roll-call", no_ack=True)
+        try:
+            await self._roll_call_request(connection, commands.Channel.Open(), "open")
+            await self._roll_call_request(connection, declare, "declare")
+            await self._roll_call_request(connection, consume, "consume")
+        except (BrokerRefusedError, BrokerTimeoutError) as error:
+            self._warn_deaf(error)
+        except (BrokerConnectionError, ChannelLayerClosedError):
+            pass  # the connection's owner handles its loss
+
+    async def _roll_call_request(self, connection: AmqpConnection, method: Frame, operation: str) -> Frame:
+        """A request about the roll call, bounded by ``connect_timeout`` but never dropping the
+        connection (a roll call without a majority of its nodes may not answer)."""
+        reply = connection.call(ROLL_CALL_CHANNEL, method)
+        reply.add_done_callback(retrieve)
+        limit = self.config.connect_timeout
+        done, _ = await asyncio.wait((reply,), timeout=limit)
+        if not done:
+            raise BrokerTimeoutError(
+                f"{connection.description} did not answer the roll call's {operation} within "
+                f"connect_timeout={limit:g}s",
+                operation=operation,
+                timeout=limit,
+                url=self.config.description,
             )
+        try:
+            return reply.result()
+        except AmqpError as error:
+            raise layer_error(error, self.config.description) from None
+
+    def _warn_deaf(self, error: BaseException) -> None:
+        logger.warning(
+            "could not bind queue %s to hear flush() or join its roll call (queue %s): %s; "
+            "flush() from other processes may not wait for this one",
+            self.queue_name,
+            self.roll_call,
+            error,
+        )
 
     async def count_links(self, connection: AmqpConnection) -> int:
         """How many links answer the roll call (of every process, this one included)."""
         declare = commands.Queue.Declare(queue=self.roll_call, passive=True)
         try:
-            reply = await self.request(connection, declare, "flush")
+            # On the roll call's own channel: a broker that does not answer it holds up no binding.
+            reply = await self._roll_call_request(connection, declare, "flush")
         except BrokerRefusedError as error:
             if error.reply_code != ReplyCode.NOT_FOUND:
                 raise
@@ -365,7 +419,7 @@ class Topology:
 
     def close(self) -> None:
         self.closed = True
-        for task in list(self._syncing.values()):
+        for task in [*self._syncing.values(), *self._roll_call_joins]:
             task.cancel()
 
 
