@@ -13,7 +13,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests bench example soak scripts/with-broker scripts/check-dist noxfile.py
+LINTED := src tests bench example soak scripts/with-broker scripts/check-dist scripts/rabbitmq4 noxfile.py
 
 .PHONY: demo test test-matrix dist lint typecheck docs format bench bench-plots soak clean
 
