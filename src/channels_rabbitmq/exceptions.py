@@ -20,6 +20,7 @@ messages are for people and may change.
         BrokerBlockedError            a resource alarm outlasted connection_wait: reason
       BrokerRefusedError              one request refused (bind, purge): request, reply_code, reply_text
       RequestNotEncodableError        one request AMQP cannot carry (also a ValueError): request, reason
+      TooManyChannelsError            more normal channels read at once than AMQP channels: channel_max
       ChannelLayerClosedError         the layer was closed
 
 Every :class:`BrokerConnectionError` has ``url`` (the broker's URL without its password)
@@ -46,6 +47,7 @@ __all__ = [
     "RabbitmqLayerError",
     "ReplyCode",
     "RequestNotEncodableError",
+    "TooManyChannelsError",
 ]
 
 
@@ -256,6 +258,16 @@ class RequestNotEncodableError(RabbitmqLayerError, ValueError):
         self.request = request
         self.reason = reason
         super().__init__(f"cannot encode {request} for RabbitMQ: {reason}")
+
+
+class TooManyChannelsError(RabbitmqLayerError):
+    """A ``receive()`` on a normal channel needs an AMQP channel of its own while it waits, and
+    every channel number up to the connection's ``channel_max`` is in use by other normal
+    channels waiting at that moment. That call fails; the others, and the connection, go on."""
+
+    def __init__(self, message: str, *, channel_max: int) -> None:
+        super().__init__(message)
+        self.channel_max = channel_max
 
 
 class ChannelLayerClosedError(RabbitmqLayerError, RuntimeError):

@@ -16,6 +16,9 @@ What it can do to the connections that go through it:
   ``slow(0)`` ends that;
 - ``refuse()`` / ``accept()``: while refusing, a new connection is reset as soon as it
   is accepted, so connecting fails at once;
+- ``after_method(name, action)``: the next time the broker sends that AMQP method (``"Confirm.SelectOk"``),
+  on any connection, forward it, then ``"cut"`` (reset), ``"close"`` (end both streams in order) or
+  ``"stall"`` that connection: a fault at an exact point of the protocol;
 - ``accepted``, ``refused`` and ``active`` count the connections.
 
 It runs on the loop that enters it; everything it opened is closed on exit.
@@ -31,6 +34,17 @@ from types import TracebackType
 from urllib.parse import urlsplit, urlunsplit
 
 CHUNK = 64 * 1024
+ACTIONS = ("cut", "close", "stall")
+_FRAME_HEAD = struct.Struct(">BHI")  # type, channel, size; then the payload and 0xCE
+_METHOD_INDEX = struct.Struct(">I")  # class id and method id, as pamqp's ``index``
+
+
+def method_index(name: str) -> int:
+    """pamqp's index of an AMQP method named like ``"Confirm.SelectOk"``."""
+    from pamqp import commands
+
+    class_name, _, method_name = name.partition(".")
+    return int(getattr(getattr(commands, class_name), method_name).index)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -61,6 +75,7 @@ class _Forwarding:
         self.task: asyncio.Task[None] | None = None
         self._was_cut = False  # end with resets rather than orderly closes
         self._cancelled = False
+        self._from_broker = bytearray()  # bytes from the broker not yet parsed into whole frames
 
     def stall(self) -> None:
         self.flowing.clear()
@@ -92,7 +107,7 @@ class _Forwarding:
                 return
             pumps = [
                 asyncio.ensure_future(self._pump(self.client_reader, self.upstream)),
-                asyncio.ensure_future(self._pump(upstream_reader, self.client)),
+                asyncio.ensure_future(self._pump(upstream_reader, self.client, from_broker=True)),
             ]
             try:
                 await asyncio.gather(*pumps)
@@ -112,7 +127,9 @@ class _Forwarding:
                     writer.close()
                 await _wait_closed(writer)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_broker: bool = False
+    ) -> None:
         """Forward one direction; an end of stream or a reset is held back while stalled, like bytes."""
         try:
             while True:
@@ -123,14 +140,56 @@ class _Forwarding:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await self.flowing.wait()
+                action = None
+                if from_broker:
+                    data, action = self._until_trigger(data)
                 writer.write(data)
                 await writer.drain()
+                if action is not None:
+                    await self._act(action)
+                    if action != "stall":
+                        return
         except OSError:
             await self.flowing.wait()
             raise
         await self.flowing.wait()
         if writer.can_write_eof() and not writer.is_closing():
             writer.write_eof()
+
+    def _until_trigger(self, data: bytes) -> tuple[bytes, str | None]:
+        """``data`` up to the end of the method frame an armed trigger waits for, and its action;
+        or all of ``data`` and None."""
+        buffer = self._from_broker
+        earlier = len(buffer)  # bytes of earlier chunks, forwarded already
+        buffer += data
+        position = 0
+        while len(buffer) - position >= _FRAME_HEAD.size + 4:
+            frame_type, _channel, size = _FRAME_HEAD.unpack_from(buffer, position)
+            end = position + _FRAME_HEAD.size + size + 1
+            if end > len(buffer):
+                break
+            if frame_type == 1:
+                (index,) = _METHOD_INDEX.unpack_from(buffer, position + _FRAME_HEAD.size)
+                action = self.proxy._take_trigger(index)
+                if action is not None:
+                    del buffer[:]
+                    return data[: end - earlier], action
+            position = end
+        del buffer[:position]
+        return data, None
+
+    async def _act(self, action: str) -> None:
+        if action == "stall":
+            self.stall()
+        elif action == "cut":
+            self.cut()
+        else:  # close: an orderly end of both streams, as a broker that closes its socket
+            for writer in (self.client, self.upstream):
+                if writer is not None and writer.can_write_eof() and not writer.is_closing():
+                    writer.write_eof()
+            self.client.close()
+            if self.upstream is not None:
+                self.upstream.close()
 
 
 class FaultProxy:
@@ -151,6 +210,9 @@ class FaultProxy:
         self.errors: list[BaseException] = []
         self._refusing = False
         self._closing = False
+        self._triggers: dict[int, str] = {}  # method index -> action, see after_method()
+        #: How many armed triggers fired.
+        self.triggered = 0
         self._forwardings: set[_Forwarding] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
@@ -215,6 +277,19 @@ class FaultProxy:
     def slow(self, delay: float) -> None:
         """Hold every chunk, of current and new connections, ``delay`` seconds; 0 ends that."""
         self.delay = delay
+
+    def after_method(self, name: str, action: str = "cut") -> None:
+        """The next time the broker sends method ``name`` (``"Confirm.SelectOk"``) on any connection:
+        forward it, then ``action`` that connection ("cut", "close" or "stall"). Once."""
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}")
+        self._triggers[method_index(name)] = action
+
+    def _take_trigger(self, index: int) -> str | None:
+        action = self._triggers.pop(index, None)
+        if action is not None:
+            self.triggered += 1
+        return action
 
     def refuse(self) -> None:
         """Reset new connections as soon as they are accepted (current ones go on)."""

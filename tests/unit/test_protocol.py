@@ -205,7 +205,7 @@ def test_tune_is_answered_with_tune_ok_then_open_of_the_vhost():
     assert events == []
     (_, tune_ok), (_, open_) = sent_methods(protocol)
     assert isinstance(tune_ok, commands.Connection.TuneOk)
-    assert (tune_ok.channel_max, tune_ok.frame_max, tune_ok.heartbeat) == (64, 131072, 60)
+    assert (tune_ok.channel_max, tune_ok.frame_max, tune_ok.heartbeat) == (2047, 131072, 60)
     assert isinstance(open_, commands.Connection.Open)
     assert open_.virtual_host == "/"
     assert protocol.state is State.AWAIT_OPEN_OK
@@ -248,7 +248,7 @@ def test_full_handshake_byte_by_byte_ends_with_connection_opened():
         events += feed_in_pieces(protocol, server(method), 1)
     assert len(events) == 1
     assert isinstance(events[0], ConnectionOpened)
-    assert (events[0].frame_max, events[0].channel_max, events[0].heartbeat) == (131072, 64, 60)
+    assert (events[0].frame_max, events[0].channel_max, events[0].heartbeat) == (131072, 2047, 60)
     assert protocol.state is State.OPEN
     kinds = [type(value) for _, value in sent_methods(protocol)]
     assert kinds == [commands.Connection.StartOk, commands.Connection.TuneOk, commands.Connection.Open]

@@ -68,6 +68,11 @@ class ChannelRequests:
         if essential:
             self.essential.add(channel_id)
 
+    def pending(self, channel_id: int) -> int:
+        """How many requests of the channel are sent or waiting to be."""
+        queue = self._queues.get(channel_id)
+        return len(queue) if queue else 0
+
     def last_progress(self, channel_id: int) -> float | None:
         """When a request was last sent or answered on the channel (the loop's clock), or None."""
         return self._progress.get(channel_id)

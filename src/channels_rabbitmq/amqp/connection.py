@@ -25,6 +25,7 @@ from pamqp.base import Frame
 from . import protocol as amqp
 from .channels import ChannelRequests, PublishConfirms, PublishOutcome
 from .errors import (
+    ChannelsExhausted,
     ConnectionFailed,
     ConnectionLost,
     LoginRefused,
@@ -97,6 +98,7 @@ class AmqpConnection(asyncio.Protocol):
         self._heartbeats = Heartbeats(self._loop, self._send_heartbeat, self._missed_heartbeats)
         self._writer = CoalescingWriter(self._loop, machine.take_outgoing, self._write)
         self._gate = PublishGate()
+        self._allocated_channels: set[int] = set()  # see allocate_channel_id()
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -193,6 +195,30 @@ class AmqpConnection(asyncio.Protocol):
     def fail_unconfirmed(self, error: BaseException) -> None:
         """Give up on every publish still waiting for its confirm (the broker may still take it)."""
         self._confirms.fail_all(error)
+
+    @property
+    def channel_max(self) -> int:
+        """The highest AMQP channel number this connection may use (negotiated at the handshake)."""
+        return self.machine.channel_max
+
+    def allocate_channel_id(self, first: int) -> int:
+        """The lowest channel number from ``first`` up that :meth:`allocate_channel_id` has not
+        handed out (or that was released since). Raises :class:`ChannelsExhausted` when none is
+        left below ``channel_max``. Numbers below ``first`` are the caller's to manage."""
+        allocated = self._allocated_channels
+        for channel_id in range(first, self.channel_max + 1):
+            if channel_id not in allocated:
+                allocated.add(channel_id)
+                return channel_id
+        raise ChannelsExhausted(first, self.channel_max)
+
+    def release_channel_id(self, channel_id: int) -> None:
+        """Hand a channel number back, once its channel is closed (``channel.close-ok``)."""
+        self._allocated_channels.discard(channel_id)
+
+    def pending_requests(self, channel_id: int) -> int:
+        """How many requests on the channel wait for their reply (or to be sent)."""
+        return self._requests.pending(channel_id)
 
     def call(self, channel_id: int, method: Frame) -> asyncio.Future[Frame]:
         """Send a request on a channel; the future gets the reply or a broker error."""

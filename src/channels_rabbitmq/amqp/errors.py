@@ -14,6 +14,7 @@ public ones where it calls the client (:mod:`channels_rabbitmq.link.errors`).
         ConnectionLost          an open connection ended (socket error, closed by the broker,
                                 missed heartbeats, consumer cancelled)
       ChannelRefused            the broker closed a channel in answer to one request
+      ChannelsExhausted         every channel number the connection may use is taken
       RequestNotEncodable       a request or publish that AMQP cannot carry (a name over 255
                                 bytes, say): it fails alone, and nothing of it is sent
       ProtocolError             the sans-I/O protocol's own: bytes it cannot go on from
@@ -205,3 +206,15 @@ class RequestNotEncodable(AmqpError, ValueError):
         self.request = request
         self.reason = reason
         super().__init__(f"cannot encode {request}: {reason}")
+
+
+class ChannelsExhausted(AmqpError):
+    """Every AMQP channel number from ``first`` to the negotiated ``channel_max`` is in use: no
+    new channel can be opened on this connection until one is closed."""
+
+    def __init__(self, first: int, channel_max: int) -> None:
+        self.first = first
+        self.channel_max = channel_max
+        super().__init__(
+            f"every AMQP channel from {first} to the connection's channel_max ({channel_max}) is in use"
+        )

@@ -192,7 +192,7 @@ class AmqpProtocol:
         *,
         heartbeat: int = 60,
         frame_max: int = 131072,
-        channel_max: int = 64,
+        channel_max: int = 2047,
         client_properties: dict[str, Any] | None = None,
         max_body_size: int | None = None,
     ) -> None:

@@ -17,6 +17,7 @@ from ..stats import CONFIRM_BUCKETS, DROP_REASONS, ConfirmLatency, LinkStats, wo
 
 if TYPE_CHECKING:
     from .link import BrokerLink
+    from .supervisor import ConnectionSupervisor
 
 
 class LinkCounters:
@@ -68,14 +69,23 @@ class LinkCounters:
         return lasted
 
 
+def reported_state(supervisor: ConnectionSupervisor) -> str:
+    """A connection's state as ``stats()`` says it: never "up" while its connection is not open
+    (lost a moment ago, its supervisor not told yet): "up" means calls work."""
+    state = supervisor.state.value
+    if state == "up" and not supervisor.is_up:
+        return "recovering"
+    return state
+
+
 def link_stats(link: BrokerLink) -> LinkStats:
     """A snapshot of ``link``; safe from any thread, no I/O."""
     counters = link.counters
     started = counters.outage_started
     current_outage = max(0.0, time.monotonic() - started) if started is not None else 0.0
     dropped = dict(link.inbound.dropped)  # one C call: never "changed size during iteration"
-    consume_state = link.consuming.state.value
-    publish_state = link.publishing.state.value
+    consume_state = reported_state(link.consuming)
+    publish_state = reported_state(link.publishing)
     states = [state for state in (consume_state, publish_state) if state != "idle"]
     return LinkStats(
         queue=link.queue_name,

@@ -20,6 +20,7 @@ from ..exceptions import (
     BrokerVhostRefusedError,
     RabbitmqLayerError,
     RequestNotEncodableError,
+    TooManyChannelsError,
 )
 
 
@@ -29,6 +30,11 @@ def layer_error(error: amqp.AmqpError, url: str | None = None, virtual_host: str
         return BrokerRefusedError(amqp.reply_code(error.reply_code), error.reply_text, error.request)
     if isinstance(error, amqp.RequestNotEncodable):
         return RequestNotEncodableError(error.request, error.reason)
+    if isinstance(error, amqp.ChannelsExhausted):
+        return TooManyChannelsError(
+            f"{error}: too many normal channels are read at once on this connection",
+            channel_max=error.channel_max,
+        )
     if not isinstance(error, amqp.ConnectionFailed):  # a ProtocolError outside a connection
         return BrokerProtocolError(str(error), url=url)
     return connection_error(error, url, virtual_host)

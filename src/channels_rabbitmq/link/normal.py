@@ -27,22 +27,28 @@ from channels.exceptions import StopConsumer
 from pamqp import commands
 
 from ..amqp.connection import AmqpConnection
+from ..amqp.errors import AmqpError
 from ..amqp.protocol import Delivery, UndecodableDelivery
 from ..codec import MalformedMessage, MessageCodec
 from ..config import LayerConfig
-from ..exceptions import BrokerConnectionError
+from ..exceptions import BrokerConnectionError, TooManyChannelsError
 from ..logs import RateLimitedLogger
 from ..routing import EMPTY, LocalRouter
+from .errors import layer_error
 from .inbound import DROPPED_UNDECODABLE
-from .topology import CONTROL_CHANNEL, retrieve
+from .topology import BINDING_CHANNELS, CONTROL_CHANNEL, retrieve
 
 logger = logging.getLogger(__name__)
 
-#: The first AMQP channel number used for normal channels on the consuming connection
-#: (1 to 3 are the link's own; see :mod:`.topology`).
-FIRST_NORMAL_CHANNEL_ID = 10
+#: The first AMQP channel number normal channels' consumers may take on the consuming connection
+#: (the ones below are the link's own; see :mod:`.topology`). Each waiting receive()'s channel takes
+#: one, from the connection, up to its channel_max, and gives it back once nobody waits.
+FIRST_NORMAL_CHANNEL_ID = BINDING_CHANNELS[-1] + 1
 
 Request = Callable[[AmqpConnection, Any, str, int], Awaitable[Any]]
+#: What a receive() is handed: the message, its delivery tag, and the connection and AMQP channel
+#: it came on (where it is acknowledged or given back).
+Taken = tuple[dict[str, Any], int, AmqpConnection, int]
 
 
 @dataclass
@@ -51,10 +57,11 @@ class _Receiver:
 
     name: str
     queue: str
-    channel_id: int
-    waiters: deque[asyncio.Future[tuple[dict[str, Any], int, AmqpConnection]]] = field(default_factory=deque)
-    opened_on: AmqpConnection | None = None  # the consuming connection its AMQP channel is open on
+    waiters: deque[asyncio.Future[Taken]] = field(default_factory=deque)
+    channel_id: int | None = None  # its AMQP channel while it has one
+    opened_on: AmqpConnection | None = None  # the consuming connection that channel is open on
     consuming_on: AmqpConnection | None = None  # ... and where its consumer runs
+    held: int = 0  # deliveries handed to a receive() and not yet acknowledged or given back
     syncing: asyncio.Task[None] | None = None
 
 
@@ -167,30 +174,29 @@ class NormalChannels:
         if self.closed:
             raise StopConsumer()
         receiver = self._receiver(name)
-        waiter: asyncio.Future[tuple[dict[str, Any], int, AmqpConnection]] = self.loop.create_future()
+        waiter: asyncio.Future[Taken] = self.loop.create_future()
         receiver.waiters.append(waiter)
         self._sync(receiver)
         try:
-            message, delivery_tag, connection = await waiter
+            message, delivery_tag, connection, channel_id = await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                _message, delivery_tag, connection = waiter.result()
-                connection.reject(receiver.channel_id, delivery_tag)  # back to the queue
+                _message, delivery_tag, connection, channel_id = waiter.result()
+                connection.reject(channel_id, delivery_tag)  # back to the queue
+                receiver.held -= 1
             else:
                 _discard(receiver.waiters, waiter)
             self._sync(receiver)
             raise
-        connection.ack(receiver.channel_id, delivery_tag, now=True)
+        connection.ack(channel_id, delivery_tag, now=True)
+        receiver.held -= 1
         self._sync(receiver)
         return message
 
     def _receiver(self, name: str) -> _Receiver:
         receiver = self._receivers.get(name)
         if receiver is None:
-            channel_id = FIRST_NORMAL_CHANNEL_ID + len(self._receivers)
-            receiver = _Receiver(name, self.queue_of(name), channel_id)
-            self._receivers[name] = receiver
-            self._by_channel_id[channel_id] = receiver
+            receiver = self._receivers[name] = _Receiver(name, self.queue_of(name))
         return receiver
 
     def _sync(self, receiver: _Receiver) -> None:
@@ -200,22 +206,33 @@ class NormalChannels:
             receiver.syncing.add_done_callback(self._log_failure)
 
     async def _reconcile(self, receiver: _Receiver) -> None:
+        """Consume while a receive() waits; then cancel the consumer, close the AMQP channel once
+        what it delivered is settled (its number goes back to the connection), and forget the
+        channel's reader: a process that reads 1,000 normal channels over its life holds only those
+        it reads now."""
         while not self.closed:
             connection = self._consuming_connection()
             if connection is None or not connection.is_open:
                 return  # the reconnection calls resume()
             wanted = any(not waiter.done() for waiter in receiver.waiters)
-            if wanted == (receiver.consuming_on is connection):
-                return
             try:
-                if wanted:
+                if wanted and receiver.consuming_on is not connection:
                     await self._consume(connection, receiver)
-                else:
+                elif not wanted and receiver.consuming_on is connection:
                     receiver.consuming_on = None  # deliveries from here on go back to the queue
                     cancel = commands.Basic.Cancel(consumer_tag=receiver.name)
-                    await self._request(connection, cancel, "cancel", receiver.channel_id)
+                    await self._request(connection, cancel, "cancel", self._channel_of(receiver))
+                elif not wanted and not receiver.held and receiver.opened_on is connection:
+                    await self._close_channel(connection, receiver)
+                else:
+                    if not wanted and not receiver.held and receiver.opened_on is None:
+                        self._forget(receiver)
+                    return
             except BrokerConnectionError:
                 continue  # that connection is gone (or going): the reconnection resumes
+            except TooManyChannelsError as error:
+                self._fail_waiters(receiver, error)  # those receive() calls alone
+                return
             except Exception as error:  # refused: other queue arguments elsewhere, say
                 self._fail_waiters(receiver, error)
                 raise
@@ -223,12 +240,40 @@ class NormalChannels:
     async def _consume(self, connection: AmqpConnection, receiver: _Receiver) -> None:
         await self.declared(receiver.name)
         if receiver.opened_on is not connection:
+            try:
+                channel_id = connection.allocate_channel_id(FIRST_NORMAL_CHANNEL_ID)
+            except AmqpError as error:
+                raise layer_error(error, self.config.description) from None
+            receiver.channel_id = channel_id
+            self._by_channel_id[channel_id] = receiver
             connection.on_consumer_cancelled = self._consumer_cancelled
-            await connection.open_channel(receiver.channel_id, [commands.Basic.Qos(prefetch_count=1)])
+            try:
+                await connection.open_channel(channel_id, [commands.Basic.Qos(prefetch_count=1)])
+            except AmqpError as error:
+                raise layer_error(error, self.config.description) from None
             receiver.opened_on = connection
         consume = commands.Basic.Consume(queue=receiver.queue, consumer_tag=receiver.name)
-        await self._request(connection, consume, "consume", receiver.channel_id)
+        await self._request(connection, consume, "consume", self._channel_of(receiver))
         receiver.consuming_on = connection
+
+    async def _close_channel(self, connection: AmqpConnection, receiver: _Receiver) -> None:
+        channel_id = self._channel_of(receiver)
+        close = commands.Channel.Close(reply_code=200, reply_text="nobody waits", class_id=0, method_id=0)
+        await self._request(connection, close, "close", channel_id)
+        receiver.opened_on = None
+        receiver.channel_id = None
+        if self._by_channel_id.get(channel_id) is receiver:
+            del self._by_channel_id[channel_id]
+        connection.release_channel_id(channel_id)
+
+    def _forget(self, receiver: _Receiver) -> None:
+        if self._receivers.get(receiver.name) is receiver:
+            del self._receivers[receiver.name]
+
+    @staticmethod
+    def _channel_of(receiver: _Receiver) -> int:
+        assert receiver.channel_id is not None, "a consumer's AMQP channel is open"
+        return receiver.channel_id
 
     def _fail_waiters(self, receiver: _Receiver, error: Exception) -> None:
         """A refused declaration or consumer fails the waiting receives rather than leaving them
@@ -247,11 +292,13 @@ class NormalChannels:
             self._sync(receiver)
 
     def resume(self) -> None:
-        """A new consuming connection is up: consume again where a receive() waits."""
-        for receiver in self._receivers.values():
+        """A new consuming connection is up: consume again where a receive() waits (on new AMQP
+        channels: the old numbers went with the old connection); forget the others."""
+        self._by_channel_id.clear()
+        for receiver in list(self._receivers.values()):
             receiver.opened_on = receiver.consuming_on = None
-            if receiver.waiters:
-                self._sync(receiver)
+            receiver.channel_id = None
+            self._sync(receiver)
 
     def on_delivery(self, delivery: Delivery | UndecodableDelivery, connection: AmqpConnection) -> None:
         """A delivery on one of our normal channels' AMQP channels."""
@@ -259,28 +306,31 @@ class NormalChannels:
         if receiver is None:
             return
         if isinstance(delivery, UndecodableDelivery):
-            self._drop(connection, receiver, delivery.delivery_tag, delivery.reason)
+            self._drop(connection, receiver, delivery.channel_id, delivery.delivery_tag, delivery.reason)
             return
         # A group's message is sealed for the group; a send() for the channel.
         destination = delivery.routing_key if delivery.exchange == self._groups_exchange else receiver.name
         try:
             message, _body = self.codec.decode(delivery.body, destination)
         except MalformedMessage as error:
-            self._drop(connection, receiver, delivery.delivery_tag, str(error))
+            self._drop(connection, receiver, delivery.channel_id, delivery.delivery_tag, str(error))
             return
         while receiver.waiters:
             waiter = receiver.waiters.popleft()
             if not waiter.done():
-                waiter.set_result((message, delivery.delivery_tag, connection))
+                waiter.set_result((message, delivery.delivery_tag, connection, delivery.channel_id))
+                receiver.held += 1
                 return
         connection.reject(delivery.channel_id, delivery.delivery_tag)  # nobody waits any more
 
-    def _drop(self, connection: AmqpConnection, receiver: _Receiver, delivery_tag: int, reason: str) -> None:
+    def _drop(
+        self, connection: AmqpConnection, receiver: _Receiver, channel_id: int, delivery_tag: int, reason: str
+    ) -> None:
         self._dropped[DROPPED_UNDECODABLE] += 1
         self._dropped_log.warning(
             "dropped a message of normal channel %s from the wire: %s", receiver.name, reason
         )
-        connection.ack(receiver.channel_id, delivery_tag, now=True)
+        connection.ack(channel_id, delivery_tag, now=True)
 
     # Flush and close --------------------------------------------------------------------------
 

@@ -170,9 +170,14 @@ class ConnectionSupervisor:
         return connection
 
     def _install(self, connection: AmqpConnection, address: BrokerAddress) -> None:
+        """Make ``connection`` the one in use; from now on its loss starts a recovery."""
         if self.state is State.CLOSED:
             connection.abort()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
+        if (
+            not connection.is_open
+        ):  # checked by _connect(); nothing awaited since, but never install a dead one
+            raise BrokerConnectionLostError(f"the connection to {address} was lost before it was installed")
         self.connection = connection
         self.address = address
         self.state = State.UP
@@ -283,6 +288,14 @@ class ConnectionSupervisor:
         if self.state is State.CLOSED:
             await connection.close()
             raise ChannelLayerClosedError("the channel layer was closed while connecting")
+        if not connection.is_open:
+            # Lost between its last set-up reply and now: its loss was reported while it was
+            # only an attempt, so nobody would replace it once installed.
+            raise BrokerConnectionLostError(
+                f"the connection to {described} was lost just after its set-up",
+                url=str(address),
+                address=f"{ip}:{address.port}",
+            )
         return connection
 
     async def _set_up_while_progressing(self, connection: AmqpConnection) -> None:
@@ -347,6 +360,9 @@ class ConnectionSupervisor:
                 self._install(connection, address)
             except ChannelLayerClosedError:
                 return
+            except BrokerConnectionError as error:
+                self.last_error = error
+                continue
             self.reconnections += 1
             logger.debug(
                 "%s connection back to %s after %.1fs",

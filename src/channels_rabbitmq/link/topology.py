@@ -12,8 +12,9 @@
   to hear ``flush()`` and answers the roll call.
 
 AMQP channels on each connection: 1 publishes (confirm mode), 2 consumes, 3 runs
-declarations and bindings, so a refused request never disturbs publishing or consuming;
-4 holds the roll call's consumer.
+declarations, so a refused request never disturbs publishing or consuming; 4 holds the roll
+call's consumer; 5 to 36 bind and unbind groups, in parallel; normal channels' consumers take
+the numbers after those (:mod:`.normal`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ PUBLISH_CHANNEL = 1
 CONSUME_CHANNEL = 2
 CONTROL_CHANNEL = 3
 ROLL_CALL_CHANNEL = 4
+#: The channels that bind and unbind groups, in parallel (see Topology._binding_channel). 32: with
+#: 10,000 new groups at once, a 3-node Khepri cluster bound them in 20.1 s over one channel, 10.1 s
+#: over 5, 5.6 s over 16 and 4.4 s over 32 (RabbitMQ 3.10, one node, over one channel: 5.5 s).
+BINDING_CHANNELS = tuple(range(5, 37))
 
 #: The roll call: a queue that never holds a message, which every link consumes from, so that
 #: its consumer count is the number of links that hear flush() (see control.py). It is shared, so
@@ -106,6 +111,8 @@ class Topology:
         self._bound: set[str] = set()  # groups bound on the current consuming connection
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
         self._roll_call_joins: set[asyncio.Task[None]] = set()
+        self._binding_connection: AmqpConnection | None = None  # see _binding_channel()
+        self._binding_channels_open: list[int] = []
         # A consuming connection past its queue declaration, not yet installed: bindings go there.
         self.setting_up: AmqpConnection | None = None
 
@@ -351,7 +358,8 @@ class Topology:
                     commands.Queue.Bind if wanted else commands.Queue.Unbind
                 )(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group)
                 try:
-                    await self.request(connection, method, "bind" if wanted else "unbind")
+                    channel_id = self._binding_channel(connection)
+                    await self.request(connection, method, "bind" if wanted else "unbind", channel_id)
                 except BrokerConnectionError:
                     if self._current() is connection:
                         raise
@@ -373,6 +381,27 @@ class Topology:
         finally:
             if self._syncing.get(group) is asyncio.current_task():
                 del self._syncing[group]
+
+    def _binding_channel(self, connection: AmqpConnection) -> int:
+        """The AMQP channel for the next bind or unbind. A channel answers its requests one at a
+        time, and RabbitMQ applies each bind before the next (with Khepri, a Raft command that
+        waits for a majority of nodes), so binds of different groups spread over up to
+        :data:`BINDING_CHANNELS` channels: an idle one when there is one, else a new one, else the
+        least busy. A link that binds now and then keeps one; a connect storm gets them all.
+        (One group's binds stay in order: one task per group makes them.)"""
+        if connection is not self._binding_connection:
+            self._binding_connection = connection
+            self._binding_channels_open = []
+        opened = self._binding_channels_open
+        for channel_id in opened:
+            if not connection.pending_requests(channel_id):
+                return channel_id
+        if len(opened) < len(BINDING_CHANNELS):
+            channel_id = BINDING_CHANNELS[len(opened)]
+            opened.append(channel_id)
+            connection.call(channel_id, commands.Channel.Open()).add_done_callback(retrieve)
+            return channel_id
+        return min(opened, key=connection.pending_requests)
 
     # Requests -------------------------------------------------------------------------------
 
