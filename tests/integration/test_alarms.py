@@ -179,9 +179,13 @@ async def test_while_blocked_the_write_buffer_stays_bounded(
 
     watcher = asyncio.create_task(watch())
     body = {"type": "big", "data": b"x" * (200 * 1024)}
+    started = time.monotonic()
     outcomes = await asyncio.gather(*(sender.send(channel, body) for _ in range(100)), return_exceptions=True)
+    elapsed = time.monotonic() - started
     watcher.cancel()
     assert all(isinstance(outcome, BrokerBlockedError) for outcome in outcomes), outcomes[:3]
+    # Each waited connection_wait from its own call, not its turn after the others' (it was 100 x WAIT).
+    assert elapsed < WAIT + 5.0
     print(f"peak write buffer while blocked: {peak} bytes for 100 sends of 200 KiB")
     # The high-water mark, plus what one loop iteration may hand over past it (half of it), plus
     # one message.

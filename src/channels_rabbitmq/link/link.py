@@ -292,12 +292,21 @@ class BrokerLink:
     ) -> bool:
         """Publish once the connection may, in turn: publishes that had to wait are written in the
         order they were made, and no later one overtakes them meanwhile (one sender's messages to a
-        channel stay in order across a connect, a block or a full write buffer)."""
+        channel stay in order across a connect, a block or a full write buffer). Each waits at most
+        ``connection_wait`` from its call, its turn included: a hundred sends held by an alarm all
+        fail after ``connection_wait``, not one after the other."""
+        deadline = self.loop.time() + self.config.connection_wait
         self._publishes_held += 1
         try:
-            async with self._held_publishes:  # asyncio.Lock wakes its waiters first come, first served
-                connection = await self.publishable()
+            try:  # asyncio.Lock wakes its waiters first come, first served
+                await asyncio.wait_for(self._held_publishes.acquire(), max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                raise not_publishable(self.publishing.connection, self.config) from None
+            try:
+                connection = await wait_until_publishable(self.publishing, self.config, self.loop, deadline)
                 confirmed = connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
+            finally:
+                self._held_publishes.release()
         finally:
             self._publishes_held -= 1
         return await confirmed
@@ -392,12 +401,15 @@ class BrokerLink:
 
 
 async def wait_until_publishable(
-    publishing: ConnectionSupervisor, config: LayerConfig, loop: asyncio.AbstractEventLoop
+    publishing: ConnectionSupervisor,
+    config: LayerConfig,
+    loop: asyncio.AbstractEventLoop,
+    deadline: float | None = None,
 ) -> AmqpConnection:
     """The publishing connection once it may publish: connect, or wait out a block or a full
-    write buffer, at most ``connection_wait``."""
-    wait = config.connection_wait
-    deadline = loop.time() + wait
+    write buffer, until ``deadline`` (the loop's clock; default: ``connection_wait`` from now)."""
+    if deadline is None:
+        deadline = loop.time() + config.connection_wait
     connection = await publishing.connected()
     while not connection.can_publish:
         if not connection.is_open:
@@ -409,19 +421,25 @@ async def wait_until_publishable(
                 raise asyncio.TimeoutError
             await asyncio.wait_for(connection.wait_until_publishable(), remaining)
         except asyncio.TimeoutError:
-            reason = connection.blocked_reason
-            if reason is not None:
-                raise BrokerBlockedError(
-                    f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
-                    f"for connection_wait={wait:g}s: the message was not sent",
-                    reason=reason,
-                    url=config.description,
-                ) from None
-            raise BrokerTimeoutError(
-                f"{connection.description} read none of our writes for connection_wait={wait:g}s: "
-                "the message was not sent",
-                operation="publish",
-                timeout=wait,
-                url=config.description,
-            ) from None
+            raise not_publishable(connection, config) from None
     return connection
+
+
+def not_publishable(connection: AmqpConnection | None, config: LayerConfig) -> BrokerConnectionError:
+    """The error of a publish that waited ``connection_wait`` for ``connection`` in vain."""
+    wait = config.connection_wait
+    reason = connection.blocked_reason if connection is not None else None
+    if reason is not None and connection is not None:
+        return BrokerBlockedError(
+            f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
+            f"for connection_wait={wait:g}s: the message was not sent",
+            reason=reason,
+            url=config.description,
+        )
+    where = connection.description if connection is not None else config.description
+    return BrokerTimeoutError(
+        f"{where} read none of our writes for connection_wait={wait:g}s: the message was not sent",
+        operation="publish",
+        timeout=wait,
+        url=config.description,
+    )
