@@ -206,6 +206,7 @@ def test_rabbitmq_check_is_the_command_line_check(broker: Broker) -> None:
         "settings",
         "connect",
         "permissions",
+        "versions",
         "layer",
         "layer",
         "layer",

@@ -10,6 +10,7 @@ the connection was dropped after ``connect_timeout``, and every reconnection die
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit
 
 import pytest
 from channels.layers import BaseChannelLayer
@@ -130,7 +131,7 @@ async def test_a_request_that_cannot_be_encoded_fails_alone_and_the_next_one_is_
     lost: list[object] = []
     connection = await amqp_connect(
         "127.0.0.1",
-        5672,
+        urlsplit(broker.url).port or 5672,
         Credentials("guest", "guest"),
         broker.vhost,
         ssl_context=None,

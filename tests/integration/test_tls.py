@@ -63,9 +63,9 @@ def tls() -> Iterator[TlsBrokers]:
             "server", "localhost", server=True, dns_names=("localhost",), ip_addresses=("127.0.0.1", "::1")
         )
         settings = {
-            "ssl_options.cacertfile": str(ca.cert),
-            "ssl_options.certfile": str(server.cert),
-            "ssl_options.keyfile": str(server.key),
+            "ssl_options.cacertfile": nodes.distribution.inside(ca.cert),
+            "ssl_options.certfile": nodes.distribution.inside(server.cert),
+            "ssl_options.keyfile": nodes.distribution.inside(server.key),
             "ssl_options.verify": "verify_peer",
             "default_user": USERNAME,
             "default_pass": PASSWORD,

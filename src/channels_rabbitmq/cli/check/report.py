@@ -8,6 +8,7 @@ from typing import TextIO
 from urllib.parse import quote, unquote
 
 OK = "ok    "
+WARN = "WARN  "
 FAIL = "FAIL  "
 SKIP = "skip  "
 MORE = "      "  # the lines that belong to the one above
@@ -23,6 +24,7 @@ class Report:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.problems = 0
+        self.warnings = 0
         self._secrets: set[str] = set()
 
     def hide(self, secrets: Iterable[str]) -> None:
@@ -36,6 +38,12 @@ class Report:
     def ok(self, what: str, *details: str) -> None:
         self._write(OK, what, details)
 
+    def warn(self, what: str, *details: str) -> None:
+        """Works now, but something needs attention (an upgrade would break it, say): printed and
+        counted, without failing the check."""
+        self.warnings += 1
+        self._write(WARN, what, details)
+
     def fail(self, what: str, *hints: str) -> None:
         self.problems += 1
         self._write(FAIL, what, hints)
@@ -45,11 +53,14 @@ class Report:
 
     def finish(self) -> int:
         """Print the last line; the exit status: 0 when every check passed, else 1."""
+        warned = ""
+        if self.warnings:
+            warned = f", {self.warnings} warning{'' if self.warnings == 1 else 's'}"
         if self.problems:
             plural = "" if self.problems == 1 else "s"
-            self._print(f"{self.problems} problem{plural} found")
+            self._print(f"{self.problems} problem{plural} found{warned}")
             return 1
-        self._print("all checks passed")
+        self._print(f"all checks passed{warned}")
         return 0
 
     def _write(self, prefix: str, what: str, more: Iterable[str]) -> None:

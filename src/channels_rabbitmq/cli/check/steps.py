@@ -25,6 +25,7 @@ from ...core import RabbitmqChannelLayer
 from ...exceptions import BrokerConnectionError, BrokerRefusedError, BrokerUnreachableError, ReplyCode
 from ...link.connector import distinct_ips, open_connection
 from ...link.errors import layer_error
+from ...link.normal import FIRST_NORMAL_CHANNEL_ID
 from ...link.topology import random_name
 from ...wire import NO_PROPERTIES, queue_of
 from .explain import explain_connection_error, is_access_refused, permissions_needed, plain_reason
@@ -53,6 +54,7 @@ async def check_broker(layer: RabbitmqChannelLayer, timeout: float, report: Repo
             try:
                 if await check_permissions(connection, address, config, timeout, report):
                     usable += 1
+                await check_versions_and_settings(connection, address, config, timeout, report)
             finally:
                 await connection.close()
         if usable:
@@ -276,6 +278,92 @@ async def check_permissions(
             )
             return False
     report.ok(f"{what}: declared, bound, published to, purged and deleted {queue}; declared {on_exchange}")
+    return True
+
+
+# Step 3b: what the broker's version and settings mean for this layer, and for an upgrade ---------
+
+#: The queue an older version of this layer used for flush()'s roll call: transient and shared, the
+#: kind RabbitMQ 4.3 denies (a node that holds one refuses to start once the denial is configured).
+OLD_ROLL_CALL_QUEUE = "channels.links:{exchange}"
+#: RabbitMQ 4.0 and later refuse messages over this by default (``max_message_size``); 3.x: 128 MiB.
+RABBITMQ_4_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: Fewer normal-channel readers than this at once would be few for a worker (see TooManyChannelsError).
+FEW_READERS = 100
+UPGRADE_CHANNEL = 3
+
+
+def broker_version(properties: dict[str, Any]) -> tuple[int, ...]:
+    """The broker's version from its ``connection.start`` properties, as numbers; () if unknown."""
+    value = properties.get("version")
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value or "")
+    numbers = []
+    for part in text.split("."):
+        digits = "".join(character for character in part if character.isdigit())
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+async def check_versions_and_settings(
+    connection: AmqpConnection, address: BrokerAddress, config: LayerConfig, timeout: float, report: Report
+) -> None:
+    """Say which RabbitMQ this is and what matters about it: what this deployment holds that
+    RabbitMQ 4.3 denies, and the layer's settings that the broker does not match."""
+    what = f"versions and settings on {address}"
+    properties = connection.machine.server_properties
+    version = broker_version(properties)
+    shown = ".".join(map(str, version)) or "an unknown version"
+    notes: list[str] = []
+    warnings: list[str] = []
+    if version and version < (4,):
+        notes.append(
+            f"RabbitMQ {shown}: this layer also runs on 4.x as 4.3 runs by default (Khepri, transient "
+            "shared queues and global QoS denied); see the Supported RabbitMQ page before upgrading"
+        )
+    if await _queue_exists(connection, OLD_ROLL_CALL_QUEUE.format(exchange=config.groups_exchange), timeout):
+        old = OLD_ROLL_CALL_QUEUE.format(exchange=config.groups_exchange)
+        warnings.append(
+            f"the queue {old!r} is a transient shared queue left by an older version of this layer; "
+            "RabbitMQ 4.3 denies such queues, and a node that holds one refuses to start once the denial is "
+            "configured: once no process of that version runs, delete it "
+            f"(rabbitmqctl delete_queue -p {address.virtual_host} '{old}')"
+        )
+    if version >= (4,) and config.max_message_size > RABBITMQ_4_MAX_MESSAGE_SIZE:
+        warnings.append(
+            f"max_message_size={config.max_message_size} is over RabbitMQ 4's default limit of 16 MiB: "
+            "larger messages are refused by the broker unless its own max_message_size is raised in "
+            "rabbitmq.conf"
+        )
+    readers = connection.channel_max - FIRST_NORMAL_CHANNEL_ID + 1
+    if readers < FEW_READERS:
+        warnings.append(
+            f"the broker's channel_max is {connection.channel_max}: at most {max(readers, 0)} receive() "
+            "calls may wait on distinct normal channels at once per process (TooManyChannelsError "
+            "past that); raise channel_max in rabbitmq.conf"
+        )
+    heartbeat = connection.machine.heartbeat
+    if heartbeat != config.heartbeat:
+        notes.append(
+            f"the broker negotiated a heartbeat of {heartbeat}s (the layer asks for {config.heartbeat}s): "
+            "a lost peer is noticed after about twice that"
+        )
+    if warnings:
+        report.warn(f"{what}: RabbitMQ {shown}", *warnings, *notes)
+    else:
+        report.ok(f"{what}: RabbitMQ {shown}; nothing here that RabbitMQ 4.3 denies", *notes)
+
+
+async def _queue_exists(connection: AmqpConnection, queue: str, timeout: float) -> bool:
+    """A passive declaration on a channel of its own (a 404 closes that channel, and only it)."""
+    try:
+        await asyncio.wait_for(connection.open_channel(UPGRADE_CHANNEL, []), timeout)
+        await asyncio.wait_for(
+            connection.call(UPGRADE_CHANNEL, commands.Queue.Declare(queue=queue, passive=True)), timeout
+        )
+    except (AmqpError, asyncio.TimeoutError):
+        return False
     return True
 
 
