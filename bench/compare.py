@@ -39,7 +39,7 @@ from channels_rabbitmq.config import parse_amqp_url
 
 SCENARIO_SCRIPT = Path(scenarios.__file__).resolve()
 SCENARIO_NAMES: tuple[str, ...] = tuple(scenarios.SCENARIOS)
-QUICK_N = {"p2p": 2000, "many": 2000, "fanout": 10, "rtt": 200, "sync": 30}
+QUICK_N = {"p2p": 2000, "many": 2000, "fanout": 10, "rtt": 200, "sync": 30, "storm": 1000}
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
 DEFAULT_TIMEOUT = 120.0
@@ -156,6 +156,8 @@ COLUMNS = (
     Column("rtt p50 µs", "rtt", "p50_us", False),
     Column("rtt p99 µs", "rtt", "p99_us", False),
     Column("sync calls/s", "sync", "calls_per_s", True),
+    Column("storm s", "storm", "seconds", False),
+    Column("storm join p99 ms", "storm", "p99_ms", False),
 )
 
 

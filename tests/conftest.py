@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -33,6 +35,55 @@ from tests.brokers.nodes import Distribution
 from tests.faults.proxy import FaultProxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+# No exception of the layer's own tasks left for asyncio to report --------------------------------
+
+#: What asyncio logs about an exception nobody retrieved, or a task still failing at shutdown.
+UNRETRIEVED = ("never retrieved", "unhandled exception during asyncio.run() shutdown")
+
+
+class _AsyncioErrors(logging.Handler):
+    """Keeps asyncio's reports of exceptions nobody retrieved, for the test that made them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if any(text in record.getMessage() for text in UNRETRIEVED):
+            self.records.append(record)
+
+
+_asyncio_errors = _AsyncioErrors()
+logging.getLogger("asyncio").addHandler(_asyncio_errors)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "no_unretrieved_errors: fail the test when asyncio reports an exception nobody retrieved "
+        "(a future or task of the layer) or a task failing at shutdown, during it or its teardown",
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """After the whole teardown (the test's loop closed, garbage collected), the tests marked
+    ``no_unretrieved_errors`` fail on any such report made since they began."""
+    yield
+    if item.get_closest_marker("no_unretrieved_errors") is None:
+        return
+    gc.collect()
+    found = [record.getMessage().splitlines()[0] for record in _asyncio_errors.records]
+    _asyncio_errors.records.clear()
+    if found:
+        pytest.fail(f"asyncio reported exceptions nobody retrieved: {found}", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _asyncio_errors.records.clear()
 
 
 # Two event loops: asyncio's own and uvloop (uvicorn's choice when it is installed) -------------

@@ -282,10 +282,14 @@ async def _receive_for(
         if in_turn.get(channel) is settled:
             del in_turn[channel]
 
+    settle_normal: Callable[[bool], None] | None = None  # a normal channel's: ack, or back to its queue
     try:
         if previous is not None:
             await asyncio.shield(previous)
-        message = await link.receive(channel, counted=False)  # delivered once the caller takes it
+        if "!" in channel:
+            message = await link.receive(channel, counted=False)  # delivered once the caller takes it
+        else:
+            message, settle_normal = await link.receive_normal_unsettled(channel)
     except asyncio.CancelledError:
         # The caller gave up (its result is cancelled already), or this loop is shutting
         # down: then the caller must not wait for ever.
@@ -302,11 +306,17 @@ async def _receive_for(
 
     def put_back_and_finish() -> None:
         if not settled.done() and not handoff.is_taken:
-            link.router.put_back(channel, message, time.monotonic())
+            if settle_normal is not None:
+                settle_normal(False)  # back to the queue, for any process
+            else:
+                link.router.put_back(channel, message, time.monotonic())
         finish()
 
     def delivered_and_finish() -> None:
-        link.counters.delivered += 1
+        if settle_normal is not None:
+            settle_normal(True)  # acknowledged only now that the caller has it
+        else:
+            link.counters.delivered += 1
         finish()
 
     handoff = Handoff(link.loop, delivered_and_finish, put_back_and_finish)

@@ -374,11 +374,7 @@ RESOLVER_CHILD = textwrap.dedent(
     """
     import asyncio, json, socket, sys
 
-    from channels_rabbitmq.amqp.channels import PublishOutcome
-from channels_rabbitmq.amqp.opening import connect as amqp_connect
-from channels_rabbitmq.amqp.protocol import Credentials
-from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.wire import NO_PROPERTIES
+    from channels_rabbitmq.core import RabbitmqChannelLayer
 
     async def main(url, port):
         layer = RabbitmqChannelLayer(url, connect_timeout=30)

@@ -30,7 +30,7 @@ from channels_rabbitmq.exceptions import (
 )
 from tests.conftest import Broker, LayerFactory, rabbitmqctl
 
-pytestmark = pytest.mark.usefixtures("loop_kind")  # each async test on asyncio's loop and on uvloop
+pytestmark = [pytest.mark.usefixtures("loop_kind"), pytest.mark.no_unretrieved_errors]  # on both loops
 
 SECRET = "Err0r-types:S3cret"
 

@@ -21,7 +21,11 @@ from channels_rabbitmq.exceptions import BrokerConnectionError
 from tests.conftest import Broker, LayerFactory, eventually, link_of, rabbitmqctl
 from tests.faults.proxy import FaultProxy
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("loop_kind"),
+    pytest.mark.no_unretrieved_errors,
+]
 
 #: Small delays keep reconnections (and so the tests) fast.
 FAST = {"connect_timeout": 3, "reconnect_delay_min": 0.05, "reconnect_delay_max": 0.5, "connection_wait": 5}

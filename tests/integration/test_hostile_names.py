@@ -22,7 +22,11 @@ from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.names import MAX_NAME_BYTES
 from tests.conftest import Broker, LayerFactory, link_of
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("loop_kind"),
+    pytest.mark.no_unretrieved_errors,
+]
 
 RECEIVE_TIMEOUT = 10.0
 FULLWIDTH_ZERO = "\uff10"  # fullwidth zero: a Unicode digit, 3 bytes in UTF-8

@@ -19,7 +19,11 @@ from tests.brokers.nodes import NodeError, Nodes, unavailable_reason
 from tests.conftest import Broker, LayerFactory, eventually, link_of
 from tests.faults.proxy import FaultProxy
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("loop_kind"),
+    pytest.mark.no_unretrieved_errors,
+]
 
 RECEIVE_TIMEOUT = 10.0
 FAST_RECONNECT = {"reconnect_delay_min": 0.05, "reconnect_delay_max": 0.2, "connect_timeout": 5.0}
@@ -128,3 +132,39 @@ async def test_a_connection_lost_just_after_its_set_up_is_replaced(
     publishing = link_of(layer).publishing
     assert publishing.is_up
     assert publishing.reconnections >= 1
+
+
+async def test_a_normal_channel_job_handed_to_a_cancelled_receive_on_another_loop_goes_back_to_the_queue(
+    make_layer: LayerFactory,
+) -> None:
+    """receive() from a thread with a loop of its own (the layer's link is another loop's), cancelled
+    around the hand-over: the job is either returned by that receive(), or back in its queue for any
+    other process. Before, it was acknowledged first and then kept in that link's memory alone."""
+    layer, sender, other_process = make_layer(), make_layer(), make_layer()
+    await layer.new_channel()  # this loop's link: the thread's receive() is carried to it
+    rounds, taken, given_back = 200, 0, 0
+    for n in range(rounds):
+        await sender.send("handed-jobs", {"type": "job", "n": n})
+        delay = (n % 20) * 0.0002
+
+        def receive_in_a_thread(delay: float = delay) -> dict[str, Any] | None:
+            async def receive_then_cancel() -> dict[str, Any] | None:
+                reading = asyncio.ensure_future(layer.receive("handed-jobs"))
+                await asyncio.sleep(delay)
+                reading.cancel()
+                try:
+                    return await reading
+                except asyncio.CancelledError:
+                    return None
+
+            return asyncio.run(receive_then_cancel())
+
+        got = await asyncio.to_thread(receive_in_a_thread)
+        if got is not None:
+            assert got == {"type": "job", "n": n}
+            taken += 1
+            continue
+        assert await receive(other_process, "handed-jobs") == {"type": "job", "n": n}
+        given_back += 1
+    print(f"\n{taken} taken by the cancelled receive(), {given_back} back in the queue")
+    assert taken + given_back == rounds

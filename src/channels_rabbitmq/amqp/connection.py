@@ -238,6 +238,7 @@ class AmqpConnection(asyncio.Protocol):
         self._requests.configure(channel_id, setup, essential=essential)
         for method in [commands.Channel.Open(), *setup]:
             future = self.call(channel_id, method)
+            future.add_done_callback(_retrieve)  # the last one is awaited; the others fail with it
         await future
         if any(isinstance(method, commands.Confirm.Select) for method in setup):
             self._confirms.enable(channel_id)
@@ -459,6 +460,12 @@ class AmqpConnection(asyncio.Protocol):
                     reply_text=getattr(error, "reply_text", None),
                 )
             )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark an outcome as seen, so that a failure nobody awaits is not reported as never retrieved."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _code_and_name(code: int) -> str:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.exceptions import StopConsumer
@@ -156,7 +157,7 @@ class BrokerLink:
     async def connect_first(self) -> None:
         """The first connection of a link that receives: both connections, so that a send
         made during a later outage waits for recovery like every other call."""
-        await asyncio.gather(self.consuming.connected(), self.publishing.connected())
+        await all_or_none(self.consuming.connected(), self.publishing.connected())
 
     async def new_channel(self, start: str = "") -> str:
         """A new channel name: ``start`` (a checked prefix, see :func:`..wire.channel_name_start`),
@@ -201,6 +202,19 @@ class BrokerLink:
             raise
         self.counters.delivered += counted
         return message
+
+    async def receive_normal_unsettled(self, channel: str) -> tuple[dict[str, Any], Callable[[bool], None]]:
+        """A normal channel's next message for a receive() on another loop, and how to settle it
+        once that receive() took it (True) or gave it up (False: back to the queue)."""
+        if not self.consuming.ever_connected:
+            await self.connect_first()
+        message, settle = await self.normal.receive_unsettled(channel)
+
+        def settled(taken: bool) -> None:
+            settle(taken)
+            self.counters.delivered += taken
+
+        return message, settled
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add a membership and bind; returns once bound (or once an outage will bind it)."""
@@ -260,7 +274,8 @@ class BrokerLink:
         messages are answered there). Waits at most ``connection_wait`` (first: ``connect_timeout``)."""
         if not self.consuming.ever_connected:
             await self.connect_first()
-        _consuming, publisher = await asyncio.gather(self.consuming.connected(), self.publishable())
+        _consuming, publisher = await all_or_none(self.consuming.connected(), self.publishable())
+        assert isinstance(publisher, AmqpConnection)
         return publisher
 
     async def count_links(self) -> int:
@@ -398,6 +413,19 @@ class BrokerLink:
                 url=self.config.description,
             ),
         )
+
+
+async def all_or_none(*awaitables: Awaitable[Any]) -> list[Any]:
+    """``asyncio.gather``, except that when one fails the others are cancelled and their outcomes
+    retrieved: nothing is left running, or logged as never retrieved, after the caller has its error."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def wait_until_publishable(

@@ -16,6 +16,7 @@ holds nothing another worker could handle.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -166,11 +167,23 @@ class NormalChannels:
     # Receiving --------------------------------------------------------------------------------
 
     async def receive(self, name: str) -> dict[str, Any]:
-        """The next message of the channel: from this process's inbox (one given back by a
-        cancelled receive on another loop), else taken off the queue for this call."""
+        """The next message of the channel, taken off its queue for this call (acknowledged)."""
+        message, settle = await self.receive_unsettled(name)
+        settle(True)
+        return message
+
+    async def receive_unsettled(self, name: str) -> tuple[dict[str, Any], Callable[[bool], None]]:
+        """The next message of the channel and how to settle it: ``settle(True)`` acknowledges it
+        (taken), ``settle(False)`` gives it back to the queue, for any process to read. A receive()
+        on another loop hands the message over before it is taken: a cancellation then gives it
+        back to RabbitMQ, never to this process's memory alone.
+
+        A message left in this process's inbox (by an older version's hand-over) comes first; it
+        goes back there if not taken.
+        """
         message = self.router.take(name, time.monotonic())
         if message is not EMPTY:
-            return message
+            return message, functools.partial(self._settle_from_inbox, name, message)
         if self.closed:
             raise StopConsumer()
         receiver = self._receiver(name)
@@ -182,16 +195,26 @@ class NormalChannels:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 _message, delivery_tag, connection, channel_id = waiter.result()
-                connection.reject(channel_id, delivery_tag)  # back to the queue
-                receiver.held -= 1
+                self._settle(receiver, connection, channel_id, delivery_tag, False)  # back to the queue
             else:
                 _discard(receiver.waiters, waiter)
-            self._sync(receiver)
+                self._sync(receiver)
             raise
-        connection.ack(channel_id, delivery_tag, now=True)
+        return message, functools.partial(self._settle, receiver, connection, channel_id, delivery_tag)
+
+    def _settle(
+        self, receiver: _Receiver, connection: AmqpConnection, channel_id: int, delivery_tag: int, taken: bool
+    ) -> None:
+        if taken:
+            connection.ack(channel_id, delivery_tag, now=True)
+        else:
+            connection.reject(channel_id, delivery_tag)
         receiver.held -= 1
         self._sync(receiver)
-        return message
+
+    def _settle_from_inbox(self, name: str, message: dict[str, Any], taken: bool) -> None:
+        if not taken:
+            self.router.put_back(name, message, time.monotonic())
 
     def _receiver(self, name: str) -> _Receiver:
         receiver = self._receivers.get(name)

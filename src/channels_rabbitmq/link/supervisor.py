@@ -22,6 +22,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from ..amqp.connection import AmqpConnection, DeliveryHandler
 from ..amqp.errors import ChannelRefused, ConnectionFailed
@@ -306,6 +307,7 @@ class ConnectionSupervisor:
         """
         limit = self.config.connect_timeout
         setting_up = asyncio.ensure_future(self._set_up(connection))
+        setting_up.add_done_callback(_retrieve)  # a failure here is raised below, or moot once we are gone
         try:
             while True:
                 quiet = connection.quiet_for()
@@ -375,6 +377,11 @@ class ConnectionSupervisor:
 
 def _nothing() -> None:
     pass
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _most_telling(errors: list[BrokerConnectionError]) -> BrokerConnectionError:
