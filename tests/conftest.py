@@ -35,6 +35,9 @@ from tests.brokers.nodes import Distribution
 from tests.faults.proxy import FaultProxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: How early a timer may fire by ``time.monotonic()``: uvloop's, up to about 0.5 ms. A lower bound on
+#: how long a call waited takes this off.
+TIMERS_EARLY = 0.005
 
 
 # No exception of the layer's own tasks left for asyncio to report --------------------------------

@@ -79,8 +79,8 @@ def test_calls_for_a_channel_whose_loop_is_not_running_end_at_once(
     adding.join(10)
     assert isinstance(received.get("error"), StopConsumer), received
     assert isinstance(added.get("error"), ChannelLayerClosedError), added
-    assert received["seconds"] < 2  # type: ignore[operator]
-    assert added["seconds"] < 2  # type: ignore[operator]
+    assert received["seconds"] < 4  # type: ignore[operator]  # not connection_wait (5 s)
+    assert added["seconds"] < 4  # type: ignore[operator]
     own_loop.run_until_complete(layer.close())
 
 

@@ -16,7 +16,7 @@ import pytest
 from channels.exceptions import ChannelFull
 
 from channels_rabbitmq.link.inbound import DROPPED_CHANNEL_FULL
-from tests.conftest import LayerFactory, link_of
+from tests.conftest import LayerFactory, eventually, link_of
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 
@@ -64,7 +64,9 @@ async def test_channel_capacity_patterns_set_capacities_per_channel(make_layer: 
     for i in range(60):
         await sender.send(small, {"i": i})
         await sender.send(big, {"i": i})
-    await asyncio.sleep(0.3)
+    await eventually(
+        lambda: link_of(receiver).dropped[DROPPED_CHANNEL_FULL] >= 55 + 10, "the drops of the 120 messages"
+    )
     assert link_of(receiver).dropped[DROPPED_CHANNEL_FULL] == 55 + 10
     assert [(await receiver.receive(small))["i"] for _ in range(5)] == list(range(5))
     assert [(await receiver.receive(big))["i"] for _ in range(50)] == list(range(50))

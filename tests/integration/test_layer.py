@@ -9,7 +9,7 @@ import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from tests.conftest import Broker, LayerFactory, link_of
+from tests.conftest import Broker, LayerFactory, eventually, link_of
 
 pytestmark = pytest.mark.usefixtures("loop_kind")  # each test on asyncio's loop and on uvloop
 
@@ -324,9 +324,13 @@ async def test_local_capacity_bounds_what_the_process_holds(make_layer: LayerFac
     channel = await receiver.new_channel()
     for i in range(50):
         await sender.send(channel, {"type": "m", "i": i})
-    await asyncio.sleep(0.5)
+    # The process takes what it may hold, and the rest waits in RabbitMQ: wait for that split.
+    await eventually(lambda: link_of(receiver).router.held >= 3, "the process to fill its local capacity")
+    await eventually(
+        lambda: broker.queue(link_of(receiver).queue_name)["messages"] >= 50 - 5,
+        "the rest to wait in RabbitMQ",
+    )
     assert link_of(receiver).router.held <= 3 + 2
-    assert broker.queue(link_of(receiver).queue_name)["messages"] >= 50 - 5
     assert [(await receive(receiver, channel))["i"] for _ in range(50)] == list(range(50))
 
 
@@ -347,10 +351,8 @@ async def test_buffers_of_channels_nobody_reads_are_freed(make_layer: LayerFacto
     channels = [await receiver.new_channel() for _ in range(500)]
     for channel in channels:
         await sender.send(channel, {"type": "unread"})
-    await asyncio.sleep(0.3)
-    assert link_of(receiver).router.inbox_count > 0
-    await asyncio.sleep(2.5)
-    assert link_of(receiver).router.inbox_count == 0
+    await eventually(lambda: link_of(receiver).router.inbox_count > 0, "the unread messages to arrive")
+    await eventually(lambda: link_of(receiver).router.inbox_count == 0, "the expired inboxes to be freed")
     assert link_of(receiver).router.held == 0
 
 

@@ -76,7 +76,7 @@ async def test_nothing_listening_raises_at_once() -> None:
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError, match="cannot connect"):
         await layer.new_channel()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 4  # connect_timeout=5: refused at once
     await layer.close()
 
 
@@ -95,7 +95,7 @@ async def test_a_silent_server_raises_within_connect_timeout() -> None:
     started = time.monotonic()
     with pytest.raises(BrokerConnectionError, match="connect_timeout"):
         await layer.new_channel()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3  # connect_timeout=0.5
     await layer.close()
     await asyncio.wait_for(handlers_done.wait(), 5)
     server.close()
