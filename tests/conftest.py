@@ -29,6 +29,9 @@ import pytest
 import uvloop
 from pytest_asyncio import is_async_test
 
+from channels_rabbitmq.amqp.connection import AmqpConnection
+from channels_rabbitmq.amqp.opening import connect as amqp_connect
+from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
 from tests.brokers.nodes import Distribution
@@ -242,6 +245,27 @@ async def make_layer(broker: Broker) -> AsyncIterator[LayerFactory]:
     yield make
     for layer in layers:
         await layer.close()
+
+
+async def amqp_client(
+    port: int, vhost: str, *, on_lost: Callable[..., None] | None = None, description: str = "the test broker"
+) -> AmqpConnection:
+    """A bare AMQP connection of the project's client (guest/guest on 127.0.0.1:``port``), for tests
+    that speak AMQP without the layer: its caller closes it."""
+    return await amqp_connect(
+        "127.0.0.1",
+        port,
+        Credentials("guest", "guest"),
+        vhost,
+        ssl_context=None,
+        timeout=10,
+        heartbeat=60,
+        client_properties={},
+        description=description,
+        on_delivery=None,
+        on_deliveries_done=lambda: None,
+        on_lost=on_lost or (lambda *_: None),
+    )
 
 
 async def eventually(

@@ -18,6 +18,7 @@ The same checks apply to the names inside control messages from other processes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeGuard
 
 from channels.layers import BaseChannelLayer
@@ -58,16 +59,16 @@ def require_valid_channel_name(name: object, *, normal_prefix: str = "", receive
 
 
 def is_valid_group_name(name: object) -> TypeGuard[str]:
-    try:
-        require_valid_group_name(name)
-    except TypeError:
-        return False
-    return True
+    return _passes(require_valid_group_name, name)
 
 
 def is_valid_channel_name(name: object) -> TypeGuard[str]:
+    return _passes(require_valid_channel_name, name)
+
+
+def _passes(check: Callable[[object], str], name: object) -> bool:
     try:
-        require_valid_channel_name(name)
+        check(name)
     except TypeError:
         return False
     return True

@@ -26,12 +26,10 @@ from channels.exceptions import ChannelFull
 from pamqp import commands
 
 from channels_rabbitmq.amqp.channels import PublishOutcome
-from channels_rabbitmq.amqp.opening import connect as amqp_connect
-from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.wire import NO_PROPERTIES
 from tests.brokers.nodes import Node, NodeError, Nodes, free_ports, run, unavailable_reason
-from tests.conftest import link_of
+from tests.conftest import amqp_client, link_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -191,20 +189,7 @@ async def visibility_rounds(
 async def routable_after(node: Node, add: Callable[[str], Any]) -> list[float]:
     """Rounds of group_add (``add``), then mandatory publishes to the group through ``node`` until
     one is routed (not returned): how long after group_add returned each binding was seen there."""
-    connection = await amqp_connect(
-        "127.0.0.1",
-        node.port,
-        Credentials("guest", "guest"),
-        "/",
-        ssl_context=None,
-        timeout=10,
-        heartbeat=60,
-        client_properties={},
-        description=node.name,
-        on_delivery=None,
-        on_deliveries_done=lambda: None,
-        on_lost=lambda *_: None,
-    )
+    connection = await amqp_client(node.port, "/", description=node.name)
     windows = []
     try:
         await connection.open_channel(1, [commands.Confirm.Select()])

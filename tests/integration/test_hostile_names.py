@@ -17,10 +17,8 @@ from channels.layers import BaseChannelLayer
 from pamqp import commands
 
 from channels_rabbitmq.amqp.errors import RequestNotEncodable
-from channels_rabbitmq.amqp.opening import connect as amqp_connect
-from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.names import MAX_NAME_BYTES
-from tests.conftest import Broker, LayerFactory, link_of
+from tests.conftest import Broker, LayerFactory, amqp_client, link_of
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -133,20 +131,8 @@ async def test_a_request_that_cannot_be_encoded_fails_alone_and_the_next_one_is_
 ) -> None:
     """The AMQP client itself: an unencodable request never blocks its channel nor the connection."""
     lost: list[object] = []
-    connection = await amqp_connect(
-        "127.0.0.1",
-        urlsplit(broker.url).port or 5672,
-        Credentials("guest", "guest"),
-        broker.vhost,
-        ssl_context=None,
-        timeout=10,
-        heartbeat=60,
-        client_properties={},
-        description="the test broker",
-        on_delivery=None,
-        on_deliveries_done=lambda: None,
-        on_lost=lambda _connection, error: lost.append(error),
-    )
+    port = urlsplit(broker.url).port or 5672
+    connection = await amqp_client(port, broker.vhost, on_lost=lambda _connection, error: lost.append(error))
     try:
         await connection.open_channel(3, [])
         declared = connection.call(3, commands.Queue.Declare(queue="", exclusive=True))
