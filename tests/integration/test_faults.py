@@ -213,12 +213,16 @@ async def test_a_cut_during_group_adds_leaves_every_added_member_reachable(
 ) -> None:
     receiver, sender = layers(), layers(proxied=False)
     channels = [await receiver.new_channel() for _ in range(90)]
-    memberships = [(f"g{index % 30}", channel) for index, channel in enumerate(channels)]
+    memberships = [(f"g{index % 60}", channel) for index, channel in enumerate(channels)]
     connections_before = proxy.accepted
+    # Binds go over up to 32 AMQP channels at once: with each round trip slowed, 60 of them take
+    # two waves at least, and the cut lands between them.
+    proxy.slow(0.02)
     adding = [asyncio.create_task(receiver.group_add(group, channel)) for group, channel in memberships[:60]]
     await eventually(lambda: sum(task.done() for task in adding) >= 5, "some group_adds", poll=0)
     assert not all(task.done() for task in adding)
     proxy.cut()
+    proxy.slow(0)
     # More while the link is down, and after it is back.
     adding += [
         asyncio.create_task(receiver.group_add(group, channel)) for group, channel in memberships[60:75]
