@@ -401,6 +401,10 @@ async def _call(method: Callable[..., Awaitable[T]], *args: Any) -> T:
 # The I/O thread -----------------------------------------------------------------------------------
 
 
+#: How long building the I/O thread waits for its loop to run.
+IO_THREAD_START_WAIT = 10.0
+
+
 class IOThread:
     """An event loop running forever in a daemon thread, until :meth:`stop`.
 
@@ -413,12 +417,17 @@ class IOThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        # Running before anyone calls into it: a call made meanwhile would find a loop "not running"
+        # (and a thread that never starts running is a broken process, not a wait worth bounding).
+        self._running.wait(IO_THREAD_START_WAIT)
 
     def _run(self) -> None:
         loop = self.loop
         asyncio.set_event_loop(loop)
+        loop.call_soon(self._running.set)
         try:
             loop.run_forever()
             tasks = asyncio.all_tasks(loop)

@@ -364,15 +364,20 @@ class Topology:
                     if self._current() is connection:
                         raise
                     continue  # that connection is gone; the loop looks at the next one
-                except (BrokerRefusedError, RequestNotEncodableError) as error:
-                    if wanted:  # a member without a binding would wait for messages that never come
-                        dropped = self.router.discard_group(group)
-                        logger.warning(
-                            "could not bind group %r (%s): %d local member(s) left it",
-                            group,
-                            error,
-                            len(dropped),
-                        )
+                except BrokerRefusedError as error:
+                    if error.reply_code != ReplyCode.NOT_FOUND:
+                        self._drop_members(group, wanted, error)
+                        raise
+                    # Our queue or the exchange is gone under us (on a Khepri cluster, the deletion of
+                    # the queue of a connection lost with its node can land after our declaration):
+                    # not the members' fault. The connection sets everything up again, binds included.
+                    connection.abort()
+                    raise BrokerConnectionLostError(
+                        f"{connection.description}: the queue or exchange to bind {group!r} is gone "
+                        f"({error.reply_text}); setting the connection up again"
+                    ) from None
+                except RequestNotEncodableError as error:
+                    self._drop_members(group, wanted, error)
                     raise
                 if wanted:
                     self._bound.add(group)
@@ -381,6 +386,14 @@ class Topology:
         finally:
             if self._syncing.get(group) is asyncio.current_task():
                 del self._syncing[group]
+
+    def _drop_members(self, group: str, wanted: bool, error: Exception) -> None:
+        """A bind refused for good: a member without a binding would wait for messages that never come."""
+        if wanted:
+            dropped = self.router.discard_group(group)
+            logger.warning(
+                "could not bind group %r (%s): %d local member(s) left it", group, error, len(dropped)
+            )
 
     def _binding_channel(self, connection: AmqpConnection) -> int:
         """The AMQP channel for the next bind or unbind. A channel answers its requests one at a
