@@ -16,6 +16,16 @@ never. A pair never received is:
   before the fault started until ``margin`` seconds after the layer had recovered):
   RabbitMQ deletes a dropped connection's exclusive queue with what waited in it;
 - lost outside any fault otherwise: the layer promises that never happens.
+
+Each lost pair also gets a cause, from what the processes reported while it was on its way:
+
+- QUEUE_GONE (inherent): the receiving process's consuming connection was down at some
+  moment between the send and the end of its fault window. RabbitMQ deleted its exclusive
+  queue, with what waited in it, and its groups were unbound until it set up again;
+- REFUSED (avoidable): a group send during which the sender's layer counted a publish
+  that RabbitMQ refused (a member's queue at ``remote_capacity``; ``group_send()`` does not
+  raise for that);
+- UNEXPLAINED (avoidable): neither. The layer has no loss of this kind by design.
 """
 
 from __future__ import annotations
@@ -27,6 +37,11 @@ from dataclasses import dataclass, field
 
 DIRECT = "direct"
 GROUP = "group"
+
+QUEUE_GONE = "queue gone with its connection"
+REFUSED = "refused by a full queue"
+UNEXPLAINED = "unexplained"
+INHERENT_CAUSES = frozenset({QUEUE_GONE})  # the design loses these; the others are avoidable
 
 
 @dataclass(frozen=True)
@@ -53,12 +68,26 @@ class FaultWindow:
         return self.started_at - margin <= sent_at <= max(self.closes_at, self.ended_at) + margin
 
 
+@dataclass(frozen=True)
+class Outage:
+    """A receiving process's consuming connection was down from ``started_at`` to ``ended_at``
+    (None: still down at the end): its queue was gone and its groups unbound meanwhile."""
+
+    channels: frozenset[str]
+    started_at: float
+    ended_at: float | None
+
+    def overlaps(self, start: float, end: float) -> bool:
+        return self.started_at <= end and (self.ended_at is None or self.ended_at >= start)
+
+
 @dataclass
 class _Send:
     kind: str
     target: str
     sent_at: float
     outcome: str | None = None  # None while pending; "returned", or the exception's type name
+    answered_at: float | None = None  # when the call returned or raised
     documented: bool = True  # for a raised send: whether the layer documents that exception
 
 
@@ -84,8 +113,11 @@ class Summary:
     exactly_once: int = 0
     lost_in_fault: int = 0
     lost_in_fault_by_kind: Counter[str] = field(default_factory=Counter)  # the first fault covering it
+    lost_in_fault_by_cause: Counter[str] = field(default_factory=Counter)
+    avoidable_in_fault_by_kind: Counter[str] = field(default_factory=Counter)  # causes not inherent
     lost_outside_fault: int = 0
     lost_outside_by_channel: Counter[str] = field(default_factory=Counter)
+    lost_outside_by_cause: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     unexpected: int = 0  # receipts by a channel that was not a receiver of that message
     received_after_raise: int = 0  # allowed: a send that raised "may or may not have been delivered"
@@ -104,9 +136,14 @@ class Summary:
         return self.slow_expected - self.slow_received
 
     @property
+    def avoidable_in_fault(self) -> int:
+        return sum(self.avoidable_in_fault_by_kind.values())
+
+    @property
     def failures(self) -> list[str]:
         checks = {
             "lost outside any fault": self.lost_outside_fault,
+            "lost in a fault window to an avoidable cause": self.avoidable_in_fault,
             "duplicates": self.duplicates,
             "deliveries to a channel that was not a receiver": self.unexpected,
             "sends that neither returned nor raised": self.unanswered,
@@ -147,6 +184,8 @@ class Ledger:
         self.margin = margin
         self.faults: list[FaultWindow] = []
         self.error_examples: dict[str, str] = {}  # exception type -> the first message seen
+        self.outages: list[Outage] = []
+        self.refusals: list[float] = []  # when the sender's layer counted a refused publish
         self._sends: dict[int, _Send] = {}
         self._receipts: dict[tuple[int, str], list[float]] = {}
 
@@ -162,15 +201,33 @@ class Ledger:
             raise ValueError(f"message id {message_id} was already sent")
         self._sends[message_id] = _Send(kind, target, sent_at)
 
-    def returned(self, message_id: int) -> None:
-        self._sends[message_id].outcome = "returned"
+    def returned(self, message_id: int, at: float | None = None) -> None:
+        send = self._sends[message_id]
+        send.outcome, send.answered_at = "returned", at
 
-    def raised(self, message_id: int, error_type: str, text: str = "", *, documented: bool = True) -> None:
+    def raised(
+        self,
+        message_id: int,
+        error_type: str,
+        text: str = "",
+        *,
+        documented: bool = True,
+        at: float | None = None,
+    ) -> None:
         """The send raised ``error_type``; ``documented``: the layer documents it for send() (the
         caller decides by isinstance, so subclasses of documented errors count as documented)."""
         send = self._sends[message_id]
-        send.outcome, send.documented = error_type, documented
+        send.outcome, send.documented, send.answered_at = error_type, documented, at
         self.error_examples.setdefault(error_type, text)
+
+    def outage(self, channels: Iterable[str], started_at: float, ended_at: float | None) -> None:
+        """The process that reads ``channels`` lost its consuming connection at ``started_at`` and
+        had set up a new one at ``ended_at`` (None: not by the end)."""
+        self.outages.append(Outage(frozenset(channels), started_at, ended_at))
+
+    def refused(self, at: float, count: int = 1) -> None:
+        """The sender's layer counted ``count`` more publishes refused by RabbitMQ (seen at ``at``)."""
+        self.refusals.extend([at] * count)
 
     def receive_failed(self, channel: str, error_type: str) -> None:
         """A ``receive()`` raised (it should wait through any outage instead)."""
@@ -194,6 +251,20 @@ class Ledger:
 
     def in_fault(self, sent_at: float) -> bool:
         return self.fault_at(sent_at) is not None
+
+    def cause(self, message_id: int, channel: str, fault: FaultWindow | None) -> str:
+        """Why ``channel`` never received ``message_id``, from the outages and refusals reported
+        between the send and the end of its fault window (or the send's answer, outside faults)."""
+        send = self._sends[message_id]
+        answered = send.answered_at if send.answered_at is not None else send.sent_at
+        until = (fault.closes_at if fault is not None else answered) + self.margin
+        if any(
+            channel in outage.channels and outage.overlaps(send.sent_at, until) for outage in self.outages
+        ):
+            return QUEUE_GONE
+        if send.kind == GROUP and any(send.sent_at <= at <= answered + 0.1 for at in self.refusals):
+            return REFUSED  # 0.1 s: slack for the sender's bookkeeping
+        return UNEXPLAINED
 
     def summarize(self) -> Summary:
         """Add everything up."""
@@ -233,12 +304,17 @@ class Ledger:
                     continue
                 summary.expected += 1
                 if not times:
+                    cause = self.cause(message_id, channel, fault)
                     if fault is not None:
                         summary.lost_in_fault += 1
                         summary.lost_in_fault_by_kind[fault.kind] += 1
+                        summary.lost_in_fault_by_cause[cause] += 1
+                        if cause not in INHERENT_CAUSES:
+                            summary.avoidable_in_fault_by_kind[fault.kind] += 1
                     else:
                         summary.lost_outside_fault += 1
                         summary.lost_outside_by_channel[channel] += 1
+                        summary.lost_outside_by_cause[cause] += 1
                     continue
                 summary.exactly_once += len(times) == 1
                 summary.duplicates += len(times) - 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .ledger import FaultWindow, Percentiles, Summary
+from .ledger import INHERENT_CAUSES, FaultWindow, Percentiles, Summary
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,19 @@ def _mib(kib: int | None) -> str:
 def _by_kind(total: int, by_kind: Mapping[str, int]) -> str:
     details = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()) if count)
     return f"{total} ({details})" if details else str(total)
+
+
+def _must_be_zero_by_kind(total: int, by_kind: Mapping[str, int]) -> str:
+    details = ", ".join(f"{kind} {count}" for kind, count in sorted(by_kind.items()) if count)
+    return _must_be_zero(total) + (f" ({details})" if details else "")
+
+
+def _by_cause(by_cause: Mapping[str, int]) -> str:
+    return ", ".join(
+        f"{cause} {count} ({'inherent' if cause in INHERENT_CAUSES else 'avoidable'})"
+        for cause, count in sorted(by_cause.items())
+        if count
+    )
 
 
 def _must_be_zero(count: int) -> str:
@@ -71,7 +84,21 @@ def summary_table(
         ),
         ("received exactly once", str(summary.exactly_once)),
         ("lost in a fault window", _by_kind(summary.lost_in_fault, summary.lost_in_fault_by_kind)),
+        *(
+            [("&nbsp;&nbsp;by cause", _by_cause(summary.lost_in_fault_by_cause))]
+            if summary.lost_in_fault
+            else []
+        ),
+        (
+            "lost in a fault window to an avoidable cause",
+            _must_be_zero_by_kind(summary.avoidable_in_fault, summary.avoidable_in_fault_by_kind),
+        ),
         ("lost outside any fault", _must_be_zero(summary.lost_outside_fault)),
+        *(
+            [("&nbsp;&nbsp;by cause", _by_cause(summary.lost_outside_by_cause))]
+            if summary.lost_outside_fault
+            else []
+        ),
         *(
             (f"&nbsp;&nbsp;of which to channels of {process}", str(count))
             for process, count in sorted((lost_outside_by_process or {}).items())

@@ -132,6 +132,7 @@ class Server:
     names: list[str] = field(default_factory=list)
     probe: str = ""
     reader: asyncio.Task[None] | None = None
+    down_since: float | None = None  # its consuming connection is down since then
 
     @classmethod
     async def start(
@@ -244,6 +245,12 @@ class Soak:
         elif kind == "x" and self.ledger is not None:
             channel = server.probe if fields[0] == "-1" else server.names[int(fields[0])]
             self.ledger.receive_failed(channel, fields[1])
+        elif kind == "down":
+            server.down_since = float(fields[0])
+        elif kind == "up" and server.down_since is not None:
+            if self.ledger is not None:
+                self.ledger.outage(server.names, server.down_since, float(fields[0]))
+            server.down_since = None
 
     # Probes: are messages flowing to every server? -----------------------------------------------
 
@@ -290,6 +297,17 @@ class Soak:
         others = [group for group in groups if group != BUSY_GROUP]
         in_flight = asyncio.Semaphore(options.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        refused = layer.stats().refused
+
+        def answered_at() -> float:
+            """Now, with any publishes refused since the last answer reported to the ledger first:
+            a refusal that took a group send's message is seen before that send returns."""
+            nonlocal refused
+            now, total = time.monotonic(), layer.stats().refused
+            if total > refused:
+                ledger.refused(now, total - refused)
+                refused = total
+            return now
 
         async def send_one(message_id: int, call: Awaitable[None]) -> None:
             try:
@@ -302,9 +320,11 @@ class Soak:
                 )
             except Exception as error:
                 documented = isinstance(error, DOCUMENTED_SEND_ERRORS)
-                ledger.raised(message_id, type(error).__name__, str(error), documented=documented)
+                ledger.raised(
+                    message_id, type(error).__name__, str(error), documented=documented, at=answered_at()
+                )
             else:
-                ledger.returned(message_id)
+                ledger.returned(message_id, at=answered_at())
             finally:
                 in_flight.release()
 
@@ -467,6 +487,9 @@ class Soak:
                 if server.process.returncode is not None
             ]
 
+        for server in self.servers:  # still down at the end: its queue is gone for good
+            if server.down_since is not None:
+                self.ledger.outage(server.names, server.down_since, None)
         summary = self.ledger.summarize()
         memory = [
             ProcessMemory(f"server {server.number}", memory_start[server.number], memory_end[server.number])

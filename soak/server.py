@@ -14,6 +14,8 @@ each message) or ``dead`` (never reads). The process then writes lines to stdout
     r <message id> <channel index> <monotonic receive time>
     p <probe id> <monotonic receive time>
     x <channel index> <exception type name>   (a receive() that raised)
+    down <monotonic time>                     (the consuming connection is lost: the queue is gone)
+    up <monotonic time>                       (... and set up again)
 
 It stops, closing its layer, when stdin ends (the orchestrator closed it, or died).
 Only the layer's public API is used.
@@ -34,6 +36,7 @@ from channels.exceptions import StopConsumer
 from channels_rabbitmq.core import RabbitmqChannelLayer
 
 FLUSH_EVERY = 0.1  # seconds between writes of the buffered report lines
+WATCH_EVERY = 0.01  # seconds between looks at the consuming connection's state (a reconnection takes 0.1 s+)
 
 logger = logging.getLogger("soak.server")
 
@@ -94,6 +97,19 @@ async def receive_probes(layer: RabbitmqChannelLayer, channel: str, report: Repo
         report.add(f"p {message['id']} {time.monotonic():.6f}")
 
 
+async def watch_consuming(layer: RabbitmqChannelLayer, report: Report) -> None:
+    """Report when the consuming connection goes down and comes back: the ledger's evidence that
+    messages waiting in this process's queue went with it."""
+    down = False
+    while True:
+        await asyncio.sleep(WATCH_EVERY)
+        links = layer.stats().links
+        is_up = bool(links) and all(link.consume_state == "up" for link in links)
+        if is_up == down:
+            down = not is_up
+            report.add(f"{'down' if down else 'up'} {time.monotonic():.6f}")
+
+
 async def serve(config: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
@@ -116,6 +132,7 @@ async def serve(config: dict[str, Any]) -> None:
             tasks.append(asyncio.ensure_future(receive_forever(layer, name, index, report, delay)))
         tasks.append(asyncio.ensure_future(receive_probes(layer, probe, report)))
         tasks.append(asyncio.ensure_future(report.flush_forever()))
+        tasks.append(asyncio.ensure_future(watch_consuming(layer, report)))
         report.add(f"ready {json.dumps(names, separators=(',', ':'))} {probe}")
         report.flush()
         while await read_line(stdin):  # until stdin ends

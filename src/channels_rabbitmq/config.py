@@ -147,7 +147,8 @@ class LayerConfig:
             "capacity": 100,
             "channel_capacity": None,
             "local_capacity": 100_000,
-            "remote_capacity": 100,
+            "remote_capacity": 10_000,
+            "remote_capacity_bytes": 128 * 1024 * 1024,  # the largest max_message_size
             "prefetch_count": 100,
             "groups_exchange": "groups",
             "ssl_context": None,
@@ -173,6 +174,7 @@ class LayerConfig:
     channel_capacity: tuple[tuple[re.Pattern[str], int], ...]  # (pattern, capacity), first match wins
     local_capacity: int
     remote_capacity: int
+    remote_capacity_bytes: int
     prefetch_count: int
     groups_exchange: str
     ssl_context: ssl.SSLContext | None
@@ -236,6 +238,15 @@ class LayerConfig:
             raise ValueError(
                 f"reconnect_delay_max ({delay_max:g}) must not be below reconnect_delay_min ({delay_min:g})"
             )
+        max_message_size = _integer("max_message_size", settings["max_message_size"], 1, 128 * 1024 * 1024)
+        remote_capacity_bytes = _integer(
+            "remote_capacity_bytes", settings["remote_capacity_bytes"], 1, 2**63 - 1
+        )
+        if remote_capacity_bytes < max_message_size:
+            raise ValueError(
+                f"remote_capacity_bytes ({remote_capacity_bytes}) must be at least max_message_size "
+                f"({max_message_size}): RabbitMQ would refuse every message larger than the queue may hold"
+            )
         groups_exchange = settings["groups_exchange"]
         if not isinstance(groups_exchange, str):
             raise TypeError(f"groups_exchange must be a string, got {type(groups_exchange).__name__}")
@@ -278,12 +289,13 @@ class LayerConfig:
             channel_capacity=_channel_capacity(settings["channel_capacity"]),
             local_capacity=_integer("local_capacity", settings["local_capacity"], 1, 100_000_000),
             remote_capacity=_integer("remote_capacity", settings["remote_capacity"], 1, 2**31 - 1),
+            remote_capacity_bytes=remote_capacity_bytes,
             prefetch_count=_integer("prefetch_count", settings["prefetch_count"], 1, 65535),
             groups_exchange=groups_exchange,
             ssl_context=ssl_context,
             connect_timeout=_number("connect_timeout", settings["connect_timeout"], minimum=0.001),
             heartbeat=_integer("heartbeat", settings["heartbeat"], 0, 65535),
-            max_message_size=_integer("max_message_size", settings["max_message_size"], 1, 128 * 1024 * 1024),
+            max_message_size=max_message_size,
             connection_wait=_number("connection_wait", settings["connection_wait"], minimum=0),
             reconnect_delay_min=delay_min,
             reconnect_delay_max=delay_max,

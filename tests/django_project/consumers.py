@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -76,5 +77,10 @@ class ThumbnailWorker(AsyncConsumer):
         await asyncio.sleep(message.get("seconds", 0))
         await self.channel_layer.send(
             RESULTS_CHANNEL,
-            {"type": "thumbnail.done", "id": message["id"], "worker": settings.TEST_SERVER_NAME},
+            {
+                "type": "thumbnail.done",
+                "id": message["id"],
+                "worker": settings.TEST_SERVER_NAME,
+                "handled_at": time.time(),  # wall clock: the same for every process on the machine
+            },
         )

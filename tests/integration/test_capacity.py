@@ -100,3 +100,46 @@ async def test_local_capacity_still_bounds_the_process_and_then_senders_get_chan
     got = await asyncio.gather(*(read_all(index) for index in range(4)))
     assert got == [[i for i in range(sent) if i % 4 == index] for index in range(4)]
     assert not link_of(receiver).dropped
+
+
+@pytest.mark.parametrize("remote_capacity", [None, 100])  # None: the default
+async def test_a_burst_that_outruns_the_acknowledgements_is_held_by_the_queue_not_refused(
+    make_layer: LayerFactory, remote_capacity: int | None
+) -> None:
+    """The burst of sends released when a memory alarm clears, or after a blocked event loop: the
+    receiving process acknowledges at its own pace, so its queue holds the excess for a moment.
+    The default ``remote_capacity`` holds such a burst; the old default of 100 refused part of it,
+    and ``group_send()`` then loses the message for that process's members, silently."""
+    config = {} if remote_capacity is None else {"remote_capacity": remote_capacity}
+    receiver, sender = make_layer(capacity=10_000, **config), make_layer()
+    members = [await receiver.new_channel() for _ in range(2)]
+    for member in members:
+        await receiver.group_add("burst", member)
+    received: list[list[int]] = [[] for _ in members]
+
+    async def read(index: int) -> None:
+        while True:
+            received[index].append((await receiver.receive(members[index]))["i"])
+
+    readers = [asyncio.ensure_future(read(index)) for index in range(len(members))]
+    burst = 3000
+    try:
+        await sender.group_send("burst", {"i": -1})  # the sender's connection is up before the burst
+        await eventually(lambda: all(received), "the first message")
+        # Every publish is written before any confirm is awaited, while this loop (the receiver's
+        # too) is busy writing them: acknowledgements lag, and the queue takes the excess.
+        await asyncio.gather(*(sender.group_send("burst", {"i": i}) for i in range(burst)))
+        refused = sender.stats().refused
+        await eventually(
+            lambda: sum(map(len, received)) + refused * len(members) >= (burst + 1) * len(members),
+            "every message not refused",
+        )
+    finally:
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    if remote_capacity is None:
+        assert refused == 0
+        assert received == [[-1, *range(burst)]] * len(members)
+    else:
+        assert refused > 0, "the burst did not outrun the acknowledgements: this test shows nothing"

@@ -266,7 +266,7 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
 
 
 async def test_queue_is_declared_with_capacity_and_ttl(make_layer: LayerFactory, broker: Broker) -> None:
-    layer = make_layer(remote_capacity=7, expiry=30)
+    layer = make_layer(remote_capacity=7, remote_capacity_bytes=5_000_000, expiry=30)
     await layer.new_channel()
     queue = broker.queue(link_of(layer).queue_name)
     assert queue["exclusive"] is True
@@ -274,6 +274,7 @@ async def test_queue_is_declared_with_capacity_and_ttl(make_layer: LayerFactory,
     assert arguments.pop("x-queue-type", "classic") == "classic"  # 4.x lists the type it chose
     assert arguments == {
         "x-max-length": 7,
+        "x-max-length-bytes": 5_000_000,
         "x-overflow": "reject-publish",
         "x-message-ttl": 30000,
     }

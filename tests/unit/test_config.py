@@ -51,7 +51,8 @@ def test_layer_defaults():
     assert config.capacity == 100
     assert config.channel_capacity == ()
     assert config.local_capacity == 100_000
-    assert config.remote_capacity == 100
+    assert config.remote_capacity == 10_000
+    assert config.remote_capacity_bytes == 128 * 1024 * 1024
     assert config.prefetch_count == 100
     assert config.groups_exchange == "groups"
     assert config.ssl_context is None
@@ -245,6 +246,7 @@ WRONG_TYPES = [
     ("local_capacity", True),
     ("remote_capacity", 1.5),
     ("remote_capacity", None),
+    ("remote_capacity_bytes", 1e9),
     ("prefetch_count", "10"),
     ("prefetch_count", False),
     ("ssl_context", "yes"),
@@ -285,6 +287,9 @@ WRONG_RANGES = [
     ("local_capacity", 100_000_001),
     ("remote_capacity", 0),
     ("remote_capacity", 2**31),
+    ("remote_capacity_bytes", 0),
+    ("remote_capacity_bytes", 2**63),
+    ("remote_capacity_bytes", 4 * 1024 * 1024 - 1),  # below max_message_size: no message could fit
     ("prefetch_count", 0),
     ("prefetch_count", 65536),
     ("connect_timeout", 0),
@@ -317,6 +322,8 @@ RANGE_LIMITS = [
     ("local_capacity", 10_000_000),
     ("remote_capacity", 1),
     ("remote_capacity", 2**31 - 1),
+    ("remote_capacity_bytes", 4 * 1024 * 1024),
+    ("remote_capacity_bytes", 2**63 - 1),
     ("prefetch_count", 1),
     ("prefetch_count", 65535),
     ("connect_timeout", 0.001),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from soak.ledger import DIRECT, GROUP, FaultWindow, Ledger, percentiles
+from soak.ledger import DIRECT, GROUP, QUEUE_GONE, REFUSED, UNEXPLAINED, FaultWindow, Ledger, percentiles
 from soak.report import ProcessMemory, faults_table, summary_table
 
 MEMBERS = {"room": ["a", "b", "slow", "dead"], "hall": ["c"]}
@@ -168,3 +168,52 @@ def test_the_tables_mark_the_must_be_zero_rows_that_are_not() -> None:
     )
     assert "20.0 MiB at start, 21.0 MiB at end" in table
     assert "| cut | node 1 (its proxy) | 5.0 | 0.0 | 1.5 |" in faults_table(ledger.faults, run_start=5.0)
+
+
+def test_a_loss_while_the_receiving_process_had_no_queue_is_inherent_any_other_is_avoidable() -> None:
+    ledger = make_ledger(margin=1.0)
+    ledger.fault(FaultWindow("cut", "node 1", started_at=100.0, ended_at=100.0, recovered_at=102.0))
+    ledger.outage(["a"], started_at=100.5, ended_at=101.5)  # a's process: queue gone, then set up again
+    for message_id, channel in ((1, "a"), (2, "b")):
+        ledger.sent(message_id, DIRECT, channel, 100.2)
+        ledger.returned(message_id, at=100.3)
+    summary = ledger.summarize()
+    assert summary.lost_in_fault_by_cause == {QUEUE_GONE: 1, UNEXPLAINED: 1}
+    assert summary.avoidable_in_fault_by_kind == {"cut": 1}
+    assert summary.failures == ["lost in a fault window to an avoidable cause: 1"]
+
+
+def test_an_outage_that_ended_before_the_send_does_not_explain_its_loss() -> None:
+    ledger = make_ledger(margin=1.0)
+    ledger.fault(FaultWindow("cut", "node 1", started_at=100.0, ended_at=100.0, recovered_at=102.0))
+    ledger.outage(["a"], started_at=100.0, ended_at=100.4)
+    ledger.outage(["a"], started_at=200.0, ended_at=None)  # down at the end of the run, long after
+    ledger.sent(1, DIRECT, "a", 100.5)
+    ledger.returned(1, at=100.6)
+    assert ledger.summarize().lost_in_fault_by_cause == {UNEXPLAINED: 1}
+
+
+def test_a_group_send_in_flight_when_the_sender_counted_a_refusal_was_refused() -> None:
+    ledger = make_ledger(margin=1.0)
+    ledger.fault(FaultWindow("memory_alarm", "node 2", started_at=50.0, ended_at=60.0, recovered_at=60.1))
+    ledger.sent(1, GROUP, "room", 55.0)  # a and b expected
+    ledger.refused(at=60.05)
+    ledger.returned(1, at=60.05)
+    ledger.sent(2, GROUP, "hall", 60.2)  # sent after the refusal: not its cause
+    ledger.returned(2, at=60.3)
+    summary = ledger.summarize()
+    assert summary.lost_in_fault_by_cause == {REFUSED: 2, UNEXPLAINED: 1}
+    assert summary.avoidable_in_fault == 3
+    table = summary_table(summary, memory=[], error_examples={}, receive_errors={})
+    assert "refused by a full queue 2 (avoidable)" in table
+    assert "| lost in a fault window to an avoidable cause | **3** (must be 0) (memory_alarm 3) |" in table
+
+
+def test_losses_outside_faults_get_a_cause_too() -> None:
+    ledger = make_ledger()
+    ledger.outage(["c"], started_at=10.0, ended_at=10.5)
+    ledger.sent(1, GROUP, "hall", 9.9)
+    ledger.returned(1, at=10.0)
+    summary = ledger.summarize()
+    assert summary.lost_outside_by_cause == {QUEUE_GONE: 1}
+    assert summary.failures == ["lost outside any fault: 1"]

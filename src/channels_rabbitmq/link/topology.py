@@ -152,6 +152,7 @@ class Topology:
             await self.declare_groups_exchange(connection)
             arguments: dict[str, Any] = {
                 "x-max-length": config.remote_capacity,
+                "x-max-length-bytes": config.remote_capacity_bytes,
                 "x-overflow": "reject-publish",
                 "x-message-ttl": int(config.expiry * 1000),
             }
