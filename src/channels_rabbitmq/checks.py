@@ -31,7 +31,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
 from django.core.checks import Warning as CheckWarning
 
-from .cli.check.settings import is_this_layer
+from .backend import is_this_layer
 from .config import BrokerAddress, LayerConfig
 
 TAG = "channels_rabbitmq"

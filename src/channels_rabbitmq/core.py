@@ -30,7 +30,7 @@ from .config import DEFAULT_HOST, LayerConfig
 from .link import BrokerLink
 from .logs import RateLimitedLogger
 from .loops import Links
-from .names import require_valid_channel_name, require_valid_group_name
+from .names import is_normal_channel, require_valid_channel_name, require_valid_group_name
 from .stats import LayerStats
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
 
@@ -136,7 +136,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         self.require_valid_channel_name(channel)
         if len(self._send_targets) >= NAME_CACHE_SIZE:
             self._send_targets.clear()
-        if "!" not in channel:
+        if is_normal_channel(channel):
             self._send_targets[channel] = None  # a normal channel
             return None
         target = self._send_targets[channel] = (queue_of(channel).encode(), channel_properties(channel))
@@ -163,7 +163,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         self.require_valid_channel_name(channel)
         if self._links.closed:
             raise StopConsumer()
-        if "!" not in channel:  # a normal channel: any process may receive it, this loop's link does
+        if is_normal_channel(channel):  # a normal channel: any process may receive it, this loop's link does
             return await self._links.for_this_loop(receiving=True)
         link = self._links.owner(channel, "receive on")
         if len(self._receivers) >= NAME_CACHE_SIZE:
@@ -183,7 +183,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        if "!" not in channel:  # a normal channel: any process binds its queue
+        if is_normal_channel(channel):  # a normal channel: any process binds its queue
             any_link = await self._links.for_this_loop()
             await self._links.call(any_link, any_link.group_add, group, channel)
             return
@@ -199,7 +199,7 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         as for ``group_add()``."""
         self.require_valid_group_name(group)
         self.require_valid_channel_name(channel)
-        if "!" not in channel:
+        if is_normal_channel(channel):
             any_link = await self._links.for_this_loop()
             await self._links.call(any_link, any_link.group_discard, group, channel)
             return

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 
-from .codec import MalformedMessage
+from .serializers import MalformedMessage
 
 #: Seconds added to ``expiry`` before a sealed body counts as too old: the clocks of the
 #: sending and receiving hosts may differ by that much (Fernet itself refuses bodies

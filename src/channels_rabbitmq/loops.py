@@ -29,7 +29,7 @@ from .codec import MessageCodec
 from .config import LayerConfig
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
 from .link import BrokerLink
-from .link.counters import link_stats
+from .names import is_normal_channel
 from .stats import LayerStats, LinkStats, layer_stats, retire
 from .wire import queue_of
 
@@ -135,7 +135,7 @@ class Links:
             with self._lock:
                 self._by_loop.pop(link.loop, None)
                 if self._by_queue.pop(link.queue_name, None) is not None:
-                    self._retired = retire(self._retired, link_stats(link))
+                    self._retired = retire(self._retired, link.stats())
             await link.close()
 
     def _shared_link(self) -> BrokerLink:
@@ -156,7 +156,7 @@ class Links:
         link that is being retired count once, live or retired, so no counter goes back."""
         self.check_fork()
         with self._lock:
-            links = tuple(link_stats(link) for link in self._by_queue.values())
+            links = tuple(link.stats() for link in self._by_queue.values())
             retired, closed = self._retired, self.closed
         return layer_stats(links, retired, closed=closed)
 
@@ -240,7 +240,7 @@ class Links:
             self.closed = True
             links = list(self._by_queue.values())
             for link in links:
-                self._retired = retire(self._retired, link_stats(link))
+                self._retired = retire(self._retired, link.stats())
             self._by_queue.clear()
             self._by_loop.clear()
             io_thread, self._io_thread = self._io_thread, None
@@ -286,7 +286,7 @@ async def _receive_for(
     try:
         if previous is not None:
             await asyncio.shield(previous)
-        if "!" in channel:
+        if not is_normal_channel(channel):
             message = await link.receive(channel, counted=False)  # delivered once the caller takes it
         else:
             message, settle_normal = await link.receive_normal_unsettled(channel)

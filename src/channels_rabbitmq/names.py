@@ -29,6 +29,13 @@ MAX_NAME_BYTES = 255
 _CHANNELS_RULE = BaseChannelLayer()  # Channels' own checks, with no configuration
 
 
+def is_normal_channel(name: str) -> bool:
+    """A normal channel (``runworker``'s ``thumbnails``): any process may receive it, from a queue
+    of its own. Every other channel name holds ``!`` and belongs to one process (its queue's name
+    comes before the ``!``). The one place that tells the two kinds apart."""
+    return "!" not in name
+
+
 def require_valid_group_name(name: object) -> str:
     """Return ``name`` if it is a valid group name, else raise ``TypeError`` saying why."""
     _CHANNELS_RULE.require_valid_group_name(name)
@@ -46,7 +53,7 @@ def require_valid_channel_name(name: object, *, normal_prefix: str = "", receive
     """
     _CHANNELS_RULE.require_valid_channel_name(name, receive=receive)
     assert isinstance(name, str)
-    if "!" in name:
+    if not is_normal_channel(name):
         _require_carried("Channel", name, name, 0)
         return name
     if not name.isascii():

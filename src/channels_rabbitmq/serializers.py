@@ -2,7 +2,7 @@
 
 The CONFIG key ``serializer`` names one:
 
-- ``"msgpack"`` (the default): :func:`.codec.encode_message` and :func:`.codec.decode_message`;
+- ``"msgpack"`` (the default): :func:`encode_message` and :func:`decode_message`;
 - ``"json"``: strict JSON in UTF-8 (no NaN or infinity; no bytes);
 - the dotted path of an object (a module, a class, an instance) with ``dumps(message) -> bytes``
   and ``loads(body) -> message``, imported when the layer is built.
@@ -10,22 +10,83 @@ The CONFIG key ``serializer`` names one:
 Every serializer is held to the same rules: a message that is not a dict, or that ``dumps``
 cannot encode, raises ``TypeError`` at the call; a body larger than ``max_message_size``
 raises ``MessageTooLarge``; a body from the wire that ``loads`` refuses in any way, or that
-is not a dict, raises :class:`.codec.MalformedMessage` and is dropped.
+is not a dict, raises :class:`MalformedMessage` and is dropped.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgpack
 from channels.exceptions import MessageTooLarge
 
-from .codec import MalformedMessage, decode_message, encode_message
-
 Message = dict[str, Any]
+
+_packers = threading.local()  # a msgpack Packer is not thread-safe: one per thread
+
+
+class MalformedMessage(ValueError):
+    """A body from the wire that is not a dict in the layer's serializer (or does not open)."""
+
+
+def encode_message(message: Any, max_size: int) -> bytes:
+    """Pack a message, or raise ``TypeError`` (not a dict, not encodable) or ``MessageTooLarge``."""
+    if type(message) is not dict and not isinstance(message, dict):
+        raise TypeError(f"a message must be a dict, got {type(message).__name__}")
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+    try:
+        body: bytes = pack(message)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise TypeError(f"message cannot be encoded with msgpack: {error}") from None
+    if len(body) > max_size:
+        raise MessageTooLarge(f"message is {len(body)} bytes encoded; max_message_size is {max_size}")
+    return body
+
+
+def _refuse_ext_type(code: int, data: bytes) -> Any:
+    raise MalformedMessage(f"body holds a msgpack ext type ({code}); messages carry none")
+
+
+def decode_message(body: bytes, max_size: int | None = None) -> dict[str, Any]:
+    """Unpack a body from the wire, or raise :class:`MalformedMessage`.
+
+    A body over ``max_size`` bytes is refused unread; no string, bytes, array or map may
+    claim more than ``max_size`` (msgpack also bounds them by the body's length). Ext types,
+    timestamps included, are refused: nothing this layer sends has them, and they would
+    reach consumers as objects no JSON-like message holds. Group copies decoded again from
+    a body already checked may leave ``max_size`` out.
+    """
+    if max_size is None:
+        max_size = len(body)
+    elif len(body) > max_size:
+        raise MalformedMessage(f"body is too large: {len(body)} bytes, over max_message_size ({max_size})")
+    try:
+        message = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_refuse_ext_type,
+            max_ext_len=0,  # timestamps (ext -1) skip ext_hook: a length limit refuses them too
+            max_str_len=max_size,
+            max_bin_len=max_size,
+            max_array_len=max_size,
+            max_map_len=max_size // 2,  # a map entry takes two bytes at least
+        )
+    except MalformedMessage:
+        raise
+    except Exception as error:  # msgpack raises many kinds on hostile input
+        raise MalformedMessage(f"body is not msgpack: {type(error).__name__}: {error}") from None
+    if type(message) is not dict:
+        raise MalformedMessage(f"body is msgpack {type(message).__name__}, not a map")
+    return message
 
 
 class Decode(Protocol):

@@ -31,11 +31,11 @@ from pamqp import header as pamqp_header
 from channels_rabbitmq.amqp.frames import HEADERS_FLAG, encode_string_headers
 from channels_rabbitmq.amqp.opening import connect as amqp_connect
 from channels_rabbitmq.amqp.protocol import Credentials
-from channels_rabbitmq.codec import MalformedMessage, decode_message
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
 from channels_rabbitmq.link.inbound import DROPPED_TOO_LARGE, DROPPED_UNDECODABLE
 from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
+from channels_rabbitmq.serializers import MalformedMessage, decode_message
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, link_of
 from tests.unit.test_properties import HOSTILE_BODIES, encode_table, nested_table

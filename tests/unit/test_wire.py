@@ -12,7 +12,7 @@ from channels.exceptions import MessageTooLarge
 from pamqp import header as pamqp_header
 
 from channels_rabbitmq.amqp import frames
-from channels_rabbitmq.codec import MalformedMessage, decode_message, encode_message
+from channels_rabbitmq.serializers import MalformedMessage, decode_message, encode_message
 from channels_rabbitmq.wire import CHANNEL_HEADER, NO_PROPERTIES, channel_properties
 
 MAX = 1 << 20

@@ -218,3 +218,15 @@ class ChannelsExhausted(AmqpError):
         super().__init__(
             f"every AMQP channel from {first} to the connection's channel_max ({channel_max}) is in use"
         )
+
+
+class RequestStalled(AmqpError):
+    """A request (``operation``: "bind", "declare", ...) got no reply, and its channel showed no
+    progress, for ``timeout`` seconds. ``dropped``: the connection was aborted for it."""
+
+    def __init__(self, operation: str, timeout: float, peer: str, *, dropped: bool) -> None:
+        self.operation = operation
+        self.timeout = timeout
+        self.peer = peer
+        self.dropped = dropped
+        super().__init__(f"{peer} did not answer {operation} for {timeout:g}s")

@@ -36,9 +36,9 @@ from channels.exceptions import ChannelFull
 
 from ..amqp.channels import PublishOutcome
 from ..amqp.connection import AmqpConnection
-from ..amqp.errors import AmqpError, reply_code
+from ..amqp.errors import reply_code
 from ..amqp.protocol import Delivery
-from ..codec import MalformedMessage, MessageCodec
+from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..encryption import CLOCK_SKEW_ALLOWANCE
 from ..exceptions import (
@@ -48,10 +48,12 @@ from ..exceptions import (
     ChannelLayerClosedError,
     RabbitmqLayerError,
 )
-from ..names import is_valid_channel_name, is_valid_group_name
+from ..names import is_normal_channel, is_valid_channel_name, is_valid_group_name
+from ..serializers import MalformedMessage
 from ..wire import CONTROL_HEADER, FLUSH_ROUTING_KEY, control_destination, control_properties, queue_of
-from .errors import layer_error
-from .topology import PUBLISH_CHANNEL, random_name, retrieve
+from .channel_plan import PUBLISH_CHANNEL
+from .errors import translated
+from .topology import random_name, retrieve
 
 logger = logging.getLogger(__name__)
 
@@ -194,12 +196,10 @@ class Control:
         fields: dict[str, Any],
     ) -> asyncio.Future[PublishOutcome]:
         body = self._seal(operation, routing_key, {"id": request.id, "reply_to": self._queue_name, **fields})
-        try:
+        with translated(self.config.description):
             outcome = publisher.publish_mandatory(
                 PUBLISH_CHANNEL, exchange, routing_key.encode(), control_properties(operation), body
             )
-        except AmqpError as error:
-            raise layer_error(error, self.config.description) from None
         outcome.add_done_callback(retrieve)
         return outcome
 
@@ -240,10 +240,8 @@ class Control:
             if request.answered in done:
                 request.answered.result()  # raises when the connection was lost, or the layer closed
             if outcome in done:
-                try:
+                with translated(self.config.description):
                     result = outcome.result()
-                except AmqpError as error:
-                    raise layer_error(error, self.config.description) from None
                 if result is PublishOutcome.RETURNED:
                     return False
                 if result is PublishOutcome.REFUSED and not broadcast:
@@ -294,7 +292,7 @@ class Control:
                 raise MalformedMessage(f"{operation} control message with no valid group name")
             if (
                 not is_valid_channel_name(channel)
-                or "!" not in channel
+                or is_normal_channel(channel)
                 or queue_of(channel) != self._link.queue_name
             ):
                 raise MalformedMessage(f"{operation} control message for a channel of another queue")

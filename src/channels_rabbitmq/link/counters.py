@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from ..stats import CONFIRM_BUCKETS, DROP_REASONS, ConfirmLatency, LinkStats, worst_state
+from ..stats import CONFIRM_BUCKETS
 
 if TYPE_CHECKING:
-    from .link import BrokerLink
     from .supervisor import ConnectionSupervisor
 
 
@@ -76,38 +74,3 @@ def reported_state(supervisor: ConnectionSupervisor) -> str:
     if state == "up" and not supervisor.is_up:
         return "recovering"
     return state
-
-
-def link_stats(link: BrokerLink) -> LinkStats:
-    """A snapshot of ``link``; safe from any thread, no I/O."""
-    counters = link.counters
-    started = counters.outage_started
-    current_outage = max(0.0, time.monotonic() - started) if started is not None else 0.0
-    dropped = dict(link.inbound.dropped)  # one C call: never "changed size during iteration"
-    consume_state = reported_state(link.consuming)
-    publish_state = reported_state(link.publishing)
-    states = [state for state in (consume_state, publish_state) if state != "idle"]
-    return LinkStats(
-        queue=link.queue_name,
-        state="closed" if link.closed else worst_state(states),
-        consume_state=consume_state,
-        publish_state=publish_state,
-        published=counters.published,
-        confirmed=counters.confirmed,
-        refused=counters.refused,
-        publish_failed=counters.publish_failed,
-        received=link.inbound.received,
-        delivered=counters.delivered,
-        dropped=MappingProxyType({reason: dropped.get(reason, 0) for reason in DROP_REASONS}),
-        held=link.router.held,
-        inboxes=link.router.inbox_count,
-        groups=link.router.group_count,
-        normal_channels=link.normal.channel_count,
-        connections=link.consuming.connections + link.publishing.connections,
-        reconnections=link.consuming.reconnections + link.publishing.reconnections,
-        outage_seconds=counters.outage_seconds + current_outage,
-        current_outage_seconds=current_outage,
-        confirm_latency=ConfirmLatency(
-            CONFIRM_BUCKETS, tuple(counters.confirm_counts), counters.confirm_seconds
-        ),
-    )

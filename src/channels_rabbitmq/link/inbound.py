@@ -18,13 +18,15 @@ from typing import Any
 
 from ..amqp.connection import AmqpConnection
 from ..amqp.protocol import Delivery, UndecodableDelivery
-from ..codec import MalformedMessage, MessageCodec
+from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..logs import RateLimitedLogger
+from ..names import is_normal_channel
 from ..routing import LocalRouter
+from ..serializers import MalformedMessage
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER, queue_of
+from .channel_plan import CONSUME_CHANNEL
 from .control import Control
-from .topology import CONSUME_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class Inbound:
             destination = headers.get(CHANNEL_HEADER) if headers else None
             if (
                 type(destination) is not str
-                or "!" not in destination
+                or is_normal_channel(destination)
                 or queue_of(destination) != self.queue_name
             ):
                 if headers and CONTROL_HEADER in headers:

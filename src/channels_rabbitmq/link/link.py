@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from types import MappingProxyType
 from typing import Any
 
 from channels.exceptions import StopConsumer
@@ -38,16 +39,19 @@ from ..exceptions import (
     BrokerTimeoutError,
     RequestNotEncodableError,
 )
+from ..names import is_normal_channel
 from ..routing import EMPTY, LocalRouter
+from ..stats import CONFIRM_BUCKETS, DROP_REASONS, ConfirmLatency, LinkStats, worst_state
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
+from .channel_plan import PUBLISH_CHANNEL
 from .control import Control
-from .counters import LinkCounters
-from .errors import layer_error
+from .counters import LinkCounters, reported_state
+from .errors import layer_error, translated
 from .inbound import Inbound
 from .normal import NormalChannels
 from .notice import ReconnectNotice
 from .supervisor import ConnectionSupervisor
-from .topology import PUBLISH_CHANNEL, Topology, random_name
+from .topology import Topology, random_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,6 @@ class BrokerLink:
             loop,
             router=router,
             codec=codec,
-            request=self.topology.request,
             consuming_connection=lambda: self.consuming.connection,
             publishing_connection=lambda: self.publishing.connected(),
             dropped=dropped,
@@ -147,6 +150,40 @@ class BrokerLink:
         """Deliveries dropped, by reason (``inbound.DROPPED_*``)."""
         return self.inbound.dropped
 
+    def stats(self) -> LinkStats:
+        """A snapshot of this link, as ``layer.stats()`` reports it; safe from any thread, no I/O."""
+        counters = self.counters
+        started = counters.outage_started
+        current_outage = max(0.0, time.monotonic() - started) if started is not None else 0.0
+        dropped = dict(self.inbound.dropped)  # one C call: never "changed size during iteration"
+        consume_state = reported_state(self.consuming)
+        publish_state = reported_state(self.publishing)
+        states = [state for state in (consume_state, publish_state) if state != "idle"]
+        return LinkStats(
+            queue=self.queue_name,
+            state="closed" if self.closed else worst_state(states),
+            consume_state=consume_state,
+            publish_state=publish_state,
+            published=counters.published,
+            confirmed=counters.confirmed,
+            refused=counters.refused,
+            publish_failed=counters.publish_failed,
+            received=self.inbound.received,
+            delivered=counters.delivered,
+            dropped=MappingProxyType({reason: dropped.get(reason, 0) for reason in DROP_REASONS}),
+            held=self.router.held,
+            inboxes=self.router.inbox_count,
+            groups=self.router.group_count,
+            normal_channels=self.normal.channel_count,
+            connections=self.consuming.connections + self.publishing.connections,
+            reconnections=self.consuming.reconnections + self.publishing.reconnections,
+            outage_seconds=counters.outage_seconds + current_outage,
+            current_outage_seconds=current_outage,
+            confirm_latency=ConfirmLatency(
+                CONFIRM_BUCKETS, tuple(counters.confirm_counts), counters.confirm_seconds
+            ),
+        )
+
     @property
     def is_connected(self) -> bool:
         """The queue is consumed and no connection of the link is being recovered."""
@@ -170,7 +207,7 @@ class BrokerLink:
 
     async def receive(self, channel: str, *, counted: bool = True) -> dict[str, Any]:
         """The channel's next message; ``counted``: as delivered (else the caller counts it)."""
-        if "!" not in channel:
+        if is_normal_channel(channel):
             if not self.consuming.ever_connected:
                 await self.connect_first()
             message = await self.normal.receive(channel)
@@ -218,7 +255,7 @@ class BrokerLink:
 
     async def group_add(self, group: str, channel: str) -> None:
         """Add a membership and bind; returns once bound (or once an outage will bind it)."""
-        if "!" not in channel:
+        if is_normal_channel(channel):
             await self.normal.group_add(group, channel)
             return
         if not self.consuming.ever_connected:
@@ -234,7 +271,7 @@ class BrokerLink:
             pass  # lost mid-way: the reconnection binds every group that has members
 
     async def group_discard(self, group: str, channel: str) -> None:
-        if "!" not in channel:
+        if is_normal_channel(channel):
             await self.normal.group_discard(group, channel)
             return
         if self.router.discard_membership(group, channel):
@@ -263,10 +300,8 @@ class BrokerLink:
 
     async def send_to_normal(self, name: str, body: bytes) -> bool:
         """Publish to a normal channel's queue, declared first; True once the broker confirmed it."""
-        try:
+        with translated(self.config.description):
             queue = await self.normal.declared(name)
-        except AmqpError as error:
-            raise layer_error(error, self.config.description) from None
         return await self.publish(b"", queue.encode(), NO_PROPERTIES, body)
 
     async def control_ready(self) -> AmqpConnection:

@@ -25,28 +25,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from channels.exceptions import StopConsumer
-from pamqp import commands
 
+from ..amqp.channel import AmqpChannel
 from ..amqp.connection import AmqpConnection
-from ..amqp.errors import AmqpError
 from ..amqp.protocol import Delivery, UndecodableDelivery
-from ..codec import MalformedMessage, MessageCodec
+from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import BrokerConnectionError, TooManyChannelsError
 from ..logs import RateLimitedLogger
 from ..routing import EMPTY, LocalRouter
-from .errors import layer_error
+from ..serializers import MalformedMessage
+from .channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, channel
+from .errors import translated
 from .inbound import DROPPED_UNDECODABLE
-from .topology import BINDING_CHANNELS, CONTROL_CHANNEL, retrieve
+from .topology import retrieve
 
 logger = logging.getLogger(__name__)
 
 #: The first AMQP channel number normal channels' consumers may take on the consuming connection
 #: (the ones below are the link's own; see :mod:`.topology`). Each waiting receive()'s channel takes
 #: one, from the connection, up to its channel_max, and gives it back once nobody waits.
-FIRST_NORMAL_CHANNEL_ID = BINDING_CHANNELS[-1] + 1
 
-Request = Callable[[AmqpConnection, Any, str, int], Awaitable[Any]]
 #: What a receive() is handed: the message, its delivery tag, and the connection and AMQP channel
 #: it came on (where it is acknowledged or given back).
 Taken = tuple[dict[str, Any], int, AmqpConnection, int]
@@ -76,7 +75,6 @@ class NormalChannels:
         *,
         router: LocalRouter,
         codec: MessageCodec,
-        request: Request,
         consuming_connection: Callable[[], AmqpConnection | None],
         publishing_connection: Callable[[], Awaitable[AmqpConnection]],
         dropped: Counter[str],
@@ -85,7 +83,6 @@ class NormalChannels:
         self.loop = loop
         self.router = router
         self.codec = codec
-        self._request = request
         self._consuming_connection = consuming_connection
         self._publishing_connection = publishing_connection
         self._receivers: dict[str, _Receiver] = {}
@@ -109,16 +106,18 @@ class NormalChannels:
 
     # Declaring --------------------------------------------------------------------------------
 
-    def _declare_method(self, queue: str, name: str) -> commands.Queue.Declare:
+    def _on(self, connection: AmqpConnection, number: int) -> AmqpChannel:
+        return channel(connection, number, self.config)
+
+    def _queue_arguments(self, name: str) -> dict[str, Any]:
         config = self.config
-        arguments: dict[str, Any] = {
+        return {
             "x-queue-type": config.normal_channel_queue_type,
             "x-max-length": config.capacity_of(name),
             "x-overflow": "reject-publish",
             "x-message-ttl": int(config.expiry * 1000),
             "x-expires": int(config.normal_channel_idle_expiry * 1000),
         }
-        return commands.Queue.Declare(queue=queue, durable=True, arguments=arguments)
 
     async def declared(self, name: str) -> str:
         """The channel's queue name, once declared by this link within the last quarter of
@@ -140,7 +139,9 @@ class NormalChannels:
     async def _declare(self, queue: str, name: str) -> None:
         try:
             publisher = await self._publishing_connection()
-            await self._request(publisher, self._declare_method(queue, name), "declare", CONTROL_CHANNEL)
+            with translated(self.config.description):
+                control = self._on(publisher, CONTROL_CHANNEL)
+                await control.declare_queue(queue, durable=True, arguments=self._queue_arguments(name))
             self._declared[queue] = time.monotonic()
         finally:
             if self._declaring.get(queue) is asyncio.current_task():
@@ -152,16 +153,16 @@ class NormalChannels:
         """Bind the channel's queue to the group: the group's messages reach it once."""
         queue = await self.declared(name)
         publisher = await self._publishing_connection()
-        bind = commands.Queue.Bind(queue=queue, exchange=self._groups_exchange, routing_key=group)
-        await self._request(publisher, bind, "bind", CONTROL_CHANNEL)
+        with translated(self.config.description):
+            await self._on(publisher, CONTROL_CHANNEL).bind(queue, self._groups_exchange, group)
         self._bindings.add((group, name))
 
     async def group_discard(self, group: str, name: str) -> None:
         publisher = await self._publishing_connection()
-        unbind = commands.Queue.Unbind(
-            queue=self.queue_of(name), exchange=self._groups_exchange, routing_key=group
-        )
-        await self._request(publisher, unbind, "unbind", CONTROL_CHANNEL)
+        with translated(self.config.description):
+            await self._on(publisher, CONTROL_CHANNEL).unbind(
+                self.queue_of(name), self._groups_exchange, group
+            )
         self._bindings.discard((group, name))
 
     # Receiving --------------------------------------------------------------------------------
@@ -243,8 +244,8 @@ class NormalChannels:
                     await self._consume(connection, receiver)
                 elif not wanted and receiver.consuming_on is connection:
                     receiver.consuming_on = None  # deliveries from here on go back to the queue
-                    cancel = commands.Basic.Cancel(consumer_tag=receiver.name)
-                    await self._request(connection, cancel, "cancel", self._channel_of(receiver))
+                    with translated(self.config.description):
+                        await self._on(connection, self._channel_of(receiver)).cancel(receiver.name)
                 elif not wanted and not receiver.held and receiver.opened_on is connection:
                     await self._close_channel(connection, receiver)
                 else:
@@ -263,31 +264,29 @@ class NormalChannels:
     async def _consume(self, connection: AmqpConnection, receiver: _Receiver) -> None:
         await self.declared(receiver.name)
         if receiver.opened_on is not connection:
-            try:
-                channel_id = connection.allocate_channel_id(FIRST_NORMAL_CHANNEL_ID)
-            except AmqpError as error:
-                raise layer_error(error, self.config.description) from None
-            receiver.channel_id = channel_id
-            self._by_channel_id[channel_id] = receiver
+            with translated(self.config.description):
+                reader = AmqpChannel.allocate(
+                    connection, FIRST_NORMAL_CHANNEL_ID, stall_limit=self.config.connect_timeout
+                )
+            receiver.channel_id = reader.number
+            self._by_channel_id[reader.number] = receiver
             connection.on_consumer_cancelled = self._consumer_cancelled
-            try:
-                await connection.open_channel(channel_id, [commands.Basic.Qos(prefetch_count=1)])
-            except AmqpError as error:
-                raise layer_error(error, self.config.description) from None
+            with translated(self.config.description):
+                await reader.open(prefetch_count=1)
             receiver.opened_on = connection
-        consume = commands.Basic.Consume(queue=receiver.queue, consumer_tag=receiver.name)
-        await self._request(connection, consume, "consume", self._channel_of(receiver))
+        with translated(self.config.description):
+            await self._on(connection, self._channel_of(receiver)).consume(receiver.queue, receiver.name)
         receiver.consuming_on = connection
 
     async def _close_channel(self, connection: AmqpConnection, receiver: _Receiver) -> None:
-        channel_id = self._channel_of(receiver)
-        close = commands.Channel.Close(reply_code=200, reply_text="nobody waits", class_id=0, method_id=0)
-        await self._request(connection, close, "close", channel_id)
+        reader = self._on(connection, self._channel_of(receiver))
+        with translated(self.config.description):
+            await reader.close("nobody waits")
         receiver.opened_on = None
         receiver.channel_id = None
-        if self._by_channel_id.get(channel_id) is receiver:
-            del self._by_channel_id[channel_id]
-        connection.release_channel_id(channel_id)
+        if self._by_channel_id.get(reader.number) is receiver:
+            del self._by_channel_id[reader.number]
+        reader.release()
 
     def _forget(self, receiver: _Receiver) -> None:
         if self._receivers.get(receiver.name) is receiver:
@@ -366,7 +365,8 @@ class NormalChannels:
         for group, name in list(self._bindings):
             await self.group_discard(group, name)
         for queue in sorted(queues):
-            await self._request(publisher, commands.Queue.Purge(queue=queue), "purge", CONTROL_CHANNEL)
+            with translated(self.config.description):
+                await self._on(publisher, CONTROL_CHANNEL).purge(queue)
 
     def close(self) -> None:
         """Waiting receives raise ``StopConsumer``; the connection's end gives back what is unacked."""

@@ -6,15 +6,12 @@
   has local members, starts consuming and proves with a probe that it receives.
 - Group calls change bindings through :meth:`Topology.sync_binding`: one task per group
   makes the binding match whether the group has local members.
-- :meth:`Topology.request` bounds every request by the broker's progress.
+- Every request is bounded by the broker's progress (:class:`~..amqp.channel.AmqpChannel`).
 
 - For control messages (:mod:`.control`), the consuming connection also binds the queue
   to hear ``flush()`` and answers the roll call.
 
-AMQP channels on each connection: 1 publishes (confirm mode), 2 consumes, 3 runs
-declarations, so a refused request never disturbs publishing or consuming; 4 holds the roll
-call's consumer; 5 to 36 bind and unbind groups, in parallel; normal channels' consumers take
-the numbers after those (:mod:`.normal`).
+Which AMQP channel does what: :mod:`.channel_plan`.
 """
 
 from __future__ import annotations
@@ -27,9 +24,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
-from pamqp import commands
-from pamqp.base import Frame
 
+from ..amqp.channel import AmqpChannel
 from ..amqp.connection import AmqpConnection
 from ..amqp.errors import AmqpError, ChannelRefused, ReplyCode
 from ..config import LayerConfig
@@ -43,18 +39,17 @@ from ..exceptions import (
 )
 from ..routing import LocalRouter
 from ..wire import FLUSH_ROUTING_KEY, channel_properties
-from .errors import layer_error
+from .channel_plan import (
+    BINDING_CHANNELS,
+    CONSUME_CHANNEL,
+    CONTROL_CHANNEL,
+    PUBLISH_CHANNEL,
+    ROLL_CALL_CHANNEL,
+    channel,
+)
+from .errors import translated
 
 logger = logging.getLogger(__name__)
-
-PUBLISH_CHANNEL = 1
-CONSUME_CHANNEL = 2
-CONTROL_CHANNEL = 3
-ROLL_CALL_CHANNEL = 4
-#: The channels that bind and unbind groups, in parallel (see Topology._binding_channel). 32: with
-#: 10,000 new groups at once, a 3-node Khepri cluster bound them in 20.1 s over one channel, 10.1 s
-#: over 5, 5.6 s over 16 and 4.4 s over 32 (RabbitMQ 3.10, one node, over one channel: 5.5 s).
-BINDING_CHANNELS = tuple(range(5, 37))
 
 #: The roll call: a queue that never holds a message, which every link consumes from, so that
 #: its consumer count is the number of links that hear flush() (see control.py). It is shared, so
@@ -112,7 +107,7 @@ class Topology:
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
         self._roll_call_joins: set[asyncio.Task[None]] = set()
         self._binding_connection: AmqpConnection | None = None  # see _binding_channel()
-        self._binding_channels_open: list[int] = []
+        self._binding_channels_open: list[AmqpChannel] = []
         # A consuming connection past its queue declaration, not yet installed: bindings go there.
         self.setting_up: AmqpConnection | None = None
 
@@ -122,25 +117,24 @@ class Topology:
 
     # Setting connections up -----------------------------------------------------------------
 
+    def _on(self, connection: AmqpConnection, number: int) -> AmqpChannel:
+        return channel(connection, number, self.config)
+
     async def declare_groups_exchange(self, connection: AmqpConnection) -> None:
-        await connection.open_channel(CONTROL_CHANNEL, [])
+        control = self._on(connection, CONTROL_CHANNEL)
+        await control.open()
         try:
-            await connection.call(
-                CONTROL_CHANNEL,
-                commands.Exchange.Declare(exchange=self._groups_exchange, exchange_type="direct"),
-            )
+            await control.declare_exchange(self._groups_exchange, "direct")
         except ChannelRefused as error:
             if error.reply_code != ReplyCode.PRECONDITION_FAILED:
                 raise
             # Declared elsewhere with other flags (durable, say): use it as it is.
-            await connection.call(
-                CONTROL_CHANNEL, commands.Exchange.Declare(exchange=self._groups_exchange, passive=True)
-            )
+            await control.declare_exchange(self._groups_exchange, passive=True)
 
     async def set_up_publishing(self, connection: AmqpConnection) -> None:
         """The exchange, then confirm mode on the publishing channel."""
         await self.declare_groups_exchange(connection)
-        await connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()], essential=True)
+        await self._on(connection, PUBLISH_CHANNEL).open(confirm=True, essential=True)
 
     async def set_up_consuming(self, connection: AmqpConnection, arrival: asyncio.Future[None]) -> None:
         """Declare the exchange and queue, bind the groups with members, consume; then probe.
@@ -156,10 +150,10 @@ class Topology:
                 "x-overflow": "reject-publish",
                 "x-message-ttl": int(config.expiry * 1000),
             }
-            declare = commands.Queue.Declare(queue=self.queue_name, exclusive=True, arguments=arguments)
+            control = self._on(connection, CONTROL_CHANNEL)
             for attempt in range(QUEUE_LOCKED_RETRIES):
                 try:
-                    await connection.call(CONTROL_CHANNEL, declare)
+                    await control.declare_queue(self.queue_name, exclusive=True, arguments=arguments)
                     break
                 except ChannelRefused as error:
                     # The exclusive queue of our previous connection is still being deleted.
@@ -180,14 +174,9 @@ class Topology:
                     outcome, BrokerRefusedError | RequestNotEncodableError
                 ):
                     raise outcome
-            await connection.open_channel(
-                CONSUME_CHANNEL,
-                [
-                    commands.Basic.Qos(prefetch_count=config.prefetch_count),
-                    commands.Basic.Consume(queue=self.queue_name, consumer_tag="channels", exclusive=True),
-                ],
-                essential=True,
-            )
+            consume = self._on(connection, CONSUME_CHANNEL)
+            await consume.open(prefetch_count=config.prefetch_count, essential=True)
+            await consume.consume(self.queue_name, "channels", exclusive=True)
             await self._probe(connection, arrival)
         except BaseException:
             if self.setting_up is connection:
@@ -202,11 +191,11 @@ class Topology:
         the set-up waits for it at most :data:`ROLL_CALL_JOIN_WAIT`, then goes on while the join
         completes (or not) in the background; it never costs the connection.
         """
-        bind = commands.Queue.Bind(
-            queue=self.queue_name, exchange=self._groups_exchange, routing_key=FLUSH_ROUTING_KEY
-        )
         try:
-            await self.request(connection, bind, "bind")
+            with translated(self.config.description):
+                await self._on(connection, CONTROL_CHANNEL).bind(
+                    self.queue_name, self._groups_exchange, FLUSH_ROUTING_KEY
+                )
         except BrokerRefusedError as error:
             self._warn_deaf(error)
             return
@@ -216,36 +205,20 @@ class Topology:
         await asyncio.wait((joining,), timeout=min(ROLL_CALL_JOIN_WAIT, self.config.connect_timeout))
 
     async def _join_roll_call(self, connection: AmqpConnection) -> None:
-        declare = commands.Queue.Declare(queue=self.roll_call, durable=True, arguments=ROLL_CALL_ARGUMENTS)
-        consume = commands.Basic.Consume(queue=self.roll_call, consumer_tag="roll-call", no_ack=True)
+        """Join the roll call, on its own channel: bounded by ``connect_timeout`` but never dropping
+        the connection (a roll call without a majority of its nodes may not answer)."""
+        roll_call = self._on(connection, ROLL_CALL_CHANNEL)
         try:
-            await self._roll_call_request(connection, commands.Channel.Open(), "open")
-            await self._roll_call_request(connection, declare, "declare")
-            await self._roll_call_request(connection, consume, "consume")
+            with translated(self.config.description):
+                await roll_call.open_unmanaged(abort_when_stalled=False)
+                await roll_call.declare_queue(
+                    self.roll_call, durable=True, arguments=ROLL_CALL_ARGUMENTS, abort_when_stalled=False
+                )
+                await roll_call.consume(self.roll_call, "roll-call", no_ack=True, abort_when_stalled=False)
         except (BrokerRefusedError, BrokerTimeoutError) as error:
             self._warn_deaf(error)
         except (BrokerConnectionError, ChannelLayerClosedError):
             pass  # the connection's owner handles its loss
-
-    async def _roll_call_request(self, connection: AmqpConnection, method: Frame, operation: str) -> Frame:
-        """A request about the roll call, bounded by ``connect_timeout`` but never dropping the
-        connection (a roll call without a majority of its nodes may not answer)."""
-        reply = connection.call(ROLL_CALL_CHANNEL, method)
-        reply.add_done_callback(retrieve)
-        limit = self.config.connect_timeout
-        done, _ = await asyncio.wait((reply,), timeout=limit)
-        if not done:
-            raise BrokerTimeoutError(
-                f"{connection.description} did not answer the roll call's {operation} within "
-                f"connect_timeout={limit:g}s",
-                operation=operation,
-                timeout=limit,
-                url=self.config.description,
-            )
-        try:
-            return reply.result()
-        except AmqpError as error:
-            raise layer_error(error, self.config.description) from None
 
     def _warn_deaf(self, error: BaseException) -> None:
         logger.warning(
@@ -258,10 +231,12 @@ class Topology:
 
     async def count_links(self, connection: AmqpConnection) -> int:
         """How many links answer the roll call (of every process, this one included)."""
-        declare = commands.Queue.Declare(queue=self.roll_call, passive=True)
         try:
             # On the roll call's own channel: a broker that does not answer it holds up no binding.
-            reply = await self._roll_call_request(connection, declare, "flush")
+            with translated(self.config.description):
+                reply = await self._on(connection, ROLL_CALL_CHANNEL).declare_queue(
+                    self.roll_call, passive=True, abort_when_stalled=False
+                )
         except BrokerRefusedError as error:
             if error.reply_code != ReplyCode.NOT_FOUND:
                 raise
@@ -355,12 +330,13 @@ class Topology:
                 wanted = self.router.has_members(group)
                 if wanted == (group in self._bound):
                     return
-                method: commands.Queue.Bind | commands.Queue.Unbind = (
-                    commands.Queue.Bind if wanted else commands.Queue.Unbind
-                )(queue=self.queue_name, exchange=self._groups_exchange, routing_key=group)
                 try:
-                    channel_id = self._binding_channel(connection)
-                    await self.request(connection, method, "bind" if wanted else "unbind", channel_id)
+                    binding = self._binding_channel(connection)
+                    with translated(self.config.description):
+                        if wanted:
+                            await binding.bind(self.queue_name, self._groups_exchange, group)
+                        else:
+                            await binding.unbind(self.queue_name, self._groups_exchange, group)
                 except BrokerConnectionError:
                     if self._current() is connection:
                         raise
@@ -396,7 +372,7 @@ class Topology:
                 "could not bind group %r (%s): %d local member(s) left it", group, error, len(dropped)
             )
 
-    def _binding_channel(self, connection: AmqpConnection) -> int:
+    def _binding_channel(self, connection: AmqpConnection) -> AmqpChannel:
         """The AMQP channel for the next bind or unbind. A channel answers its requests one at a
         time, and RabbitMQ applies each bind before the next (with Khepri, a Raft command that
         waits for a majority of nodes), so binds of different groups spread over up to
@@ -407,48 +383,15 @@ class Topology:
             self._binding_connection = connection
             self._binding_channels_open = []
         opened = self._binding_channels_open
-        for channel_id in opened:
-            if not connection.pending_requests(channel_id):
-                return channel_id
+        for binding in opened:
+            if not binding.pending_requests:
+                return binding
         if len(opened) < len(BINDING_CHANNELS):
-            channel_id = BINDING_CHANNELS[len(opened)]
-            opened.append(channel_id)
-            connection.call(channel_id, commands.Channel.Open()).add_done_callback(retrieve)
-            return channel_id
-        return min(opened, key=connection.pending_requests)
-
-    # Requests -------------------------------------------------------------------------------
-
-    async def request(
-        self, connection: AmqpConnection, method: Frame, operation: str, channel_id: int = CONTROL_CHANNEL
-    ) -> Frame:
-        """One request; the connection is dropped if its channel makes no progress for ``connect_timeout``.
-
-        Requests on a channel go one at a time: a request queued behind many others waits
-        as long as the ones ahead of it are being answered. Raises the layer's errors.
-        """
-        limit = self.config.connect_timeout
-        reply = connection.call(channel_id, method)
-        reply.add_done_callback(retrieve)  # seen even when nobody waits any more
-        while True:
-            done, _ = await asyncio.wait(
-                (reply,), timeout=max(0.01, limit - connection.quiet_for(channel_id))
-            )
-            if done:
-                try:
-                    return reply.result()
-                except AmqpError as error:
-                    raise layer_error(error, self.config.description) from None
-            if connection.quiet_for(channel_id) >= limit:
-                # A connection that leaves a request unanswered this long is not usable: the
-                # reconnection sets everything up again.
-                connection.abort()
-                raise BrokerTimeoutError(
-                    f"{connection.description} did not answer {operation} within connect_timeout={limit:g}s",
-                    operation=operation,
-                    timeout=limit,
-                    url=self.config.description,
-                )
+            binding = self._on(connection, BINDING_CHANNELS[len(opened)])
+            opened.append(binding)
+            binding.open_soon()
+            return binding
+        return min(opened, key=lambda binding: binding.pending_requests)
 
     async def purge(self, connection: AmqpConnection) -> None:
         """Empty the queue, and let deliveries already on their way arrive first.
@@ -456,9 +399,10 @@ class Topology:
         A request on the consuming channel is answered after the deliveries ahead of it
         (one channel's frames keep their order).
         """
-        await self.request(connection, commands.Queue.Purge(queue=self.queue_name), "purge")
-        qos = commands.Basic.Qos(prefetch_count=self.config.prefetch_count)
-        await self.request(connection, qos, "flush", CONSUME_CHANNEL)
+        with translated(self.config.description):
+            await self._on(connection, CONTROL_CHANNEL).purge(self.queue_name)
+            consume = self._on(connection, CONSUME_CHANNEL)
+            await consume.set_prefetch(self.config.prefetch_count, operation="flush")
 
     def close(self) -> None:
         self.closed = True

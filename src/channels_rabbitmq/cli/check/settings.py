@@ -7,17 +7,16 @@ rather than raising: the steps after it are then skipped.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import ssl
 import sys
 
+from ...backend import LAYER_BACKEND, is_this_layer
 from ...config import LayerConfig, parse_amqp_url
 from ...core import RabbitmqChannelLayer
 from .explain import plain_reason
 from .report import Report, passwords_in
 
-LAYER_BACKEND = "channels_rabbitmq.core.RabbitmqChannelLayer"
 TLS_FILES_HELP = (
     "--cafile, --certfile and --keyfile build the TLS context for amqps:// URLs given on the "
     "command line; with --settings, the CONFIG's ssl_context is used"
@@ -154,20 +153,6 @@ def layer_from_django_settings(module: str, alias: str, report: Report) -> Rabbi
     tls = describe_ssl_context(context) if context is not None else "TLS off"
     report_settings(report, where, layer.config, tls)
     return layer
-
-
-def is_this_layer(backend: object) -> bool:
-    """True for this layer's class, under its own path or another that names it or a subclass."""
-    if backend == LAYER_BACKEND:
-        return True
-    if not isinstance(backend, str) or "." not in backend:
-        return False
-    module_name, _, class_name = backend.rpartition(".")
-    try:
-        found = getattr(importlib.import_module(module_name), class_name)
-    except Exception:
-        return False
-    return isinstance(found, type) and issubclass(found, RabbitmqChannelLayer)
 
 
 def describe_ssl_context(context: ssl.SSLContext) -> str:

@@ -16,16 +16,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
-from pamqp import commands
-
+from ...amqp.channel import AmqpChannel
 from ...amqp.connection import AmqpConnection
 from ...amqp.errors import AmqpError
 from ...config import BrokerAddress, LayerConfig
 from ...core import RabbitmqChannelLayer
 from ...exceptions import BrokerConnectionError, BrokerRefusedError, BrokerUnreachableError, ReplyCode
+from ...link.channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, PUBLISH_CHANNEL, ROLL_CALL_CHANNEL
 from ...link.connector import distinct_ips, open_connection
-from ...link.errors import layer_error
-from ...link.normal import FIRST_NORMAL_CHANNEL_ID
+from ...link.errors import layer_error, translated
 from ...link.topology import random_name
 from ...wire import NO_PROPERTIES, queue_of
 from .explain import explain_connection_error, is_access_refused, permissions_needed, plain_reason
@@ -36,9 +35,6 @@ T = TypeVar("T")
 TEST_QUEUE_PREFIX = "channels.check."  # matches the layer's own "channels.*" permissions
 LATENCY_ROUND_TRIPS = 20
 SLOW_ROUND_TRIP_MS = 50.0
-
-CONTROL_CHANNEL = 1
-PUBLISH_CHANNEL = 2
 
 
 async def check_broker(layer: RabbitmqChannelLayer, timeout: float, report: Report) -> None:
@@ -193,31 +189,29 @@ async def check_permissions(
     on_queue = "queues named channels.*"
     on_exchange = f"the exchange {exchange!r}"
 
-    async def call(channel_id: int, method: Any) -> Any:
-        """One request, its failure as the layer's error (the AMQP client raises its own)."""
-        try:
-            return await asyncio.wait_for(connection.call(channel_id, method), timeout)
-        except AmqpError as error:
-            raise layer_error(error, str(address), address.virtual_host) from None
+    control = AmqpChannel(connection, CONTROL_CHANNEL, stall_limit=timeout)
+    publishing = AmqpChannel(connection, PUBLISH_CHANNEL, stall_limit=timeout)
 
-    async def request(method: Any) -> Any:
-        return await call(CONTROL_CHANNEL, method)
+    async def request(call: Awaitable[Any]) -> Any:
+        """One request, its failure as the layer's error (the AMQP client raises its own)."""
+        with translated(str(address), address.virtual_host):
+            return await asyncio.wait_for(call, timeout)
 
     async def declare_exchange() -> None:
         try:
-            await request(commands.Exchange.Declare(exchange=exchange, exchange_type="direct"))
+            await request(control.declare_exchange(exchange, "direct"))
         except BrokerRefusedError as error:
             if error.reply_code != ReplyCode.PRECONDITION_FAILED:
                 raise
             # Declared elsewhere with other flags: the layer uses it as it is, and so do we.
-            await request(commands.Exchange.Declare(exchange=exchange, passive=True))
+            await request(control.declare_exchange(exchange, passive=True))
 
     async def change_bindings() -> None:
         # A binding needs write on the queue and read on the exchange. Unbinding from an exchange
         # named like the queue (there is none: nothing changes) needs write on the queue and read
         # on the queue's own name, which the purge before proved: only write on the queue is left.
         try:
-            await request(commands.Queue.Unbind(queue=queue, exchange=queue, routing_key=queue))
+            await request(control.unbind(queue, queue, queue))
         except BrokerRefusedError as error:
             if error.reply_code != ReplyCode.NOT_FOUND:  # some versions answer so for a missing exchange
                 raise
@@ -225,14 +219,14 @@ async def check_permissions(
     async def publish() -> None:
         try:
             accepted = await asyncio.wait_for(
-                connection.publish(PUBLISH_CHANNEL, b"", queue.encode(), NO_PROPERTIES, b"check"), timeout
+                publishing.publish(b"", queue.encode(), NO_PROPERTIES, b"check"), timeout
             )
         except AmqpError as error:
             # A refused publish closes the channel, which is then reopened: let that finish
-            # (confirm.select again is a no-op) so that closing the connection cuts nothing short.
+            # so that closing the connection cuts nothing short.
             if connection.is_open:
                 with contextlib.suppress(BrokerConnectionError, BrokerRefusedError, asyncio.TimeoutError):
-                    await call(PUBLISH_CHANNEL, commands.Confirm.Select())
+                    await request(publishing.confirm_select())
             raise layer_error(error, str(address), address.virtual_host) from None
         if not accepted:
             raise Refused("RabbitMQ refused the message (basic.nack)")
@@ -240,22 +234,22 @@ async def check_permissions(
     # What to do, how, and the one permission it needs that the steps before have not proven:
     # (kind, on what), or None for the unbinding, whose permissions the binding proved.
     steps: list[tuple[str, Callable[[], Awaitable[Any]], tuple[str, str] | None]] = [
-        (f"declare the queue {queue}", lambda: request(commands.Queue.Declare(queue=queue, exclusive=True)),
+        (f"declare the queue {queue}", lambda: request(control.declare_queue(queue, exclusive=True)),
          ("configure", on_queue)),
         (f"declare {on_exchange}", declare_exchange, ("configure", on_exchange)),
-        ("purge the queue", lambda: request(commands.Queue.Purge(queue=queue)), ("read", on_queue)),
+        ("purge the queue", lambda: request(control.purge(queue)), ("read", on_queue)),
         ("change the queue's bindings", change_bindings, ("write", on_queue)),
         (f"bind the queue to {on_exchange}",
-         lambda: request(commands.Queue.Bind(queue=queue, exchange=exchange, routing_key=queue)),
+         lambda: request(control.bind(queue, exchange, queue)),
          ("read", on_exchange)),
         ("publish to the queue", publish, ("write", "the default exchange (amq.default)")),
         (f"unbind the queue from {on_exchange}",
-         lambda: request(commands.Queue.Unbind(queue=queue, exchange=exchange, routing_key=queue)), None),
-        ("delete the queue", lambda: request(commands.Queue.Delete(queue=queue)), ("configure", on_queue)),
+         lambda: request(control.unbind(queue, exchange, queue)), None),
+        ("delete the queue", lambda: request(control.delete_queue(queue)), ("configure", on_queue)),
     ]  # fmt: skip
     try:
-        await asyncio.wait_for(connection.open_channel(CONTROL_CHANNEL, []), timeout)
-        await asyncio.wait_for(connection.open_channel(PUBLISH_CHANNEL, [commands.Confirm.Select()]), timeout)
+        await asyncio.wait_for(control.open(), timeout)
+        await asyncio.wait_for(publishing.open(confirm=True), timeout)
     except (AmqpError, asyncio.TimeoutError) as error:
         report.fail(f"{what}: cannot open an AMQP channel: {error or 'timed out'}")
         return False
@@ -290,7 +284,6 @@ OLD_ROLL_CALL_QUEUE = "channels.links:{exchange}"
 RABBITMQ_4_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 #: Fewer normal-channel readers than this at once would be few for a worker (see TooManyChannelsError).
 FEW_READERS = 100
-UPGRADE_CHANNEL = 3
 
 
 def broker_version(properties: dict[str, Any]) -> tuple[int, ...]:
@@ -356,12 +349,12 @@ async def check_versions_and_settings(
 
 
 async def _queue_exists(connection: AmqpConnection, queue: str, timeout: float) -> bool:
-    """A passive declaration on a channel of its own (a 404 closes that channel, and only it)."""
+    """A passive declaration on a channel of its own (a 404 closes that channel, and only it): the
+    roll call's, which the check uses for nothing else."""
+    lookup = AmqpChannel(connection, ROLL_CALL_CHANNEL, stall_limit=timeout)
     try:
-        await asyncio.wait_for(connection.open_channel(UPGRADE_CHANNEL, []), timeout)
-        await asyncio.wait_for(
-            connection.call(UPGRADE_CHANNEL, commands.Queue.Declare(queue=queue, passive=True)), timeout
-        )
+        await asyncio.wait_for(lookup.open(), timeout)
+        await asyncio.wait_for(lookup.declare_queue(queue, passive=True), timeout)
     except (AmqpError, asyncio.TimeoutError):
         return False
     return True
