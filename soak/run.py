@@ -2,8 +2,8 @@
 
 What runs:
 
-- a private 3-node RabbitMQ cluster (``tests/brokers/nodes.py``), each node behind a
-  ``tests/faults/proxy.py`` FaultProxy; every layer's ``host`` is the list of the three
+- a private 3-node RabbitMQ cluster (``testbed/brokers/nodes.py``), each node behind a
+  ``testbed/faults/proxy.py`` FaultProxy; every layer's ``host`` is the list of the three
   proxy URLs, rotated so that the processes start on different nodes;
 - ``--servers`` server processes (:mod:`soak.server`), each with ``--channels`` channels
   spread over ``--groups`` groups (each group has members in every process), one probe
@@ -41,13 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from channels.exceptions import ChannelFull
-from tests.brokers.nodes import Node, NodeError, Nodes
-from tests.faults.proxy import FaultProxy
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
 from soak.ledger import DIRECT, GROUP, FaultWindow, Ledger
 from soak.report import ProcessMemory, faults_table, summary_table
+from testbed.brokers.nodes import Node, NodeError, Nodes
+from testbed.faults.proxy import FaultProxy
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROBE_GROUP = "soak-probe"

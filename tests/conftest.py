@@ -34,8 +34,8 @@ from channels_rabbitmq.amqp.opening import connect as amqp_connect
 from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
-from tests.brokers.nodes import Distribution
-from tests.faults.proxy import FaultProxy
+from testbed.brokers.nodes import Distribution
+from testbed.faults.proxy import FaultProxy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: How early a timer may fire by ``time.monotonic()``: uvloop's, up to about 0.5 ms. A lower bound on

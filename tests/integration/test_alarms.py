@@ -18,7 +18,7 @@ import pytest
 from channels_rabbitmq.amqp.flow import WRITE_BUFFER_HIGH
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerBlockedError
-from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
+from testbed.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
 from tests.conftest import link_of
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop

@@ -41,8 +41,8 @@ from channels_rabbitmq.exceptions import (
     BrokerVhostRefusedError,
     ReplyCode,
 )
-from tests.brokers.certs import CertificateAuthority, Issued
-from tests.brokers.nodes import Node, NodeError, Nodes, free_ports, unavailable_reason
+from testbed.brokers.certs import CertificateAuthority, Issued
+from testbed.brokers.nodes import Node, NodeError, Nodes, free_ports, unavailable_reason
 from tests.conftest import Broker, rabbitmqctl
 
 PASSWORD = "Cli/check:S3cret@pw"  # raw; in a URL it becomes Cli%2Fcheck%3AS3cret%40pw

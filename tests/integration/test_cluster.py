@@ -1,6 +1,6 @@
 """The layer on a 3-node RabbitMQ cluster: host lists, failover, re-declaration after a node goes.
 
-The cluster is made of extra nodes on this machine (:mod:`tests.brokers.nodes`), started
+The cluster is made of extra nodes on this machine (:mod:`testbed.brokers.nodes`), started
 once for the module; the main broker is not involved. The tests run in file order: the
 last ones stop or kill nodes.
 """
@@ -28,7 +28,7 @@ from pamqp import commands
 from channels_rabbitmq.amqp.channels import PublishOutcome
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.wire import NO_PROPERTIES
-from tests.brokers.nodes import Node, NodeError, Nodes, free_ports, run, unavailable_reason
+from testbed.brokers.nodes import Node, NodeError, Nodes, free_ports, run, unavailable_reason
 from tests.conftest import amqp_client, link_of
 
 pytestmark = pytest.mark.timeout(240)

@@ -25,7 +25,7 @@ from typing import IO
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect, sync_playwright
 
-from tests.brokers.nodes import free_ports, port_answers
+from testbed.brokers.nodes import free_ports, port_answers
 from tests.conftest import Broker
 
 REPO = Path(__file__).resolve().parents[2]

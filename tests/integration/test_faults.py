@@ -1,4 +1,4 @@
-"""Network faults between the layer and the real broker, made by a TCP proxy (tests/faults/proxy.py).
+"""Network faults between the layer and the real broker, made by a TCP proxy (testbed/faults/proxy.py).
 
 Each test names the behaviour it proves. The layers under test reach RabbitMQ through
 the proxy; their peers (the other end of a send or a group) connect directly, so that
@@ -18,8 +18,8 @@ import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
+from testbed.faults.proxy import FaultProxy
 from tests.conftest import Broker, LayerFactory, eventually, link_of, rabbitmqctl
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [
     pytest.mark.timeout(60),

@@ -16,8 +16,8 @@ from urllib.parse import quote
 import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
+from testbed.faults.proxy import FaultProxy
 from tests.conftest import Broker, eventually, rabbitmqctl
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 

@@ -27,8 +27,8 @@ from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError,
 from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
 from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import FLUSH_ROUTING_KEY, control_properties
+from testbed.faults.proxy import FaultProxy
 from tests.conftest import TIMERS_EARLY, Broker, LayerFactory, eventually, link_of, rabbitmqctl
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop
 

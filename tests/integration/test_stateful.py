@@ -37,8 +37,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import RabbitmqLayerError
+from testbed.faults.proxy import FaultProxy
 from tests.conftest import LOOP_FACTORIES, Broker, new_loops_of_kind
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.no_unretrieved_errors]
 

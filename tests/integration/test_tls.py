@@ -1,6 +1,6 @@
 """TLS (amqps://) against real RabbitMQ nodes with a test CA: server checks, client certificates.
 
-Two extra nodes on this machine (:mod:`tests.brokers.nodes`), TLS listeners only, both
+Two extra nodes on this machine (:mod:`testbed.brokers.nodes`), TLS listeners only, both
 trusting the test CA for client certificates (``verify_peer``): ``optional`` accepts
 clients without a certificate, ``mutual`` requires one (``fail_if_no_peer_cert``). The
 user has a password of its own, so the tests can check that no error message shows it.
@@ -21,8 +21,8 @@ import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError, BrokerTLSError
-from tests.brokers.certs import CertificateAuthority, Issued
-from tests.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
+from testbed.brokers.certs import CertificateAuthority, Issued
+from testbed.brokers.nodes import Node, NodeError, Nodes, unavailable_reason
 from tests.conftest import link_of
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop

@@ -15,9 +15,9 @@ import pytest
 
 from channels_rabbitmq.exceptions import TooManyChannelsError
 from channels_rabbitmq.link.normal import FIRST_NORMAL_CHANNEL_ID
-from tests.brokers.nodes import NodeError, Nodes, unavailable_reason
+from testbed.brokers.nodes import NodeError, Nodes, unavailable_reason
+from testbed.faults.proxy import FaultProxy
 from tests.conftest import Broker, LayerFactory, eventually, link_of
-from tests.faults.proxy import FaultProxy
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import nodes
+from testbed.brokers import nodes
 from tests.conftest import Broker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -226,9 +226,9 @@ def test_without_rabbitmq_and_without_root_it_prints_the_install_command() -> No
     project = Path(tempfile.mkdtemp(prefix="channels-rabbitmq-no-broker-", dir=nodes.reachable_tmp()))
     try:
         (project / "scripts").mkdir()
-        (project / "tests" / "brokers").mkdir(parents=True)
+        (project / "testbed" / "brokers").mkdir(parents=True)
         shutil.copy(WITH_BROKER, project / "scripts" / "with-broker")
-        for name in ("tests/__init__.py", "tests/brokers/__init__.py", "tests/brokers/nodes.py"):
+        for name in ("testbed/__init__.py", "testbed/brokers/__init__.py", "testbed/brokers/nodes.py"):
             shutil.copy(REPO / name, project / name)
         for path in [project, *project.rglob("*")]:
             path.chmod(0o755 if path.is_dir() else 0o644)
