@@ -98,7 +98,7 @@ class LinkStats:
     confirmed: int = 0  # ... that RabbitMQ accepted (basic.ack)
     refused: int = 0  # ... that it refused (basic.nack: a queue at capacity): ChannelFull for send()
     publish_failed: int = 0  # ... that got no answer: connection lost or blocked before the confirm
-    received: int = 0  # deliveries from RabbitMQ (messages for channels and groups, control messages)
+    received: int = 0  # messages for channels and groups from RabbitMQ (not the control messages)
     delivered: int = 0  # messages handed to a receive()
     dropped: Mapping[str, int] = field(default_factory=lambda: _frozen(dict.fromkeys(DROP_REASONS, 0)))
     held: int = 0  # messages from RabbitMQ waiting in memory to be read (a group's counts once)
