@@ -247,8 +247,9 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """Empty the layer in every process: buffered messages, queues, memberships and bindings.
 
         This layer's own queues first; then every other process's link flushes and answers,
-        and the call returns once all of them have (within ``connect_timeout``).
-        See docs/guarantees/across-processes.md.
+        and the call returns once all of them have (within ``connect_timeout``); links that go
+        away meanwhile are not waited for, and this layer's links whose event loop is closed are
+        forgotten first. See docs/guarantees/across-processes.md.
         """
         if self._links.closed:
             return

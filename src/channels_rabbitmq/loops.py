@@ -73,7 +73,21 @@ class Links:
 
     def all(self) -> list[BrokerLink]:
         self.check_fork()
+        self.forget_closed_loops()
         return list(self._by_queue.values())
+
+    def forget_closed_loops(self) -> None:
+        """Forget the links whose event loop was closed (sync code, a command or a test that made
+        a loop, used the layer in it, and closed it), and close their sockets: nothing else can."""
+        with self._lock:
+            dead = [link for link in self._by_queue.values() if link.loop.is_closed()]
+            for link in dead:
+                if self._by_loop.get(link.loop) is link:
+                    del self._by_loop[link.loop]
+                del self._by_queue[link.queue_name]
+                self._retired = retire(self._retired, link.stats())
+        for link in dead:
+            link.abandon()
 
     def owner(self, channel: str, operation: str) -> BrokerLink:
         """The link that receives ``channel``; ``ValueError`` when no link of ours does."""
@@ -109,6 +123,7 @@ class Links:
         self.check_fork()
         if self.closed:
             raise ChannelLayerClosedError("the channel layer is closed")
+        self.forget_closed_loops()
         loop = asyncio.get_running_loop()
         link = self._by_loop.get(loop)
         if link is not None:
@@ -246,8 +261,11 @@ class Links:
             io_thread, self._io_thread = self._io_thread, None
             self._shared = None
         for link in links:
+            if link.loop.is_closed():
+                link.abandon()  # nothing can run there: its sockets are closed from here
+                continue
             if not link.loop.is_running() and link.loop is not asyncio.get_running_loop():
-                continue  # nothing can run there; its connections die with the loop or the process
+                continue  # nothing can run there now; its connections die with the loop or the process
             try:
                 await self.call(link, link.close)
             except (RuntimeError, ChannelLayerClosedError, asyncio.TimeoutError):

@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
@@ -448,6 +450,26 @@ class AmqpConnection(asyncio.Protocol):
         """Drop the connection at once (no closing handshake)."""
         if self._transport is not None:
             self._transport.abort()
+
+    def abandon(self) -> None:
+        """Close the socket of a connection whose event loop is closed: no callback of it can run
+        any more, so :meth:`abort` cannot finish there. From any thread.
+
+        uvloop closes its sockets with the loop; asyncio's selector loop leaves them open (the
+        broker would keep the connection, its queue and its consumers), so the socket is shut
+        down and closed here, and detached from its transport, which would otherwise close it
+        again when collected.
+        """
+        transport, self._transport = self._transport, None
+        if transport is None or not self._loop.is_closed():
+            return
+        raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None) or transport
+        sock = getattr(raw, "_sock", None)  # where asyncio's selector transports keep it
+        if isinstance(sock, socket.socket):
+            setattr(raw, "_sock", None)  # noqa: B010 (a private attribute of asyncio, set on purpose)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     def _fail_pending(self, error: ConnectionFailed) -> None:
         self._requests.fail_all(error)

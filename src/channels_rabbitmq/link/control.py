@@ -66,6 +66,8 @@ OP_REPLY = "reply"
 MAX_PERFORMING = 10_000
 #: Request ids remembered against replays (with ``encryption_keys``); the oldest go first.
 MAX_REMEMBERED = 100_000
+#: While a flush() misses replies, how often it counts the roll call again (seconds).
+RECOUNT_EVERY = 0.25
 
 
 class ControlledLink(Protocol):
@@ -153,11 +155,16 @@ class Control:
 
     async def flush(self) -> None:
         """Have every link (of every process) flush; returns once each one counted by the roll
-        call has replied, or raises :class:`BrokerTimeoutError` after ``connect_timeout``."""
+        call has replied, or raises :class:`BrokerTimeoutError` after ``connect_timeout``.
+
+        The roll call is counted again every :data:`RECOUNT_EVERY` seconds while replies are
+        missing: a link that went away meanwhile (its process ended, its event loop was closed)
+        is not waited for."""
         publisher = await self._link.control_ready()
         deadline = self.loop.time() + self.config.connect_timeout
         expected = await self._link.count_links()
         request = self._start(expected)
+        recounting = self.loop.create_task(self._recount(request))
         try:
             exchange = self.config.groups_exchange.encode()
             outcome = self._publish(publisher, request, OP_FLUSH, exchange, FLUSH_ROUTING_KEY, {})
@@ -169,6 +176,7 @@ class Control:
             if await self._link.count_links() <= len(request.replies):
                 return
         finally:
+            recounting.cancel()
             self._finish(request)
         raise BrokerTimeoutError(
             f"flush(): {len(request.replies)} of {expected} channel layer queues flushed and answered "
@@ -177,6 +185,18 @@ class Control:
             timeout=self.config.connect_timeout,
             url=self.config.description,
         )
+
+    async def _recount(self, request: _Request) -> None:
+        """While ``request`` misses replies, count the roll call again now and then; once no more
+        links answer it than have replied, the request is answered."""
+        while not request.answered.done():
+            await asyncio.sleep(RECOUNT_EVERY)
+            try:
+                still_there = await self._link.count_links()
+            except Exception:  # the wait for replies reports the connection's trouble
+                return
+            if still_there <= len(request.replies) and not request.answered.done():
+                request.answered.set_result(None)
 
     def _start(self, expected: int) -> _Request:
         request = _Request(self.loop, expected)

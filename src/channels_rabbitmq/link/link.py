@@ -379,6 +379,15 @@ class BrokerLink:
         self.normal.close()
         await asyncio.gather(self.consuming.close(), self.publishing.close())
 
+    def abandon(self) -> None:
+        """This link's event loop is closed: nothing of it can run any more. Mark it closed and
+        close its sockets from here, so that RabbitMQ drops its queue and its roll-call consumer
+        (a flush() elsewhere then stops counting it)."""
+        self.closed = True
+        for supervisor in (self.consuming, self.publishing):
+            if supervisor.connection is not None:
+                supervisor.connection.abandon()
+
     # Connections coming and going -------------------------------------------------------------
 
     async def _set_up_publishing(self, connection: AmqpConnection) -> None:
