@@ -37,6 +37,12 @@ _CREDENTIALS = re.compile(
     r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)?(?P<username>[a-zA-Z0-9\-_.~%]*)(?P<password>:.*)?",
     re.DOTALL,
 )
+# Without an "@", what may stand between "scheme://" and the path and be no secret: a host (a name,
+# an address or an IPv6 literal) and a port of digits. Anything else may be "user:password" whose
+# "@" was percent-encoded or left out.
+_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.\-]*:)?//")
+_HOST_AND_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:/?#\[\]@\s]*)(:[0-9]*)?")
+_PLAIN_USERNAME = re.compile(r"[a-zA-Z0-9\-_.~%]*")
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,7 @@ def parse_amqp_url(url: str) -> BrokerAddress:
         port = parts.port
     except ValueError:
         parts = None  # raised below, outside this block: no chained error that quotes the URL
-    if parts is None:
+    if parts is None or not _HOST_AND_PORT.fullmatch(parts.netloc):  # urlsplit lets junk by a [...]
         raise ValueError(f"host is not a valid AMQP URL (bad host or port): {_without_password(url)}")
     username, colon, password = userinfo.partition(":")
     scheme = parts.scheme.lower()
@@ -121,12 +127,27 @@ def _without_password(url: str) -> str:
     """
     credentials, at, location = url.rpartition("@")
     if not at:
-        return url
+        return _without_userinfo(url)
     shown = _CREDENTIALS.fullmatch(credentials)
     if shown is None:
         return f"***@{location}"
     scheme, username, password = shown.group("scheme", "username", "password")
     return f"{scheme or ''}{username}{':***' if password is not None else ''}@{location}"
+
+
+def _without_userinfo(url: str) -> str:
+    """A URL with no ``@``: its part before the path is shown only if it is a host and a port;
+    otherwise it may be ``user:password`` (``amqp://app:S3cret%40host/v``, ``amqp://user:S3cret``),
+    and everything from its first ``:`` on is masked, the path included (where the password ends
+    cannot be known)."""
+    scheme = _SCHEME.match(url)
+    prefix = scheme.group(0) if scheme else ""
+    rest = url[len(prefix) :]
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if _HOST_AND_PORT.fullmatch(netloc) or ":" not in netloc:
+        return url
+    username = netloc.partition(":")[0]
+    return f"{prefix}{username if _PLAIN_USERNAME.fullmatch(username) else '***'}:***"
 
 
 @dataclass(frozen=True)

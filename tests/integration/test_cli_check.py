@@ -153,8 +153,16 @@ def test_nothing_to_check_exits_2_and_says_what_to_give() -> None:
     assert run.stdout == ""
 
 
-def test_a_malformed_url_is_a_settings_problem_that_hides_the_password() -> None:
-    run = check(f"amqp://someone:{quote(PASSWORD, safe='')}@localhost:notaport/vhost")
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"amqp://someone:{quote(PASSWORD, safe='')}@localhost:notaport/vhost",
+        f"amqp://someone:{quote(PASSWORD, safe='')}%40localhost/vhost",  # its "@" percent-encoded
+        f"amqp://someone:{quote(PASSWORD, safe='')}",  # no host at all
+    ],
+)
+def test_a_malformed_url_is_a_settings_problem_that_hides_the_password(url: str) -> None:
+    run = check(url)
     assert run.status == 1, run.output
     assert run.line("FAIL  settings").startswith("FAIL  settings: host is not a valid AMQP URL")
     assert "skip  connect, permissions, layer, latency" in run.stdout

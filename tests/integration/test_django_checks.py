@@ -95,6 +95,18 @@ def test_the_app_registers_its_checks_and_a_good_config_passes(django_checks: An
             "not a valid AMQP URL",
             "Configuration page",
         ),
+        (  # the "@" percent-encoded: nothing marks where the password ends
+            {"host": f"amqp://app:{URL_PASSWORD}%40rmq2.example.com/asgi"},
+            "channels_rabbitmq.E004",
+            "not a valid AMQP URL",
+            "Configuration page",
+        ),
+        (
+            {"host": f"amqp://app:{URL_PASSWORD}"},
+            "channels_rabbitmq.E004",
+            "not a valid AMQP URL",
+            "Configuration",
+        ),
     ],
 )
 def test_a_bad_config_is_an_error_with_a_stable_id_and_a_hint(

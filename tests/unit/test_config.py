@@ -405,6 +405,12 @@ def test_default_host_is_local_guest_on_the_root_vhost():
         ("amqp://user:{pw}@host:99999/v", "not a valid"),
         ("amqp://user:{pw}@host:port/v", "not a valid"),
         ("amqp://user:{pw}@[::1/v", "not a valid"),
+        # No "@" to find the password by: percent-encoded, or left out.
+        ("amqp://app:{pw}%40rmq2.example.com/asgi", "not a valid"),
+        ("amqp://app:{pw}%40rmq2.example.com:5672/asgi", "not a valid"),
+        ("amqp://user:{pw}", "not a valid"),
+        ("amqps://user:{pw}/v", "not a valid"),
+        ("user:{pw}", "amqp://"),
     ],
 )
 def test_invalid_urls_raise_value_error_without_the_password(url, match):
@@ -519,6 +525,32 @@ def test_no_error_or_address_built_from_any_host_string_shows_its_password(url: 
         return
     assert_hidden(str(address))
     assert_hidden(repr(address))
+
+
+@st.composite
+def urls_with_a_password_and_no_at(draw: st.DrawFn) -> str:
+    """URL-like strings where ``user:password`` lost its ``@`` (percent-encoded, or left out)."""
+    schemes = ["", "amqp://", "amqps://", "AMQP://", "amqp:", "http://", "//"]
+    scheme = draw(st.sampled_from(schemes))
+    username = draw(
+        st.sampled_from(["", "user", "us%40er", "[u]"]) | st.text(alphabet="abcz09_-.%", max_size=6)
+    )
+    no_delimiter = st.text(alphabet="abcz0123:%[].!-_ ~+=&", max_size=8)  # nothing that ends a netloc
+    password = draw(no_delimiter) + draw(st.sampled_from([MARK, ENCODED_MARK])) + draw(no_delimiter)
+    rest = draw(st.sampled_from(["", "%40host", "%40host:5672", "%40[::1]", "/", "/%2F", "/a/b", "?q", "#f"]))
+    return f"{scheme}{username}:{password}{rest}"
+
+
+@settings(max_examples=1500, deadline=None, database=None)
+@given(urls_with_a_password_and_no_at())
+def test_no_error_for_a_host_string_whose_at_is_missing_shows_its_password(url: str) -> None:
+    try:
+        address = parse_amqp_url(url)
+    except ValueError as error:
+        assert_hidden(str(error))
+        assert_hidden("".join(traceback.format_exception(error)))
+        return
+    assert_hidden(str(address))
 
 
 @pytest.mark.parametrize(

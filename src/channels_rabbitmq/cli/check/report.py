@@ -95,9 +95,13 @@ def passwords_in(url: object) -> set[str]:
         return set()
     _scheme, separator, rest = url.partition("://")
     userinfo, at, _location = rest.rpartition("@")
-    if not separator or not at or ":" not in userinfo:
+    if separator and not at:  # its "@" percent-encoded or left out: the password may run to the end
+        userinfo = rest
+    if not separator or ":" not in userinfo:
         return set()
     username, _, raw = userinfo.partition(":")
+    if not at and raw.split("/", 1)[0].isdigit():
+        return set()  # host:port
     spellings = {raw, unquote(raw), quote(unquote(raw), safe="")}
     return {
         secret
