@@ -31,6 +31,13 @@ LOCAL_PART_LENGTH = 12
 MAX_PREFIX_LENGTH = 99 - QUEUE_NAME_LENGTH - 1 - LOCAL_PART_LENGTH
 
 _PREFIX = re.compile(r"[a-zA-Z0-9\-_.]*")
+_LAYER_QUEUE = re.compile(rf"{re.escape(QUEUE_PREFIX)}[A-Za-z0-9]{{{QUEUE_NAME_LENGTH - len(QUEUE_PREFIX)}}}")
+
+
+def is_layer_queue(name: object) -> bool:
+    """``name`` has the shape of a link's exclusive queue (``channels.`` and 12 letters or digits):
+    never a normal channel's queue, the roll call or any other name on the vhost."""
+    return isinstance(name, str) and _LAYER_QUEUE.fullmatch(name) is not None
 
 
 def channel_name_start(prefix: object) -> str:

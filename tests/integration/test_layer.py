@@ -250,7 +250,7 @@ async def test_another_amqp_producer_can_publish_to_a_group(make_layer: LayerFac
     """The documented wire format: msgpack body, groups exchange, routing key = group."""
     import msgpack
 
-    from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
+    from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 
     receiver, producer = make_layer(), make_layer()
     channel = await receiver.new_channel()

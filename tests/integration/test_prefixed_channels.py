@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
+from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import channel_properties
 from tests.conftest import Broker, LayerFactory, link_of
 

@@ -24,8 +24,8 @@ from channels.exceptions import ChannelFull
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.encryption import generate_key
 from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError, ReplyCode
+from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
-from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import FLUSH_ROUTING_KEY, control_properties
 from testbed.faults.proxy import FaultProxy
 from tests.conftest import TIMERS_EARLY, Broker, LayerFactory, eventually, link_of, rabbitmqctl
@@ -422,3 +422,85 @@ async def test_flush_alone_on_the_broker_returns_at_once(layers: LayerFactory) -
     await layer.flush()
     print(f"two flush() calls with no other process: {(time.monotonic() - started) * 1000:.0f} ms")
     assert time.monotonic() - started < 5
+
+
+# Control messages from another client on the vhost (without encryption_keys) -----------------------
+
+
+def request_id() -> str:
+    return secrets.token_hex(8)  # 16 letters and digits, as the layer's own
+
+
+async def test_a_flush_whose_reply_is_steered_to_a_normal_queue_is_dropped_everywhere(
+    layers: LayerFactory, exchange: str
+) -> None:
+    """A writer on the groups exchange asks every process to flush and to answer into a normal
+    channel's queue (one it may not write to itself): nobody flushes, nothing reaches the worker."""
+    reader, forger, worker = layers(), layers(), layers()
+    channel = await reader.new_channel()
+    await forger.new_channel()  # a link of its own on this loop
+    await forger.send(channel, {"type": "kept"})
+    await eventually(lambda: link_of(reader).router.held == 1, "the message buffered")
+    jobs = f"jobs-{request_id()}"
+    await worker.send(jobs, {"type": "job", "n": 1})  # the normal channel's queue exists
+    publisher = link_of(forger).publishing.connection
+    assert publisher is not None
+    dropped = link_of(reader).dropped[DROPPED_UNDECODABLE]
+    for reply_to in (f"channels.normal.{jobs}", "channels.roll-call:" + exchange, "anything"):
+        body = msgpack.packb({"id": request_id(), "reply_to": reply_to})
+        await publisher.publish(
+            PUBLISH_CHANNEL, exchange.encode(), FLUSH_ROUTING_KEY.encode(), control_properties("flush"), body
+        )
+    await eventually(lambda: link_of(reader).dropped[DROPPED_UNDECODABLE] == dropped + 3, "the drops")
+    assert link_of(reader).router.held == 1  # not flushed
+    assert await receive(worker, jobs) == {"type": "job", "n": 1}  # no reply before the job
+    assert await receive(reader, channel) == {"type": "kept"}
+
+
+async def test_a_group_call_by_the_flush_route_or_with_extra_fields_is_dropped(
+    layers: LayerFactory, exchange: str
+) -> None:
+    owner, forger = layers(), layers()
+    channel = await owner.new_channel()
+    await forger.new_channel()
+    publisher = link_of(forger).publishing.connection
+    assert publisher is not None
+    reply_to = link_of(forger).queue_name
+    valid = {"id": request_id(), "reply_to": reply_to, "group": "room", "channel": channel}
+    dropped = link_of(owner).dropped[DROPPED_UNDECODABLE]
+    # Over the flush route, to every process: a group call goes to one link's queue only.
+    await publisher.publish(
+        PUBLISH_CHANNEL,
+        exchange.encode(),
+        FLUSH_ROUTING_KEY.encode(),
+        control_properties("group_add"),
+        msgpack.packb(valid),
+    )
+    # The right route, with a megabyte more: held for group_expiry, it would grow the process.
+    padded = {**valid, "id": request_id(), "padding": "x" * 1_000_000}
+    queue = link_of(owner).queue_name.encode()
+    await publisher.publish(
+        PUBLISH_CHANNEL, b"", queue, control_properties("group_add"), msgpack.packb(padded)
+    )
+    await eventually(lambda: link_of(owner).dropped[DROPPED_UNDECODABLE] == dropped + 2, "the drops")
+    assert not link_of(owner).router.has_members("room")
+    await forger.group_add("room", channel)  # the layer's own call still works
+    assert link_of(owner).router.has_members("room")
+
+
+async def test_a_normal_channel_hands_its_receive_only_messages_sent_to_it(layers: LayerFactory) -> None:
+    """A message with the layer's control header, or published to the normal channel's queue by
+    another route, is dropped (and counted), never handed to a worker's receive()."""
+    worker, forger = layers(), layers()
+    await forger.new_channel()  # a link of its own on this loop
+    jobs = f"jobs-{request_id()}"
+    await forger.send(jobs, {"type": "job", "n": 0})
+    assert await receive(worker, jobs) == {"type": "job", "n": 0}
+    publisher = link_of(forger).publishing.connection
+    assert publisher is not None
+    queue = f"{worker.config.normal_channel_prefix}{jobs}".encode()
+    reply = msgpack.packb({"id": request_id(), "queue": link_of(forger).queue_name})
+    await publisher.publish(PUBLISH_CHANNEL, b"", queue, control_properties("reply"), reply)
+    await forger.send(jobs, {"type": "job", "n": 1})
+    assert await receive(worker, jobs) == {"type": "job", "n": 1}
+    assert link_of(worker).dropped[DROPPED_UNDECODABLE] >= 1

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from channels_rabbitmq.exceptions import TooManyChannelsError
-from channels_rabbitmq.link.normal import FIRST_NORMAL_CHANNEL_ID
+from channels_rabbitmq.link.channel_plan import FIRST_NORMAL_CHANNEL_ID
 from testbed.brokers.nodes import NodeError, Nodes, unavailable_reason
 from testbed.faults.proxy import FaultProxy
 from tests.conftest import Broker, LayerFactory, eventually, link_of

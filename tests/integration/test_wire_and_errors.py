@@ -12,7 +12,7 @@ import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
-from channels_rabbitmq.link.topology import PUBLISH_CHANNEL
+from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, LayerFactory, link_of
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -50,7 +51,14 @@ from ..exceptions import (
 )
 from ..names import is_normal_channel, is_valid_channel_name, is_valid_group_name
 from ..serializers import MalformedMessage
-from ..wire import CONTROL_HEADER, FLUSH_ROUTING_KEY, control_destination, control_properties, queue_of
+from ..wire import (
+    CONTROL_HEADER,
+    FLUSH_ROUTING_KEY,
+    control_destination,
+    control_properties,
+    is_layer_queue,
+    queue_of,
+)
 from .channel_plan import PUBLISH_CHANNEL
 from .errors import translated
 from .topology import random_name, retrieve
@@ -68,6 +76,15 @@ MAX_PERFORMING = 10_000
 MAX_REMEMBERED = 100_000
 #: While a flush() misses replies, how often it counts the roll call again (seconds).
 RECOUNT_EVERY = 0.25
+#: A request's id: what _Request makes (random_name(16)).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9]{16}")
+#: The fields of each control message, required and optional: nothing else is accepted.
+_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    OP_FLUSH: (frozenset({"id", "reply_to"}), frozenset()),
+    OP_GROUP_ADD: (frozenset({"id", "reply_to", "group", "channel"}), frozenset()),
+    OP_GROUP_DISCARD: (frozenset({"id", "reply_to", "group", "channel"}), frozenset()),
+    OP_REPLY: (frozenset({"id", "queue"}), frozenset({"refused"})),
+}
 
 
 class ControlledLink(Protocol):
@@ -281,13 +298,26 @@ class Control:
         """
         headers = delivery.headers or {}
         operation = headers.get(CONTROL_HEADER)
-        if operation not in (OP_GROUP_ADD, OP_GROUP_DISCARD, OP_FLUSH, OP_REPLY):
+        if operation not in _FIELDS:
             raise MalformedMessage(f"unknown control operation {operation!r}")
+        # Where the layer's own protocol sends each one: flush() to every link through the groups
+        # exchange; group calls and replies to one link's queue through the default exchange.
+        came_by = (delivery.exchange, delivery.routing_key)
+        if came_by != (
+            (self.config.groups_exchange, FLUSH_ROUTING_KEY)
+            if operation == OP_FLUSH
+            else ("", self._queue_name)
+        ):
+            raise MalformedMessage(f"{operation} control message by an unexpected route {came_by!r}")
         fields, _body = self._codec.decode(
             delivery.body, control_destination(operation, delivery.routing_key)
         )
-        request_id, queue = fields.get("id"), fields.get("reply_to" if operation != OP_REPLY else "queue")
-        if type(request_id) is not str or type(queue) is not str or not 0 < len(queue.encode()) < 256:
+        required, optional = _FIELDS[operation]
+        if not required <= fields.keys() <= required | optional:
+            raise MalformedMessage(f"{operation} control message with other fields than the layer's")
+        request_id, queue = fields["id"], fields["reply_to" if operation != OP_REPLY else "queue"]
+        # Replies go to a link's own queue, never to a normal channel's or any other name.
+        if type(request_id) is not str or not _REQUEST_ID.fullmatch(request_id) or not is_layer_queue(queue):
             raise MalformedMessage(f"{operation} control message without a valid id and queue")
         if operation == OP_REPLY:
             refused = fields.get("refused")

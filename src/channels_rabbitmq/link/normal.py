@@ -330,8 +330,20 @@ class NormalChannels:
         if isinstance(delivery, UndecodableDelivery):
             self._drop(connection, receiver, delivery.channel_id, delivery.delivery_tag, delivery.reason)
             return
+        # Only what the layer sends a normal channel: a send() (default exchange, its queue) or a
+        # group_send() (the groups exchange), both without headers. Anything else, such as a control
+        # reply another client on the vhost steered here, is dropped, never handed to a receive().
+        from_a_group = delivery.exchange == self._groups_exchange
+        if delivery.headers or not (
+            from_a_group or (delivery.exchange, delivery.routing_key) == ("", receiver.queue)
+        ):
+            reason = (
+                f"not a message for the normal channel {receiver.name!r} (exchange {delivery.exchange!r})"
+            )
+            self._drop(connection, receiver, delivery.channel_id, delivery.delivery_tag, reason)
+            return
         # A group's message is sealed for the group; a send() for the channel.
-        destination = delivery.routing_key if delivery.exchange == self._groups_exchange else receiver.name
+        destination = delivery.routing_key if from_a_group else receiver.name
         try:
             message, _body = self.codec.decode(delivery.body, destination)
         except MalformedMessage as error:
