@@ -291,6 +291,7 @@ async def test_a_stalled_connection_is_noticed_by_heartbeats_and_replaced(
     await receiver.group_add("room", member)
     link = link_of(receiver)
     connections_before = proxy.accepted
+    replaced_before = (link.consuming.reconnections, link.publishing.reconnections)
     stalled_at = now()
     with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
         proxy.stall()  # only this connection: the reconnection goes through a fresh one
@@ -302,6 +303,18 @@ async def test_a_stalled_connection_is_noticed_by_heartbeats_and_replaced(
     assert 1 <= detected_in < 6
     assert "missed heartbeats" in warnings_of(caplog)[0]
     await reconnected(receiver, proxy, connections_before)
+    # Both connections were stalled; each notices on its own heartbeat, one maybe a moment after the
+    # other has been replaced. Until the consuming one is, a send reaches the old queue, which goes
+    # with its connection: wait for both.
+    await eventually(
+        lambda: (
+            link.consuming.reconnections > replaced_before[0]
+            and link.publishing.reconnections > replaced_before[1]
+            and link.is_connected
+        ),
+        "both connections replaced",
+        timeout=10,
+    )
     await sender.send(channel, {"type": "after.stall"})
     assert await receive(receiver, channel) == {"type": "after.stall"}
     await sender.group_send("room", {"type": "group.after.stall"})
