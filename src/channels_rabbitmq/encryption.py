@@ -12,6 +12,8 @@ bytes of length (big-endian), the destination in UTF-8, then the serialized body
 body captured on its way to one and republished to another is dropped. A body is also
 dropped when its Fernet timestamp is older than ``expiry`` plus :data:`CLOCK_SKEW_ALLOWANCE`,
 so that a captured body cannot be replayed after the message it was would have expired.
+Control requests are also remembered by id for :func:`acceptance_span`, and refused when
+sealed before the receiving link started (see :mod:`.link.control`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,18 @@ from .serializers import MalformedMessage
 #: sending and receiving hosts may differ by that much (Fernet itself refuses bodies
 #: stamped more than 60 s in the future).
 CLOCK_SKEW_ALLOWANCE = 60
+#: Fernet refuses bodies stamped more than this far in the future (cryptography's own limit).
+FUTURE_STAMP_LIMIT = 60
 
 _destination_size = struct.Struct(">H")
+
+
+def acceptance_span(expiry: float) -> float:
+    """How long after its first arrival a sealed body may still open: it is stamped at most
+    :data:`FUTURE_STAMP_LIMIT` s ahead of the receiver's clock, and opens until ``expiry`` plus
+    :data:`CLOCK_SKEW_ALLOWANCE` after its stamp. A request id remembered this long (and a second
+    more) cannot be replayed to the same process."""
+    return FUTURE_STAMP_LIMIT + math.ceil(expiry) + CLOCK_SKEW_ALLOWANCE
 
 
 def generate_key() -> str:
@@ -70,6 +82,10 @@ class BodyCipher:
                 "dropped as a possible replay"
             )
         return plaintext[2 + size :]
+
+    def sealed_at(self, token: bytes) -> float:
+        """When a body that opened was sealed, by the sender's clock (seconds since the epoch)."""
+        return float(self._fernet.extract_timestamp(token))
 
     def _why_not(self, token: bytes, max_age: float) -> str:
         """Tell an authentic but old body from one no key opens (only on the failure path)."""

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import struct
 import time
 
 import msgpack
 import pytest
 
-from channels_rabbitmq.encryption import CLOCK_SKEW_ALLOWANCE, generate_key
+from channels_rabbitmq.encryption import (
+    CLOCK_SKEW_ALLOWANCE,
+    FUTURE_STAMP_LIMIT,
+    acceptance_span,
+    generate_key,
+)
 from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
-from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
-from tests.conftest import Broker, LayerFactory, link_of
+from channels_rabbitmq.wire import (
+    FLUSH_ROUTING_KEY,
+    NO_PROPERTIES,
+    channel_properties,
+    control_destination,
+    control_properties,
+)
+from tests.conftest import Broker, LayerFactory, eventually, link_of
 
 GROUPS = b"groups"  # the default groups exchange
 
@@ -152,3 +164,51 @@ async def test_a_sealed_body_with_a_truncated_destination_is_dropped(make_layer:
     await receiver.send(channel, {"n": "after"})
     assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": "after"}
     assert link.dropped == {DROPPED_UNDECODABLE: 3}
+
+
+async def test_a_sealed_flush_captured_before_a_process_started_is_not_replayed_to_it(
+    make_layer: LayerFactory,
+) -> None:
+    """Each process remembers the request ids it performed; one that started later never saw the
+    original. A control request sealed before the receiving link started (a minute allowed for a
+    sender whose clock is behind) cannot have been for it: it is dropped as a replay."""
+    key = generate_key()
+    receiver, sender = make_layer(encryption_keys=[key]), make_layer(encryption_keys=[key])
+    channel = await receiver.new_channel()
+    await sender.new_channel()
+    link = link_of(receiver)
+    started = time.time()  # the receiver's link started just before
+    destination = control_destination("flush", FLUSH_ROUTING_KEY)
+    exchange = receiver.config.groups_exchange.encode()
+    publish = link_of(sender).publish
+
+    async def flush_stamped(when: float) -> None:
+        fields = {"id": secrets.token_hex(8), "reply_to": link_of(sender).queue_name}
+        body = sealed_at(key, destination, fields, when)
+        assert await publish(exchange, FLUSH_ROUTING_KEY.encode(), control_properties("flush"), body)
+
+    await sender.send(channel, {"type": "kept"})
+    await asyncio.wait_for(eventually(lambda: link.router.held == 1, "the message buffered"), 10)
+    # Captured 90 s before this process started (Fernet alone would still open it: expiry + 60 s).
+    await flush_stamped(started - CLOCK_SKEW_ALLOWANCE - 30)
+    await asyncio.wait_for(eventually(lambda: link.dropped[DROPPED_UNDECODABLE] == 1, "the drop"), 10)
+    assert link.router.held == 1  # not flushed
+    # A sender whose clock is 30 s behind: its fresh request is performed.
+    await flush_stamped(time.time() - 30)
+    await asyncio.wait_for(eventually(lambda: link.router.held == 0, "the flush"), 10)
+
+
+def test_a_request_id_is_remembered_as_long_as_its_sealed_body_opens() -> None:
+    """The replay memory against Fernet's own rules: a body stamped as far ahead of the receiver's
+    clock as Fernet allows still opens acceptance_span() after its arrival, and no later."""
+    from cryptography.fernet import Fernet, InvalidToken
+
+    expiry = 60
+    key = Fernet.generate_key()
+    arrival = 1_000_000.0
+    token = Fernet(key).encrypt_at_time(b"x", int(arrival + FUTURE_STAMP_LIMIT))
+    ttl = expiry + CLOCK_SKEW_ALLOWANCE  # what BodyCipher.open allows
+    span = acceptance_span(expiry)
+    assert Fernet(key).decrypt_at_time(token, ttl, int(arrival + span)) == b"x"
+    with pytest.raises(InvalidToken):
+        Fernet(key).decrypt_at_time(token, ttl, int(arrival + span + 1))

@@ -41,7 +41,7 @@ from ..amqp.errors import reply_code
 from ..amqp.protocol import Delivery
 from ..codec import MessageCodec
 from ..config import LayerConfig
-from ..encryption import CLOCK_SKEW_ALLOWANCE
+from ..encryption import CLOCK_SKEW_ALLOWANCE, acceptance_span
 from ..exceptions import (
     BrokerConnectionLostError,
     BrokerRefusedError,
@@ -137,7 +137,12 @@ class Control:
         # Without encryption anyone may send requests anyway: nothing to remember.
         self._performed: OrderedDict[str, float] = OrderedDict()
         self._remember = codec.cipher is not None
-        self._replay_window = config.expiry + CLOCK_SKEW_ALLOWANCE + 1
+        # A sealed request opens for acceptance_span() after it first arrives (its stamp may be a
+        # minute ahead of our clock): its id is remembered that long, so a replay finds it.
+        self._replay_window = acceptance_span(config.expiry) + 1
+        # ... and one sealed before this link started cannot be for it (it was not bound then, the
+        # sender's clock allowed a minute behind): a replay captured elsewhere, refused.
+        self._started = time.time()
 
     # Asking other links ------------------------------------------------------------------------
 
@@ -348,6 +353,9 @@ class Control:
                 raise MalformedMessage(f"{operation} control message for a channel of another queue")
             method = self._link.group_add if operation == OP_GROUP_ADD else self._link.group_discard
             action = functools.partial(method, group, channel)
+        cipher = self._codec.cipher
+        if cipher is not None and cipher.sealed_at(delivery.body) < self._started - CLOCK_SKEW_ALLOWANCE:
+            raise MalformedMessage(f"{operation} control message sealed before this link started: a replay")
         if not self._first_time(request_id):
             raise MalformedMessage(f"{operation} control message performed before: dropped as a replay")
         if len(self._performing) >= MAX_PERFORMING:
