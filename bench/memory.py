@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import resource
@@ -39,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from testbed.measure import resident_kib
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_CONFIGS = ["{}", '{"expiry": 5}']
@@ -53,11 +54,8 @@ HERE = Path(__file__).resolve()
 
 def rss_kib() -> int:
     """This process's resident set size in KiB (VmRSS), or its peak where /proc is missing."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return max_rss_kib()
+    current = resident_kib()
+    return max_rss_kib() if current is None else current
 
 
 def max_rss_kib() -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 from bench import scenarios
 from bench.scenarios import Layer, LayerPool
+from testbed.measure import percentile
 
 AXES = ("size", "groups", "channels")
 DEFAULT_SIZE = 100
@@ -146,8 +147,8 @@ def latency_figures(latencies: list[float]) -> dict[str, Any]:
     if not ordered:
         return {"latency_n": 0}
     return {
-        "p50_us": round(scenarios.nearest_rank(ordered, 0.5) * 1e6),
-        "p99_us": round(scenarios.nearest_rank(ordered, 0.99) * 1e6),
+        "p50_us": round(percentile(ordered, 0.5) * 1e6),
+        "p99_us": round(percentile(ordered, 0.99) * 1e6),
         "latency_n": len(ordered),
     }
 

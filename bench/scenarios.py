@@ -62,6 +62,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from testbed.measure import percentile
+
 T = TypeVar("T")
 
 #: Where the layer's config (JSON) may come from instead of --config: an environment variable
@@ -288,11 +290,6 @@ async def scenario_fanout(opts: Options, pool: LayerPool) -> dict[str, Any]:
     }
 
 
-def nearest_rank(ordered: list[float], q: float) -> float:
-    """The q-quantile of sorted samples, as ``ordered[int(q * len)]`` (clamped)."""
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
     """Ping-pong between two instances; latency of each round trip."""
     ping_layer, pong_layer = pool.make(), pool.make()
@@ -321,8 +318,8 @@ async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     samples.sort()
     return {
-        "p50_us": round(nearest_rank(samples, 0.5) * 1e6),
-        "p99_us": round(nearest_rank(samples, 0.99) * 1e6),
+        "p50_us": round(percentile(samples, 0.5) * 1e6),
+        "p99_us": round(percentile(samples, 0.99) * 1e6),
         "mean_us": round(statistics.fmean(samples) * 1e6),
         "seconds": round(seconds, 3),
         "n": opts.n,
@@ -460,8 +457,8 @@ async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
     latencies.sort()
     return {
         "seconds": round(seconds, 3),
-        "p50_ms": round(nearest_rank(latencies, 0.5) * 1e3, 2),
-        "p99_ms": round(nearest_rank(latencies, 0.99) * 1e3, 2),
+        "p50_ms": round(percentile(latencies, 0.5) * 1e3, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),
         "n": opts.n,
     }
 

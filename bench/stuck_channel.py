@@ -27,6 +27,7 @@ import statistics
 import time
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
+from testbed.measure import percentile
 
 
 async def measure(args: argparse.Namespace) -> dict[str, object]:
@@ -49,7 +50,7 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
             )
         link = next(iter(receiver._links.all()))
         await asyncio.sleep(1)
-        backlog_held = len(link.router._inboxes[stuck].entries)
+        backlog_held = link.router.held_by(stuck)
 
         latencies: list[float] = []
         group_latencies: list[float] = []
@@ -88,25 +89,23 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
         reader.cancel()
         ordered = sorted(latencies)
 
-        def percentile(values: list[float], fraction: float) -> float:
-            return (
-                values[min(len(values) - 1, int(fraction * len(values)))] * 1000 if values else float("nan")
-            )
+        def milliseconds(values: list[float], fraction: float) -> float:
+            return percentile(values, fraction) * 1000 if values else float("nan")
 
         return {
             "seconds": args.seconds,
             "rate": args.rate,
             "group_rate": args.group_rate,
             "stuck_held_at_start": backlog_held,
-            "stuck_held_at_end": len(link.router._inboxes[stuck].entries),
-            "dead_held_at_end": len(link.router._inboxes[dead].entries),
+            "stuck_held_at_end": link.router.held_by(stuck),
+            "dead_held_at_end": link.router.held_by(dead),
             "live_sent": sent[0],
             "live_received": len(latencies),
             "group_received": len(group_latencies),
-            "p50_ms": round(percentile(ordered, 0.50), 2),
-            "p99_ms": round(percentile(ordered, 0.99), 2),
+            "p50_ms": round(milliseconds(ordered, 0.50), 2),
+            "p99_ms": round(milliseconds(ordered, 0.99), 2),
             "max_ms": round(ordered[-1] * 1000, 2) if ordered else None,
-            "group_p99_ms": round(percentile(sorted(group_latencies), 0.99), 2),
+            "group_p99_ms": round(milliseconds(sorted(group_latencies), 0.99), 2),
             "mean_ms": round(statistics.fmean(ordered) * 1000, 2) if ordered else None,
             "dropped": dict(link.dropped),
         }

@@ -30,10 +30,11 @@ Each lost pair also gets a cause, from what the processes reported while it was 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+
+from testbed.measure import percentile
 
 DIRECT = "direct"
 GROUP = "group"
@@ -155,15 +156,11 @@ class Summary:
 
 
 def percentiles(values: Iterable[float]) -> Percentiles:
-    """Nearest-rank p50 and p99."""
+    """Nearest-rank p50 and p99 (:func:`testbed.measure.percentile`)."""
     ordered = sorted(values)
     if not ordered:
         return Percentiles(0, None, None)
-
-    def rank(fraction: float) -> float:
-        return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-    return Percentiles(len(ordered), rank(0.50), rank(0.99))
+    return Percentiles(len(ordered), percentile(ordered, 0.50), percentile(ordered, 0.99))
 
 
 class Ledger:

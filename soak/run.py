@@ -48,6 +48,7 @@ from soak.ledger import DIRECT, GROUP, FaultWindow, Ledger
 from soak.report import ProcessMemory, faults_table, summary_table
 from testbed.brokers.nodes import Node, NodeError, Nodes
 from testbed.faults.proxy import FaultProxy
+from testbed.measure import resident_kib
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROBE_GROUP = "soak-probe"
@@ -186,14 +187,7 @@ class Server:
         self.reader = asyncio.ensure_future(read())
 
     def resident_kib(self) -> int | None:
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return None
+        return resident_kib(self.process.pid)
 
     async def stop(self, timeout: float = 30) -> None:
         """Close stdin (the server closes its layer and exits); kill it if it takes too long."""

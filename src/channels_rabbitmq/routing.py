@@ -265,6 +265,11 @@ class LocalRouter:
             alive |= members
         return alive
 
+    def held_by(self, channel: str) -> int:
+        """Messages buffered for one channel (bench/stuck_channel.py reports it)."""
+        inbox = self._inboxes.get(channel)
+        return 0 if inbox is None else len(inbox.entries)
+
     @property
     def inbox_count(self) -> int:
         """Channels with an inbox (buffered messages or a waiting receive); ``layer.stats()`` and

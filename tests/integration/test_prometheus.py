@@ -10,6 +10,7 @@ Runs with the server on asyncio's loop and on uvloop.
 from __future__ import annotations
 
 import asyncio
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -80,9 +81,14 @@ async def test_metrics_move_with_the_traffic_of_a_running_server(server: Uvicorn
             await notify(server, f"metrics {index}")
             for client in clients.values():
                 assert (await receive_json(client))["text"] == f"metrics {index}"
+        # Each consumer waits in receive() again, once it has handled the last message.
+        deadline = time.monotonic() + 10
         during, _ = await asyncio.to_thread(scrape, server)
+        while value(during, "channels_rabbitmq_inboxes") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            during, _ = await asyncio.to_thread(scrape, server)
         assert value(during, "channels_rabbitmq_groups") == 1
-        assert value(during, "channels_rabbitmq_inboxes") >= 2  # each consumer waits in receive()
+        assert value(during, "channels_rabbitmq_inboxes") >= 2
 
     def moved(name: str, **labels: str) -> float:
         return value(during, name, **labels) - value(before, name, **labels)

@@ -65,6 +65,16 @@ def test_buffered_messages_are_held_until_taken_and_the_inbox_is_then_deleted():
     assert router.inbox_count == 0
 
 
+def test_held_by_counts_one_channels_buffered_messages():
+    router = make_router()
+    for n in range(3):
+        router.deliver("q!a", {"n": n}, 0)
+    router.deliver("q!b", {"n": 0}, 0)
+    assert (router.held_by("q!a"), router.held_by("q!b"), router.held_by("q!c")) == (3, 1, 0)
+    router.take("q!a", 1)
+    assert router.held_by("q!a") == 2
+
+
 def test_channels_have_separate_inboxes():
     router = make_router()
     router.deliver("q!a", {"to": "a"}, 0)

@@ -6,6 +6,7 @@ import pytest
 
 from soak.ledger import DIRECT, GROUP, QUEUE_GONE, REFUSED, UNEXPLAINED, FaultWindow, Ledger, percentiles
 from soak.report import ProcessMemory, faults_table, summary_table
+from testbed.measure import percentile
 
 MEMBERS = {"room": ["a", "b", "slow", "dead"], "hall": ["c"]}
 
@@ -217,3 +218,15 @@ def test_losses_outside_faults_get_a_cause_too() -> None:
     summary = ledger.summarize()
     assert summary.lost_outside_by_cause == {QUEUE_GONE: 1}
     assert summary.failures == ["lost outside any fault: 1"]
+
+
+def test_the_shared_percentile_is_nearest_rank_and_refuses_no_samples() -> None:
+    ordered = [float(n) for n in range(1, 101)]
+    assert (percentile(ordered, 0.5), percentile(ordered, 0.99), percentile(ordered, 1.0)) == (
+        50.0,
+        99.0,
+        100.0,
+    )
+    assert percentile([7.0], 0.0) == 7.0
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 0.5)

@@ -35,6 +35,7 @@ from ..exceptions import BrokerConnectionError, TooManyChannelsError
 from ..logs import RateLimitedLogger
 from ..routing import EMPTY, LocalRouter
 from ..serializers import MalformedMessage
+from ..wire import CHANNEL_HEADER, CONTROL_HEADER
 from .channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, channel
 from .errors import translated
 from .inbound import DROPPED_UNDECODABLE
@@ -331,11 +332,15 @@ class NormalChannels:
             self._drop(connection, receiver, delivery.channel_id, delivery.delivery_tag, delivery.reason)
             return
         # Only what the layer sends a normal channel: a send() (default exchange, its queue) or a
-        # group_send() (the groups exchange), both without headers. Anything else, such as a control
-        # reply another client on the vhost steered here, is dropped, never handed to a receive().
+        # group_send() (the groups exchange), without the layer's headers (RabbitMQ may add its own,
+        # such as a quorum queue's x-delivery-count). Anything else, such as a control reply another
+        # client on the vhost steered here, is dropped, never handed to a receive().
         from_a_group = delivery.exchange == self._groups_exchange
-        if delivery.headers or not (
-            from_a_group or (delivery.exchange, delivery.routing_key) == ("", receiver.queue)
+        headers = delivery.headers or {}
+        if (
+            CONTROL_HEADER in headers
+            or CHANNEL_HEADER in headers
+            or not (from_a_group or (delivery.exchange, delivery.routing_key) == ("", receiver.queue))
         ):
             reason = (
                 f"not a message for the normal channel {receiver.name!r} (exchange {delivery.exchange!r})"
