@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Run by its path: the project's root (for testbed.measure) goes last on the path.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from testbed.measure import resident_kib
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"

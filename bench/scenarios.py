@@ -60,8 +60,12 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+# Run by its path, from any virtualenv: the project's root (for testbed.measure, which needs only
+# the standard library) goes last on the path, after whatever that virtualenv has installed.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from testbed.measure import percentile
 
 T = TypeVar("T")

@@ -24,9 +24,14 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
+
+# Run by its path: the project's root (for testbed.measure) goes last on the path.
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from testbed.measure import percentile
 
 
