@@ -460,9 +460,10 @@ class AmqpConnection(asyncio.Protocol):
         down and closed here, and detached from its transport, which would otherwise close it
         again when collected.
         """
-        transport, self._transport = self._transport, None
+        transport = self._transport
         if transport is None or not self._loop.is_closed():
-            return
+            return  # a running or stopped loop can still close it: abort() is for that
+        self._transport = None
         raw = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None) or transport
         sock = getattr(raw, "_sock", None)  # where asyncio's selector transports keep it
         if isinstance(sock, socket.socket):
