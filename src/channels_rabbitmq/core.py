@@ -247,14 +247,16 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         """Empty the layer in every process: buffered messages, queues, memberships and bindings.
 
         This layer's own queues first; then every other process's link flushes and answers,
-        and the call returns once all of them have (within ``connect_timeout``); links that go
-        away meanwhile are not waited for, and this layer's links whose event loop is closed are
-        forgotten first. See docs/guarantees/across-processes.md.
+        and the call returns once every link in the roll call has (within ``connect_timeout``).
+        Only links whose event loop runs are in the roll call: links that go away meanwhile are
+        not waited for, one whose loop stopped is dropped from it within about 3 s (at once in
+        this process, where it is left as it is), and this layer's links whose event loop is
+        closed are forgotten first. See docs/guarantees/across-processes.md.
         """
         if self._links.closed:
             return
         for link in self._links.all():
-            await self._links.call(link, link.flush)
+            await self._links.flush_if_running(link)
         link = await self._links.for_this_loop()
         await self._links.call(link, link.control.flush)
 

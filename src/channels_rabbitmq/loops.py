@@ -246,6 +246,21 @@ class Links:
         handoff.taken()
         return message
 
+    async def flush_if_running(self, link: BrokerLink) -> None:
+        """``link.flush()`` on its loop, unless that loop is stopped: then nothing of the link can run,
+        and it is left as it is; it also steps out of the roll call, so that no flush() (this one
+        included) waits for it until its loop runs again (see :mod:`.link.roll_call`)."""
+        if link.loop is not asyncio.get_running_loop() and not link.loop.is_running():
+            link.roll_call.step_out()
+            return
+        try:
+            await self.call(link, link.flush)
+        except ChannelLayerClosedError:
+            if link.loop.is_running() or self.closed:
+                raise
+            # Its loop stopped (or closed) while flushing: as if it had been stopped before.
+            link.roll_call.step_out()
+
     # Closing --------------------------------------------------------------------------------
 
     async def close(self) -> None:

@@ -343,9 +343,9 @@ async def test_a_host_name_with_several_addresses_is_tried_address_by_address(
     started = time.monotonic()
     channel = await layer.new_channel()
     elapsed = time.monotonic() - started
-    # Each of the link's two connections tries ::1 first, then 127.0.0.1.
+    # Each of the link's three connections (consume, publish, roll call) tries ::1 first, then 127.0.0.1.
     assert tried[0] == "::1"
-    assert sorted(tried) == ["127.0.0.1", "127.0.0.1", "::1", "::1"]
+    assert sorted(tried) == ["127.0.0.1"] * 3 + ["::1"] * 3
     assert elapsed < 5
     assert (
         link_of(layer).consuming.connection.description

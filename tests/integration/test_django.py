@@ -269,7 +269,7 @@ async def test_many_notifications_arrive_once_each_and_in_order(
         server.assert_no_errors()
 
 
-async def test_each_server_uses_one_link_of_two_connections(
+async def test_each_server_uses_one_link_of_three_connections(
     uvicorn_servers: dict[str, UvicornServer], broker: Broker, connections_before_servers: int
 ) -> None:
     """Consumers, and sync views through async_to_sync, all use the server loop's own link."""
@@ -278,7 +278,8 @@ async def test_each_server_uses_one_link_of_two_connections(
             text = f"counting connections {sender}"
             await notify(uvicorn_servers[sender], text)
             await assert_everyone_got(clients, text, via=sender)
-        expected = connections_before_servers + 2 * len(uvicorn_servers)  # one publishes, one consumes
+        # One publishes, one consumes, one answers flush()'s roll call.
+        expected = connections_before_servers + 3 * len(uvicorn_servers)
         deadline = time.monotonic() + RECEIVE_TIMEOUT
         while (count := await asyncio.to_thread(broker.connection_count)) != expected:
             assert time.monotonic() < deadline, f"{count} connections in the vhost, expected {expected}"

@@ -323,7 +323,8 @@ async def test_a_stalled_connection_is_noticed_by_heartbeats_and_replaced(
     print(f"stall detected in {detected_in:.2f}s; messages flow again after {flowing_in:.2f}s")
     assert flowing_in < 15
     proxy.resume()  # the old connections learn they are over and go
-    await eventually(lambda: proxy.active == 2, "the stalled connections to close")
+    # The new connections are left: consume, publish, roll call.
+    await eventually(lambda: proxy.active == 3, "the stalled connections to close")
 
 
 async def test_a_slow_network_delivers_everything_in_order(layers: LayerFactory, proxy: FaultProxy) -> None:
@@ -341,7 +342,8 @@ async def test_a_slow_network_delivers_everything_in_order(layers: LayerFactory,
         await sender.group_send("room", {"type": "g", "i": index})
     assert [(await receive(receiver, channel))["i"] for _ in range(150)] == list(range(150))
     assert [(await receive(receiver, member))["i"] for _ in range(10)] == list(range(10))
-    assert proxy.accepted == 4  # two layers' two connections: nothing timed out and reconnected
+    # Two layers' three connections (consume, publish, roll call): nothing timed out and reconnected.
+    assert proxy.accepted == 6
 
 
 # Outages ------------------------------------------------------------------------------------------
@@ -451,7 +453,7 @@ async def test_a_cut_while_first_setting_up_raises_once_and_leaves_one_connectio
     channel = await layer.new_channel()  # the network is back: the caller tries again
     accepted = proxy.accepted
     await asyncio.sleep(3)  # longer than an attempt (connect_timeout) and its backoff
-    assert (proxy.active, proxy.accepted) == (2, accepted), "a third connection is being made"
+    assert (proxy.active, proxy.accepted) == (3, accepted), "a fourth connection is being made"
     await layer.send(channel, {"type": "m"})
     assert await receive(layer, channel) == {"type": "m"}
 

@@ -109,8 +109,9 @@ async def test_plain_threads_share_one_long_lived_connection(
     assert sorted(received) == [(t, n) for t in range(4) for n in range(50)]
     for index in range(4):  # each thread's messages in its own order
         assert [n for t, n in received if t == index] == list(range(50))
-    # this loop's link and the I/O thread's shared link: no connection per call
-    assert 1 <= peak_connections <= 4  # two links at most, each publishing and consuming
+    # This loop's link (consuming, publishing, roll call) and the I/O thread's shared link, which only
+    # publishes: no connection per call.
+    assert 1 <= peak_connections <= 4
     assert broker.connection_count() <= 4
     await layer.close()
     assert broker.connection_count() == 0
@@ -131,7 +132,7 @@ async def test_async_to_sync_inside_sync_to_async_uses_the_server_loop(
     await sync_to_async(view)()
     assert await asyncio.wait_for(layer.receive(member), 5) == {"type": "from.view"}
     assert await asyncio.wait_for(layer.receive(member), 5) == {"type": "direct.from.view"}
-    assert broker.connection_count() == 2  # no I/O thread was needed: one link's two connections
+    assert broker.connection_count() == 3  # no I/O thread: one link's consuming, publishing, roll call
 
 
 @pytest.mark.parametrize("loop_kind", LOOP_KINDS)
@@ -166,7 +167,7 @@ def test_async_to_sync_from_the_main_thread_without_a_loop(broker: Broker, loop_
             async_to_sync(layer.group_send)("tasks", {"type": "task", "n": n})
         received = [async_to_sync(layer.receive)(channel)["n"] for _ in range(20)]
         assert received == list(range(20))
-        assert broker.connection_count() == 2  # one link: a publishing and a consuming connection
+        assert broker.connection_count() == 3  # one link: consuming, publishing, and the roll call
         assert layer._links._io_thread is not None
         assert loop_kind_of(layer._links._io_thread.loop) == loop_kind
         async_to_sync(layer.close)()

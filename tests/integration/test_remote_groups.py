@@ -395,22 +395,27 @@ async def test_flush_with_a_stuck_process_raises_broker_timeout_error_within_con
     assert 1 - TIMERS_EARLY <= elapsed < 4  # connect_timeout=1
 
 
-async def test_the_roll_call_deleted_under_the_links_leaves_them_connected(
+async def test_the_roll_call_deleted_under_the_links_leaves_them_connected_and_comes_back(
     layers: LayerFactory, broker: Broker
 ) -> None:
     layer = layers()
     channel = await layer.new_channel()
     link = link_of(layer)
     connection = link.consuming.connection
+    roll_call_connection = link.roll_call.connection
     assert await link.count_links() == 1
-    # As when the node holding it fails: RabbitMQ cancels its consumers (basic.cancel).
-    await asyncio.to_thread(rabbitmqctl, "delete_queue", "-p", broker.vhost, link.topology.roll_call)
-    await asyncio.sleep(0.3)  # the cancel arrives within milliseconds; dropping the connection would show
+    # As when the node holding it fails: RabbitMQ cancels its consumers (basic.cancel). The roll
+    # call's own connection is replaced, and declares the queue again; the link's are not touched.
+    await asyncio.to_thread(rabbitmqctl, "delete_queue", "-p", broker.vhost, link.roll_call.queue)
+    await eventually(
+        lambda: link.roll_call.connection not in (None, roll_call_connection), "a new roll call connection"
+    )
+    assert await link.count_links() == 1
     assert link.consuming.connection is connection
+    assert connection is not None
     assert connection.is_open
     assert link.consuming.reconnections == 0
-    assert await link.count_links() == 0  # until a link declares it again
-    await layer.flush()  # nobody counted: it returns once the broker confirmed the broadcast
+    await layer.flush()
     await layer.send(channel, {"type": "still.here"})
     assert await receive(layer, channel) == {"type": "still.here"}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -471,6 +472,24 @@ class AmqpConnection(asyncio.Protocol):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def shut_down_socket(self) -> None:
+        """End the connection for the broker at once, from any thread, while this connection's
+        event loop is stopped: the socket is shut down both ways, but not closed. Its descriptor
+        stays open and registered with the loop, so nothing of the loop is disturbed; when the loop
+        runs again, it reads the end, and the loss is reported as any other."""
+        transport = self._transport
+        if transport is None:
+            return
+        raw = transport.get_extra_info("socket")
+        if raw is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            duplicate = socket.socket(fileno=os.dup(raw.fileno()))
+            try:
+                duplicate.shutdown(socket.SHUT_RDWR)
+            finally:
+                duplicate.close()
 
     def _fail_pending(self, error: ConnectionFailed) -> None:
         self._requests.fail_all(error)

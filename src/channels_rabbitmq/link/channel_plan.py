@@ -2,8 +2,9 @@
 
 Every connection of a link (and of the check command, which acts as one) uses the same numbers:
 1 publishes (confirm mode), 2 consumes the link's queue, 3 runs declarations and purges (a
-refused request there never disturbs publishing or consuming), 4 holds the roll call's consumer
-(a roll call that does not answer holds up nothing else), 5 to 36 bind and unbind groups in
+refused request there never disturbs publishing or consuming), 4 counts the roll call on the
+consuming connection and holds its consumer on the roll call's own connection (a roll call that does
+not answer holds up nothing else), 5 to 36 bind and unbind groups in
 parallel, and normal channels' readers take numbers from 37 up to the connection's
 ``channel_max``, given back when they close.
 """

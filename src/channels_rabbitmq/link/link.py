@@ -1,13 +1,15 @@
 """The broker link: the layer's operations for one event loop, on one queue.
 
-A link has two connections, each kept up by a :class:`~.supervisor.ConnectionSupervisor`:
+A link has three connections, each kept up by a :class:`~.supervisor.ConnectionSupervisor`:
 
 - the *consuming* connection declares the groups exchange and the link's exclusive
   queue, binds the groups that have local members, consumes and acknowledges
   (:mod:`.topology`, :mod:`.inbound`); it never publishes, so a broker resource alarm,
   which stops RabbitMQ reading from connections that publish, never stops delivery;
 - the *publishing* connection carries ``send()`` and ``group_send()`` with publisher
-  confirms. While the broker blocks it, publishes wait at most ``connection_wait``.
+  confirms. While the broker blocks it, publishes wait at most ``connection_wait``;
+- the *roll call's* connection holds the link's place in ``flush()``'s roll call while the
+  consuming connection hears ``flush()``; its short heartbeat is a lease (:mod:`.roll_call`).
 
 Each connects on first need. When one drops, it is replaced in the background; a new
 consuming connection re-declares the queue under the same name and re-binds every group
@@ -50,6 +52,7 @@ from .errors import layer_error, translated
 from .inbound import Inbound
 from .normal import NormalChannels
 from .notice import ReconnectNotice
+from .roll_call import RollCall
 from .supervisor import ConnectionSupervisor
 from .topology import Topology, random_name
 
@@ -71,6 +74,8 @@ class BrokerLink:
             channel_capacity=config.capacity_of if config.channel_capacity else config.capacity,
             decode=codec.decode_body,
         )
+        #: This link's place in flush()'s roll call, on a connection of its own (see :mod:`.roll_call`).
+        self.roll_call = RollCall(config, queue_name=queue_name)
         self.topology = Topology(
             config,
             loop,
@@ -79,6 +84,7 @@ class BrokerLink:
             consuming_connection=lambda: self.consuming.connection,
             publishing_connection=lambda: self.publishing.connected(),
             seal=codec.seal,
+            roll_call=self.roll_call,
         )
         dropped: Counter[str] = Counter()
         self.normal = NormalChannels(
@@ -377,7 +383,7 @@ class BrokerLink:
             self._blocked_timer.cancel()
         self.topology.close()
         self.normal.close()
-        await asyncio.gather(self.consuming.close(), self.publishing.close())
+        await asyncio.gather(self.consuming.close(), self.publishing.close(), self.roll_call.close())
 
     def abandon(self) -> None:
         """This link's event loop is closed: nothing of it can run any more. Mark it closed and
@@ -387,6 +393,7 @@ class BrokerLink:
         for supervisor in (self.consuming, self.publishing):
             if supervisor.connection is not None:
                 supervisor.connection.abandon()
+        self.roll_call.abandon()
 
     # Connections coming and going -------------------------------------------------------------
 

@@ -9,7 +9,7 @@
 - Every request is bounded by the broker's progress (:class:`~..amqp.channel.AmqpChannel`).
 
 - For control messages (:mod:`.control`), the consuming connection also binds the queue
-  to hear ``flush()`` and answers the roll call.
+  to hear ``flush()``; then the link attends the roll call (:mod:`.roll_call`).
 
 Which AMQP channel does what: :mod:`.channel_plan`.
 """
@@ -33,7 +33,6 @@ from ..exceptions import (
     BrokerConnectionError,
     BrokerConnectionLostError,
     BrokerRefusedError,
-    BrokerTimeoutError,
     ChannelLayerClosedError,
     RequestNotEncodableError,
 )
@@ -48,25 +47,10 @@ from .channel_plan import (
     channel,
 )
 from .errors import translated
+from .roll_call import RollCall
 
 logger = logging.getLogger(__name__)
 
-#: The roll call: a queue that never holds a message, which every link consumes from, so that
-#: its consumer count is the number of links that hear flush() (see control.py). It is shared, so
-#: it cannot be exclusive, and RabbitMQ 4.3 refuses transient shared queues: it is a quorum queue,
-#: which is durable, survives the loss of a cluster node, and expires a minute after its last link.
-ROLL_CALL_ARGUMENTS: dict[str, Any] = {
-    "x-queue-type": "quorum",
-    "x-max-length": 0,
-    "x-overflow": "reject-publish",
-    "x-expires": 60_000,
-}
-#: Its name, for a groups exchange. Until this release it was ``channels.links:<exchange>``, a transient
-#: classic queue: a new name, since a queue's type cannot change under its name.
-ROLL_CALL_QUEUE = "channels.roll-call:{exchange}"
-
-#: How long a consuming connection's set-up waits to join the roll call before going on without it.
-ROLL_CALL_JOIN_WAIT = 2.0
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})  # dropped unread, whatever the serializer
 QUEUE_LOCKED_RETRIES = 50  # 5 s for the broker to delete our previous connection's queue
@@ -91,6 +75,7 @@ class Topology:
         consuming_connection: Callable[[], AmqpConnection | None],
         publishing_connection: Callable[[], Awaitable[AmqpConnection]],
         seal: Callable[[bytes, str], bytes],
+        roll_call: RollCall,
     ) -> None:
         self.config = config
         self.loop = loop
@@ -101,11 +86,10 @@ class Topology:
         self._publishing_connection = publishing_connection
         self._seal = seal
         self._groups_exchange = config.groups_exchange
-        #: The roll call's queue: one per groups exchange (a flush() reaches one exchange's links).
-        self.roll_call = ROLL_CALL_QUEUE.format(exchange=config.groups_exchange)
+        #: This link's place in flush()'s roll call.
+        self.roll_call = roll_call
         self._bound: set[str] = set()  # groups bound on the current consuming connection
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
-        self._roll_call_joins: set[asyncio.Task[None]] = set()
         self._binding_connection: AmqpConnection | None = None  # see _binding_channel()
         self._binding_channels_open: list[AmqpChannel] = []
         # A consuming connection past its queue declaration, not yet installed: bindings go there.
@@ -161,7 +145,7 @@ class Topology:
                     if error.reply_code != ReplyCode.RESOURCE_LOCKED or last:
                         raise
                     await asyncio.sleep(0.1)
-            await self._hear_control(connection)
+            attending = await self._hear_control(connection)
             # From here on, group calls bind and unbind on this connection themselves, so the
             # groups bound below plus theirs are every group with members.
             self.setting_up = connection
@@ -178,56 +162,37 @@ class Topology:
             await consume.open(prefetch_count=config.prefetch_count, essential=True)
             await consume.consume(self.queue_name, "channels", exclusive=True)
             await self._probe(connection, arrival)
+            if attending is not None:
+                await attending
         except BaseException:
             if self.setting_up is connection:
                 self.setting_up = None
+            self.roll_call.leave()  # a link that is not consuming cannot answer a flush()
             raise
 
-    async def _hear_control(self, connection: AmqpConnection) -> None:
-        """Bind the queue to hear flush(), and answer the roll call. A refusal (a permission) costs
-        only that, and a warning: flush() from other processes does not reach this link.
-
-        The roll call is a quorum queue: without a majority of its nodes it does not answer. So
-        the set-up waits for it at most :data:`ROLL_CALL_JOIN_WAIT`, then goes on while the join
-        completes (or not) in the background; it never costs the connection.
-        """
+    async def _hear_control(self, connection: AmqpConnection) -> asyncio.Task[None] | None:
+        """Bind the queue to hear flush(), then start attending the roll call (:mod:`.roll_call`),
+        which the set-up awaits last. A refused binding (a permission) costs only that, and a
+        warning: flush() from other processes does not reach this link."""
+        # Where flush() counts the roll call: reopened by the connection when the broker closes it
+        # (a count that finds no roll call is refused NOT_FOUND).
+        await self._on(connection, ROLL_CALL_CHANNEL).open()
         try:
             with translated(self.config.description):
                 await self._on(connection, CONTROL_CHANNEL).bind(
                     self.queue_name, self._groups_exchange, FLUSH_ROUTING_KEY
                 )
         except BrokerRefusedError as error:
-            self._warn_deaf(error)
-            return
-        joining = self.loop.create_task(self._join_roll_call(connection))
-        self._roll_call_joins.add(joining)
-        joining.add_done_callback(self._roll_call_joins.discard)
-        await asyncio.wait((joining,), timeout=min(ROLL_CALL_JOIN_WAIT, self.config.connect_timeout))
-
-    async def _join_roll_call(self, connection: AmqpConnection) -> None:
-        """Join the roll call, on its own channel: bounded by ``connect_timeout`` but never dropping
-        the connection (a roll call without a majority of its nodes may not answer)."""
-        roll_call = self._on(connection, ROLL_CALL_CHANNEL)
-        try:
-            with translated(self.config.description):
-                await roll_call.open_unmanaged(abort_when_stalled=False)
-                await roll_call.declare_queue(
-                    self.roll_call, durable=True, arguments=ROLL_CALL_ARGUMENTS, abort_when_stalled=False
-                )
-                await roll_call.consume(self.roll_call, "roll-call", no_ack=True, abort_when_stalled=False)
-        except (BrokerRefusedError, BrokerTimeoutError) as error:
-            self._warn_deaf(error)
-        except (BrokerConnectionError, ChannelLayerClosedError):
-            pass  # the connection's owner handles its loss
-
-    def _warn_deaf(self, error: BaseException) -> None:
-        logger.warning(
-            "could not bind queue %s to hear flush() or join its roll call (queue %s): %s; "
-            "flush() from other processes may not wait for this one",
-            self.queue_name,
-            self.roll_call,
-            error,
-        )
+            logger.warning(
+                "could not bind queue %s to hear flush(): %s; flush() from other processes does not "
+                "reach this one",
+                self.queue_name,
+                error,
+            )
+            return None
+        attending = self.loop.create_task(self.roll_call.attend())
+        attending.add_done_callback(retrieve)
+        return attending
 
     async def count_links(self, connection: AmqpConnection) -> int:
         """How many links answer the roll call (of every process, this one included)."""
@@ -235,7 +200,7 @@ class Topology:
             # On the roll call's own channel: a broker that does not answer it holds up no binding.
             with translated(self.config.description):
                 reply = await self._on(connection, ROLL_CALL_CHANNEL).declare_queue(
-                    self.roll_call, passive=True, abort_when_stalled=False
+                    self.roll_call.queue, passive=True, abort_when_stalled=False
                 )
         except BrokerRefusedError as error:
             if error.reply_code != ReplyCode.NOT_FOUND:
@@ -287,6 +252,7 @@ class Topology:
 
     def connection_lost(self) -> None:
         self._bound.clear()  # the bindings went with the queue
+        self.roll_call.leave()  # and this link hears no flush() until the next connection
 
     # Group bindings -------------------------------------------------------------------------
 
@@ -406,7 +372,7 @@ class Topology:
 
     def close(self) -> None:
         self.closed = True
-        for task in [*self._syncing.values(), *self._roll_call_joins]:
+        for task in self._syncing.values():
             task.cancel()
 
 
