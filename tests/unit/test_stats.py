@@ -40,18 +40,22 @@ def test_a_confirm_lands_in_the_first_bucket_whose_bound_it_does_not_exceed() ->
     assert list(cumulative) == [*CONFIRM_BUCKETS, math.inf]
 
 
-def test_an_outage_counts_once_ended_and_while_it_lasts() -> None:
+def test_an_outage_lasts_until_every_connection_it_took_is_back_and_counts_once() -> None:
     counters = LinkCounters()
-    assert counters.outage_ended() == 0.0  # none began
-    counters.outage_began()
+    assert counters.connection_back("consume") is None  # none was lost
+    assert counters.connection_lost("consume")  # an outage begins
     first_start = counters.outage_started
     time.sleep(0.02)
-    counters.outage_began()  # a second connection of the same outage: still the first start
+    assert not counters.connection_lost("publish")  # the same outage: still the first start
     assert counters.outage_started == first_start
-    lasted = counters.outage_ended()
+    assert counters.connection_back("consume") is None  # the publishing connection is still lost
+    assert counters.in_outage
+    lasted = counters.connection_back("publish")
+    assert lasted is not None
     assert lasted >= 0.02
     assert counters.outage_seconds == lasted
     assert counters.outage_started is None
+    assert not counters.in_outage
 
 
 def link(queue: str, state: str = "up", **counts: object) -> LinkStats:

@@ -61,6 +61,7 @@ from ..wire import (
 )
 from .channel_plan import PUBLISH_CHANNEL
 from .errors import translated
+from .part import LinkPart
 from .topology import random_name, retrieve
 
 logger = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class _Request:
             self.answered.set_result(None)
 
 
-class Control:
+class Control(LinkPart):
     """One link's control messages: the requests it makes, and those it performs for others."""
 
     def __init__(
@@ -412,7 +413,7 @@ class Control:
 
     # The link's connections ---------------------------------------------------------------------------
 
-    def connection_lost(self) -> None:
+    def consuming_down(self) -> None:
         """The consuming connection ended, and our queue with it: replies to it are lost."""
         self._fail_requests(
             BrokerConnectionLostError(

@@ -22,6 +22,7 @@ class LinkCounters:
     """Publishes, confirms, deliveries and outages of one link (see :class:`~..stats.LinkStats`)."""
 
     __slots__ = (
+        "_lost",
         "confirm_counts",
         "confirm_seconds",
         "confirmed",
@@ -43,6 +44,7 @@ class LinkCounters:
         self.confirm_seconds = 0.0
         self.outage_seconds = 0.0  # outages that ended
         self.outage_started: float | None = None  # time.monotonic() when the current one began
+        self._lost: set[str] = set()  # the roles ("consume", "publish") whose connection is lost now
 
     def confirm(self, accepted: bool, seconds: float) -> None:
         """A publish was confirmed (``accepted``) or refused after ``seconds``."""
@@ -53,15 +55,29 @@ class LinkCounters:
         self.confirm_counts[bisect_left(CONFIRM_BUCKETS, seconds)] += 1
         self.confirm_seconds += seconds
 
-    def outage_began(self) -> None:
-        if self.outage_started is None:
-            self.outage_started = time.monotonic()
+    @property
+    def in_outage(self) -> bool:
+        """A connection of the link is lost and not back yet."""
+        return bool(self._lost)
 
-    def outage_ended(self) -> float:
-        """End the current outage; return how long it lasted (0 when there was none)."""
-        started, self.outage_started = self.outage_started, None
-        if started is None:
-            return 0.0
+    def connection_lost(self, role: str) -> bool:
+        """The connection of ``role`` was lost; True when that begins an outage (one outage lasts
+        until every connection it took is back)."""
+        began = not self._lost
+        self._lost.add(role)
+        if began:
+            self.outage_started = time.monotonic()
+        return began
+
+    def connection_back(self, role: str) -> float | None:
+        """The connection of ``role`` is back; once that ends the outage, how long it lasted."""
+        if role not in self._lost:
+            return None
+        self._lost.discard(role)
+        started = self.outage_started
+        if self._lost or started is None:
+            return None
+        self.outage_started = None
         lasted = time.monotonic() - started
         self.outage_seconds += lasted
         return lasted

@@ -27,6 +27,7 @@ from ..serializers import MalformedMessage
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER, queue_of
 from .channel_plan import CONSUME_CHANNEL
 from .control import Control
+from .part import LinkPart
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
 DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
 
 
-class Inbound:
+class Inbound(LinkPart):
     """Deliveries to the router, the ack window and expiry housekeeping of one link's queue."""
 
     def __init__(
@@ -48,6 +49,7 @@ class Inbound:
         queue_name: str,
         router: LocalRouter,
         codec: MessageCodec,
+        control: Control,
         consuming_connection: Callable[[], AmqpConnection | None],
         on_group_emptied: Callable[[str], None],
         on_normal_delivery: Callable[[Delivery | UndecodableDelivery, AmqpConnection], None],
@@ -70,7 +72,7 @@ class Inbound:
         self._groups_exchange = config.groups_exchange
         self.probe_prefix = queue_name + "!probe."  # never a channel's: their local parts have no dot
         #: Where control messages go (group calls for our channels from other processes, flush()).
-        self.control: Control | None = None
+        self._control = control
         self._last_delivery_tag = 0
         self._acked_delivery_tag = 0
         self._housekeeping: asyncio.TimerHandle | None = None
@@ -80,9 +82,26 @@ class Inbound:
         router.on_room = self.ack
         router.on_channel_full = self._on_channel_full
 
-    def new_connection(self) -> None:
-        """A new consuming connection starts: its delivery tags start again."""
+    def new_connection(self) -> asyncio.Future[None]:
+        """A new consuming connection is being set up: its delivery tags start again. The future
+        returned is resolved by its first delivery (see :meth:`set_up_ended`)."""
         self._last_delivery_tag = self._acked_delivery_tag = 0
+        self.arrival = self.loop.create_future()
+        return self.arrival
+
+    def set_up_ended(self) -> None:
+        """The new consuming connection is set up, or failed to be: no delivery is awaited now."""
+        self.arrival = None
+
+    def consuming_up(self, connection: AmqpConnection) -> None:
+        self.start_housekeeping()
+        self.ack()  # what arrived while the connection was being set up
+
+    def consuming_down(self) -> None:
+        self.stop_housekeeping()
+
+    def close(self) -> None:
+        self.stop_housekeeping()
 
     # Deliveries -----------------------------------------------------------------------------
 
@@ -146,9 +165,7 @@ class Inbound:
 
     def _on_control(self, delivery: Delivery) -> None:
         try:
-            if self.control is None:
-                raise MalformedMessage("no control messages expected here")
-            self.control.on_message(delivery)
+            self._control.on_message(delivery)
         except MalformedMessage as error:
             self.dropped[DROPPED_UNDECODABLE] += 1
             self._dropped_log.warning("dropped a control message from the wire: %s", error)

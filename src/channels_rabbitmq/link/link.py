@@ -31,27 +31,25 @@ from typing import Any
 from channels.exceptions import StopConsumer
 
 from ..amqp.connection import AmqpConnection
-from ..amqp.errors import AmqpError
 from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import (
-    BrokerBlockedError,
     BrokerConnectionError,
     BrokerRefusedError,
-    BrokerTimeoutError,
     RequestNotEncodableError,
 )
 from ..names import is_normal_channel
 from ..routing import EMPTY, LocalRouter
 from ..stats import CONFIRM_BUCKETS, DROP_REASONS, ConfirmLatency, LinkStats, worst_state
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
-from .channel_plan import PUBLISH_CHANNEL
 from .control import Control
 from .counters import LinkCounters, reported_state
-from .errors import layer_error, translated
+from .errors import translated
 from .inbound import Inbound
 from .normal import NormalChannels
 from .notice import ReconnectNotice
+from .part import LinkPart
+from .publisher import Publisher
 from .roll_call import RollCall
 from .supervisor import ConnectionSupervisor
 from .topology import Topology, random_name
@@ -96,19 +94,20 @@ class BrokerLink:
             publishing_connection=lambda: self.publishing.connected(),
             dropped=dropped,
         )
+        #: Group calls for other links' channels, flush() for every link, and theirs for ours.
+        self.control = Control(config, loop, self, codec)
         self.inbound = Inbound(
             config,
             loop,
             queue_name=queue_name,
             router=router,
             codec=codec,
+            control=self.control,
             consuming_connection=lambda: self.consuming.connection or self.topology.setting_up,
             on_group_emptied=self.topology.sync_binding_in_background,
             on_normal_delivery=self.normal.on_delivery,
             dropped=dropped,
         )
-        #: Group calls for other links' channels, flush() for every link, and theirs for ours.
-        self.control = self.inbound.control = Control(config, loop, self, codec)
         self.consuming = ConnectionSupervisor(
             config,
             role="consume",
@@ -119,23 +118,23 @@ class BrokerLink:
             on_up=self._on_consuming_up,
             on_down=self._on_consuming_down,
         )
-        self.publishing = ConnectionSupervisor(
-            config,
-            role="publish",
-            connection_name=f"channels_rabbitmq {queue_name} publishing",
-            set_up=self._set_up_publishing,
-            on_up=lambda connection: self._connection_back("publish", connection),
-            on_down=lambda error: self._connection_down("publish", error),
-            on_blocked=self._on_blocked,
-        )
         #: What ``layer.stats()`` reports of this link (see :mod:`.counters`).
         self.counters = LinkCounters()
+        self.publisher = Publisher(
+            config,
+            loop,
+            queue_name=queue_name,
+            counters=self.counters,
+            set_up=self.topology.set_up_publishing,
+            on_up=lambda connection: self._connection_back("publish", connection),
+            on_down=lambda error: self._connection_down("publish", error),
+        )
+        #: The publishing connection's supervisor.
+        self.publishing = self.publisher.supervisor
         self.loop_watcher: Any = None  # see loops.Links._close_with_loop
         #: Per channel, the last receive() carried here from another loop (they take turns).
         self.bridged_receives: dict[str, asyncio.Future[None]] = {}
         self._channel_prefix = queue_name + "!"
-        self._outage: dict[str, float] = {}  # role -> when its connection was lost
-        self._consumed_before = False  # a consuming connection was up: the next one is a new queue
         self.notice = ReconnectNotice(
             config.reconnect_notice_type,
             queue_name=queue_name,
@@ -143,11 +142,17 @@ class BrokerLink:
             loop=loop,
             window=config.expiry,
         )
-        self._blocked_timer: asyncio.TimerHandle | None = None
+        #: What the link drives through the lifecycle of :mod:`.part`, in this order.
+        self._parts: tuple[LinkPart, ...] = (
+            self.topology,
+            self.inbound,
+            self.normal,
+            self.control,
+            self.notice,
+            self.roll_call,
+            self.publisher,
+        )
         self._receiving = False  # a receive() found the consuming connection made once
-        # Publishes waiting for the connection to take them, and their turns: see _publish_when_possible.
-        self._publishes_held = 0
-        self._held_publishes = asyncio.Lock()
         #: close() was called: receive() raises StopConsumer, the layer looks for the link again.
         self.closed = False
 
@@ -193,7 +198,7 @@ class BrokerLink:
     @property
     def is_connected(self) -> bool:
         """The queue is consumed and no connection of the link is being recovered."""
-        return self.consuming.is_up and not self._outage
+        return self.consuming.is_up and not self.counters.in_outage
 
     # The layer's operations -----------------------------------------------------------------
 
@@ -325,65 +330,19 @@ class BrokerLink:
 
     async def publish(self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> bool:
         """Publish and wait for the broker's confirm: True when accepted, False when refused."""
-        counters = self.counters
-        counters.published += 1
-        started = time.monotonic()
-        try:
-            connection = self.publishing.connection
-            if connection is not None and connection.can_publish and not self._publishes_held:
-                accepted = await connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
-            else:
-                accepted = await self._publish_when_possible(exchange, routing_key, properties, body)
-        except AmqpError as error:
-            counters.publish_failed += 1
-            raise layer_error(error, self.config.description) from None
-        except BaseException:  # no connection in time, or the caller was cancelled
-            counters.publish_failed += 1
-            raise
-        counters.confirm(accepted, time.monotonic() - started)
-        return accepted
-
-    async def _publish_when_possible(
-        self, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes
-    ) -> bool:
-        """Publish once the connection may, in turn: publishes that had to wait are written in the
-        order they were made, and no later one overtakes them meanwhile (one sender's messages to a
-        channel stay in order across a connect, a block or a full write buffer). Each waits at most
-        ``connection_wait`` from its call, its turn included: a hundred sends held by an alarm all
-        fail after ``connection_wait``, not one after the other."""
-        deadline = self.loop.time() + self.config.connection_wait
-        self._publishes_held += 1
-        try:
-            try:  # asyncio.Lock wakes its waiters first come, first served
-                await asyncio.wait_for(self._held_publishes.acquire(), max(0.0, deadline - self.loop.time()))
-            except asyncio.TimeoutError:
-                raise not_publishable(self.publishing.connection, self.config) from None
-            try:
-                connection = await wait_until_publishable(self.publishing, self.config, self.loop, deadline)
-                confirmed = connection.publish(PUBLISH_CHANNEL, exchange, routing_key, properties, body)
-            finally:
-                self._held_publishes.release()
-        finally:
-            self._publishes_held -= 1
-        return await confirmed
+        return await self.publisher.publish(exchange, routing_key, properties, body)
 
     async def publishable(self) -> AmqpConnection:
-        """The publishing connection once it may publish: connect, or wait out a block or a full
-        write buffer, at most ``connection_wait``."""
-        return await wait_until_publishable(self.publishing, self.config, self.loop)
+        """The publishing connection once it may publish, at most ``connection_wait``."""
+        return await self.publisher.publishable()
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
         self.closed = True
-        self.control.close()
         self.router.close(StopConsumer)
-        self.inbound.stop_housekeeping()
-        self.notice.close_window()
-        if self._blocked_timer is not None:
-            self._blocked_timer.cancel()
-        self.topology.close()
-        self.normal.close()
-        await asyncio.gather(self.consuming.close(), self.publishing.close(), self.roll_call.close())
+        for part in self._parts:
+            part.close()
+        await asyncio.gather(self.consuming.close(), self.publishing.close(), self.roll_call.left())
 
     def abandon(self) -> None:
         """This link's event loop is closed: nothing of it can run any more. Mark it closed and
@@ -397,73 +356,33 @@ class BrokerLink:
 
     # Connections coming and going -------------------------------------------------------------
 
-    async def _set_up_publishing(self, connection: AmqpConnection) -> None:
-        await self.topology.set_up_publishing(connection)
-
     async def _set_up_consuming(self, connection: AmqpConnection) -> None:
-        self.inbound.new_connection()
-        arrival = self.inbound.arrival = self.loop.create_future()
+        arrival = self.inbound.new_connection()
         try:
             await self.topology.set_up_consuming(connection, arrival)
         finally:
-            self.inbound.arrival = None
+            self.inbound.set_up_ended()
 
     def _on_consuming_up(self, connection: AmqpConnection) -> None:
-        self.topology.setting_up = None
-        self.normal.resume()
-        self.inbound.start_housekeeping()
-        self.inbound.ack()  # what arrived while we were still setting up
         self._connection_back("consume", connection)
-        if self._consumed_before:  # a new queue: the exclusive one went with the lost connection
-            self.notice.queue_recovered()
-        self._consumed_before = True
+        for part in self._parts:
+            part.consuming_up(connection)
 
     def _on_consuming_down(self, error: BrokerConnectionError) -> None:
-        self.topology.connection_lost()
-        self.control.connection_lost()
-        self.inbound.stop_housekeeping()
+        for part in self._parts:
+            part.consuming_down()
         self._connection_down("consume", error)
 
     def _connection_down(self, role: str, error: BrokerConnectionError) -> None:
         """One warning per outage, however many of the link's connections it took."""
-        if not self._outage:
+        if self.counters.connection_lost(role):
             logger.warning("%s; reconnecting", error)
-            self.counters.outage_began()
-        self._outage.setdefault(role, time.monotonic())
 
     def _connection_back(self, role: str, connection: AmqpConnection) -> None:
         """One info line once every connection the outage took is back."""
-        lost_at = self._outage.pop(role, None)
-        if lost_at is not None and not self._outage:
-            lasted = self.counters.outage_ended()
+        lasted = self.counters.connection_back(role)
+        if lasted is not None:
             logger.info("reconnected to %s after %.1fs", connection.description, lasted)
-
-    def _on_blocked(self, connection: AmqpConnection, reason: str | None) -> None:
-        """The broker blocked (``reason``) or unblocked (None) the publishing connection."""
-        if self._blocked_timer is not None:
-            self._blocked_timer.cancel()
-            self._blocked_timer = None
-        if reason is None:
-            logger.info("RabbitMQ unblocked publishing on %s", connection.description)
-            return
-        logger.warning(
-            "RabbitMQ blocked publishing on %s (%s); receiving goes on, sends wait up to connection_wait=%gs",
-            connection.description,
-            reason,
-            self.config.connection_wait,
-        )
-        # Publishes already written wait for their confirms no longer than new ones may wait.
-        self._blocked_timer = self.loop.call_later(
-            self.config.connection_wait,
-            connection.fail_unconfirmed,
-            BrokerBlockedError(
-                f"RabbitMQ blocked publishing ({reason}) for connection_wait="
-                f"{self.config.connection_wait:g}s before confirming the message: "
-                "it may or may not be delivered once the alarm clears",
-                reason=reason,
-                url=self.config.description,
-            ),
-        )
 
 
 async def all_or_none(*awaitables: Awaitable[Any]) -> list[Any]:
@@ -477,48 +396,3 @@ async def all_or_none(*awaitables: Awaitable[Any]) -> list[Any]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-async def wait_until_publishable(
-    publishing: ConnectionSupervisor,
-    config: LayerConfig,
-    loop: asyncio.AbstractEventLoop,
-    deadline: float | None = None,
-) -> AmqpConnection:
-    """The publishing connection once it may publish: connect, or wait out a block or a full
-    write buffer, until ``deadline`` (the loop's clock; default: ``connection_wait`` from now)."""
-    if deadline is None:
-        deadline = loop.time() + config.connection_wait
-    connection = await publishing.connected()
-    while not connection.can_publish:
-        if not connection.is_open:
-            connection = await publishing.connected()
-            continue
-        remaining = deadline - loop.time()
-        try:
-            if remaining <= 0:
-                raise asyncio.TimeoutError
-            await asyncio.wait_for(connection.wait_until_publishable(), remaining)
-        except asyncio.TimeoutError:
-            raise not_publishable(connection, config) from None
-    return connection
-
-
-def not_publishable(connection: AmqpConnection | None, config: LayerConfig) -> BrokerConnectionError:
-    """The error of a publish that waited ``connection_wait`` for ``connection`` in vain."""
-    wait = config.connection_wait
-    reason = connection.blocked_reason if connection is not None else None
-    if reason is not None and connection is not None:
-        return BrokerBlockedError(
-            f"RabbitMQ has blocked publishing on {connection.description} ({reason}) "
-            f"for connection_wait={wait:g}s: the message was not sent",
-            reason=reason,
-            url=config.description,
-        )
-    where = connection.description if connection is not None else config.description
-    return BrokerTimeoutError(
-        f"{where} read none of our writes for connection_wait={wait:g}s: the message was not sent",
-        operation="publish",
-        timeout=wait,
-        url=config.description,
-    )

@@ -39,6 +39,7 @@ from ..wire import CHANNEL_HEADER, CONTROL_HEADER
 from .channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, channel
 from .errors import translated
 from .inbound import DROPPED_UNDECODABLE
+from .part import LinkPart
 from .topology import retrieve
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _Receiver:
     syncing: asyncio.Task[None] | None = None
 
 
-class NormalChannels:
+class NormalChannels(LinkPart):
     """The normal channels one link sends to and receives from."""
 
     def __init__(
@@ -314,7 +315,7 @@ class NormalChannels:
             self._declared.pop(receiver.queue, None)
             self._sync(receiver)
 
-    def resume(self) -> None:
+    def consuming_up(self, connection: AmqpConnection) -> None:
         """A new consuming connection is up: consume again where a receive() waits (on new AMQP
         channels: the old numbers went with the old connection); forget the others."""
         self._by_channel_id.clear()

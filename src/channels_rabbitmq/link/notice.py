@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+from ..amqp.connection import AmqpConnection
 from ..routing import LocalRouter
 from ..wire import queue_of
+from .part import LinkPart
 
 
-class ReconnectNotice:
+class ReconnectNotice(LinkPart):
     """The notices of one link's channels; off when ``notice_type`` is None."""
 
     def __init__(
@@ -41,6 +43,15 @@ class ReconnectNotice:
         self._window_end: asyncio.TimerHandle | None = None
         #: ``receive()`` checks this attribute alone, outside the window.
         self.window_open = False
+        self._consumed_before = False  # a consuming connection was up: the next one is a new queue
+
+    def consuming_up(self, connection: AmqpConnection) -> None:
+        if self._consumed_before:  # a new queue: the exclusive one went with the lost connection
+            self.queue_recovered()
+        self._consumed_before = True
+
+    def close(self) -> None:
+        self.close_window()
 
     def queue_recovered(self) -> None:
         """The queue is consumed again after it was lost: tell every channel known to be alive."""

@@ -34,6 +34,7 @@ from ..exceptions import (
 )
 from .channel_plan import ROLL_CALL_CHANNEL, channel
 from .errors import translated
+from .part import LinkPart
 from .supervisor import ConnectionSupervisor
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ LEASE_HEARTBEAT = 1
 JOIN_WAIT = 2.0
 
 
-class RollCall:
+class RollCall(LinkPart):
     """One link's place in the roll call: a consumer of the roll call's queue, on a connection of
     its own whose short heartbeat is the lease."""
 
@@ -113,8 +114,14 @@ class RollCall:
     def _left(self, closing: asyncio.Task[None]) -> None:
         del self._leaving[closing]
 
-    async def close(self) -> None:
+    def consuming_down(self) -> None:
+        self.leave()  # this link hears no flush() until its next consuming connection
+
+    def close(self) -> None:
         self.leave()
+
+    async def left(self) -> None:
+        """Once the roll call's connections being closed are closed."""
         if self._leaving:
             await asyncio.gather(*self._leaving, return_exceptions=True)
 

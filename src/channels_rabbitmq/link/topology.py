@@ -47,6 +47,7 @@ from .channel_plan import (
     channel,
 )
 from .errors import translated
+from .part import LinkPart
 from .roll_call import RollCall
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def random_name(length: int) -> str:
     return "".join(secrets.choice(_ALPHABET) for _ in range(length))
 
 
-class Topology:
+class Topology(LinkPart):
     """The exchange, queue and group bindings of one link, and the probe of a new consumer."""
 
     def __init__(
@@ -250,9 +251,11 @@ class Topology:
                 raise BrokerConnectionError(f"{connection.description} refused the probe message")
             await asyncio.wait((arrival,), timeout=PROBE_CHECK_INTERVAL)
 
-    def connection_lost(self) -> None:
+    def consuming_up(self, connection: AmqpConnection) -> None:
+        self.setting_up = None  # installed: group calls use it as the consuming connection now
+
+    def consuming_down(self) -> None:
         self._bound.clear()  # the bindings went with the queue
-        self.roll_call.leave()  # and this link hears no flush() until the next connection
 
     # Group bindings -------------------------------------------------------------------------
 
