@@ -29,7 +29,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .stats import DROP_REASONS, STATES, LayerStats
+from .stats import COUNTS, DROP_REASONS, STATES, LayerStats
 
 if TYPE_CHECKING:
     from .core import RabbitmqChannelLayer
@@ -37,40 +37,6 @@ if TYPE_CHECKING:
 PREFIX = "channels_rabbitmq_"
 
 Layers = Mapping[str, "RabbitmqChannelLayer"]
-
-#: Counters: (name, stats field, help).
-_COUNTERS = (
-    ("messages_published_total", "published", "Messages published by send() and group_send()."),
-    ("messages_confirmed_total", "confirmed", "Published messages RabbitMQ accepted (basic.ack)."),
-    (
-        "messages_refused_total",
-        "refused",
-        "Published messages RabbitMQ refused (basic.nack: a queue at capacity; ChannelFull for send()).",
-    ),
-    (
-        "publish_failures_total",
-        "publish_failed",
-        "Publishes without a confirm: connection lost or blocked, no connection in time, or cancelled.",
-    ),
-    ("messages_received_total", "received", "Messages for channels and groups received from RabbitMQ."),
-    ("messages_delivered_total", "delivered", "Messages handed to a receive()."),
-    ("connections_opened_total", "connections", "Connections to RabbitMQ opened and set up."),
-    ("reconnections_total", "reconnections", "Connections opened to replace a lost one."),
-    ("outage_seconds_total", "outage_seconds", "Seconds spent recovering lost connections, per link."),
-)
-
-#: Gauges: (name, stats field, help).
-_GAUGES = (
-    ("messages_held", "held", "Messages from RabbitMQ in memory, waiting to be read."),
-    ("inboxes", "inboxes", "Channels with buffered messages or a waiting receive()."),
-    ("groups", "groups", "Groups with local members, bound to this process's queue(s)."),
-    ("normal_channels", "normal_channels", "Normal channels (shared queues) in use."),
-    (
-        "current_outage_seconds",
-        "current_outage_seconds",
-        "How long the current outage has lasted; 0 if none.",
-    ),
-)
 
 
 class ChannelLayerCollector(Collector):
@@ -94,11 +60,12 @@ class ChannelLayerCollector(Collector):
 
 def _families(snapshots: list[tuple[str, LayerStats]]) -> Iterator[Metric]:
     """Every metric family, with one series per layer (and per reason or state)."""
-    for name, field, documentation in _COUNTERS:
-        counter = CounterMetricFamily(PREFIX + name, documentation, labels=["layer"])
+    for count in COUNTS:
+        family = CounterMetricFamily if count.kind == "counter" else GaugeMetricFamily
+        metric = family(PREFIX + count.metric, count.help, labels=["layer"])
         for layer, stats in snapshots:
-            counter.add_metric([layer], getattr(stats, field))
-        yield counter
+            metric.add_metric([layer], getattr(stats, count.field))
+        yield metric
     dropped = CounterMetricFamily(
         PREFIX + "messages_dropped_total",
         "Messages from RabbitMQ dropped, by reason: channel_full (its channel held its capacity), "
@@ -109,11 +76,6 @@ def _families(snapshots: list[tuple[str, LayerStats]]) -> Iterator[Metric]:
         for reason in DROP_REASONS:
             dropped.add_metric([layer, reason], stats.dropped[reason])
     yield dropped
-    for name, field, documentation in _GAUGES:
-        gauge = GaugeMetricFamily(PREFIX + name, documentation, labels=["layer"])
-        for layer, stats in snapshots:
-            gauge.add_metric([layer], getattr(stats, field))
-        yield gauge
     links = GaugeMetricFamily(
         PREFIX + "links", "Broker links: one per event loop that receives.", labels=["layer"]
     )

@@ -10,7 +10,7 @@ ended leaves its counts behind (``retired``), so that a Prometheus counter never
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
@@ -33,11 +33,93 @@ CONFIRM_BUCKETS: tuple[float, ...] = (
     10.0,
 )
 
-#: Why an incoming message was dropped: the keys of ``dropped`` (always all of them).
-DROP_REASONS: tuple[str, ...] = ("channel_full", "expired", "too_large", "undecodable")
+# Why an incoming message was dropped.
+DROPPED_CHANNEL_FULL = "channel_full"  # its channel already held its capacity of unread messages
+DROPPED_EXPIRED = "expired"  # nobody read it within expiry
+DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
+DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
+#: The keys of ``dropped`` (always all of them).
+DROP_REASONS: tuple[str, ...] = (
+    DROPPED_CHANNEL_FULL,
+    DROPPED_EXPIRED,
+    DROPPED_TOO_LARGE,
+    DROPPED_UNDECODABLE,
+)
 
 #: Connection states, from best to worst; a link's or a layer's is the worst of its parts.
 STATES: tuple[str, ...] = ("idle", "up", "connecting", "recovering", "closed")
+
+
+@dataclass(frozen=True)
+class Count:
+    """One number of a snapshot: a field of :class:`LinkStats` and :class:`LayerStats`, and its
+    Prometheus family (:mod:`.prometheus`). ``kind``: "counter" (only grows for the life of the
+    layer: combined over every link, those whose loop ended included) or "gauge" (what is so now:
+    combined over the live links); ``combine``: how links add up (``sum``, or ``max``)."""
+
+    field: str
+    kind: str
+    metric: str  # the family's name, after the prefix channels_rabbitmq_
+    help: str
+    combine: Callable[[Iterable[float]], float] = sum
+
+
+def _longest(values: Iterable[float]) -> float:
+    return max(values, default=0.0)
+
+
+#: Every plain number of a snapshot, in the order of docs/operations/metrics.md: the one table that
+#: the snapshot's sums, the Prometheus families and the documentation's test follow. A new count is a
+#: line here, its field in LinkStats and LayerStats, and its uses.
+COUNTS: tuple[Count, ...] = (
+    Count(
+        "published", "counter", "messages_published_total", "Messages published by send() and group_send()."
+    ),
+    Count(
+        "confirmed",
+        "counter",
+        "messages_confirmed_total",
+        "Published messages RabbitMQ accepted (basic.ack).",
+    ),
+    Count(
+        "refused",
+        "counter",
+        "messages_refused_total",
+        "Published messages RabbitMQ refused (basic.nack: a queue at capacity; ChannelFull for send()).",
+    ),
+    Count(
+        "publish_failed",
+        "counter",
+        "publish_failures_total",
+        "Publishes without a confirm: connection lost or blocked, no connection in time, or cancelled.",
+    ),
+    Count(
+        "received",
+        "counter",
+        "messages_received_total",
+        "Messages for channels and groups received from RabbitMQ.",
+    ),
+    Count("delivered", "counter", "messages_delivered_total", "Messages handed to a receive()."),
+    Count("held", "gauge", "messages_held", "Messages from RabbitMQ in memory, waiting to be read."),
+    Count("inboxes", "gauge", "inboxes", "Channels with buffered messages or a waiting receive()."),
+    Count("groups", "gauge", "groups", "Groups with local members, bound to this process's queue(s)."),
+    Count("normal_channels", "gauge", "normal_channels", "Normal channels (shared queues) in use."),
+    Count("connections", "counter", "connections_opened_total", "Connections to RabbitMQ opened and set up."),
+    Count("reconnections", "counter", "reconnections_total", "Connections opened to replace a lost one."),
+    Count(
+        "outage_seconds",
+        "counter",
+        "outage_seconds_total",
+        "Seconds spent recovering lost connections, per link.",
+    ),
+    Count(
+        "current_outage_seconds",
+        "gauge",
+        "current_outage_seconds",
+        "How long the current outage has lasted; 0 if none.",
+        combine=_longest,
+    ),
+)
 
 
 def worst_state(states: Iterable[str]) -> str:
@@ -180,54 +262,35 @@ def layer_stats(links: tuple[LinkStats, ...], retired: LinkStats | None, *, clos
     """Sum the live links and the retired counters into one layer snapshot."""
     counted = (*links, retired) if retired is not None else links
     summed = _summed(counted, links, state="closed" if closed else worst_state(link.state for link in links))
+    numbers: dict[str, Any] = {count.field: getattr(summed, count.field) for count in COUNTS}
     return LayerStats(
         state=summed.state,
         links=links,
-        published=summed.published,
-        confirmed=summed.confirmed,
-        refused=summed.refused,
-        publish_failed=summed.publish_failed,
-        received=summed.received,
-        delivered=summed.delivered,
         dropped=summed.dropped,
-        held=summed.held,
-        inboxes=summed.inboxes,
-        groups=summed.groups,
-        normal_channels=summed.normal_channels,
-        connections=summed.connections,
-        reconnections=summed.reconnections,
-        outage_seconds=summed.outage_seconds,
-        current_outage_seconds=summed.current_outage_seconds,
         confirm_latency=summed.confirm_latency,
+        **numbers,
     )
 
 
 def _summed(
     counted: tuple[LinkStats, ...], live: tuple[LinkStats, ...], *, state: str, queue: str = ""
 ) -> LinkStats:
-    """Counters summed over ``counted``, gauges over ``live`` (the links that hold something now)."""
+    """Counters combined over ``counted``, gauges over ``live`` (the links that hold something now)."""
     latency = ConfirmLatency()
     for link in counted:
         latency += link.confirm_latency
+    numbers: dict[str, Any] = {
+        count.field: count.combine(
+            getattr(link, count.field) for link in (counted if count.kind == "counter" else live)
+        )
+        for count in COUNTS
+    }
     return LinkStats(
         queue=queue,
         state=state,
         consume_state=worst_state(link.consume_state for link in live) if live else state,
         publish_state=worst_state(link.publish_state for link in live) if live else state,
-        published=sum(link.published for link in counted),
-        confirmed=sum(link.confirmed for link in counted),
-        refused=sum(link.refused for link in counted),
-        publish_failed=sum(link.publish_failed for link in counted),
-        received=sum(link.received for link in counted),
-        delivered=sum(link.delivered for link in counted),
         dropped=_frozen({reason: sum(link.dropped[reason] for link in counted) for reason in DROP_REASONS}),
-        held=sum(link.held for link in live),
-        inboxes=sum(link.inboxes for link in live),
-        groups=sum(link.groups for link in live),
-        normal_channels=sum(link.normal_channels for link in live),
-        connections=sum(link.connections for link in counted),
-        reconnections=sum(link.reconnections for link in counted),
-        outage_seconds=sum((link.outage_seconds for link in counted), 0.0),
-        current_outage_seconds=max((link.current_outage_seconds for link in live), default=0.0),
         confirm_latency=latency,
+        **numbers,
     )

@@ -15,7 +15,7 @@ import re
 import pytest
 from channels.exceptions import ChannelFull
 
-from channels_rabbitmq.link.inbound import DROPPED_CHANNEL_FULL
+from channels_rabbitmq.stats import DROPPED_CHANNEL_FULL
 from tests.conftest import LayerFactory, eventually, link_of
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop

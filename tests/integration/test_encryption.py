@@ -17,7 +17,7 @@ from channels_rabbitmq.encryption import (
     acceptance_span,
     generate_key,
 )
-from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
+from channels_rabbitmq.stats import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import (
     FLUSH_ROUTING_KEY,
     NO_PROPERTIES,

@@ -25,7 +25,7 @@ from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.encryption import generate_key
 from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError, ReplyCode
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
-from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
+from channels_rabbitmq.stats import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import FLUSH_ROUTING_KEY, control_properties
 from testbed.faults.proxy import FaultProxy
 from tests.conftest import TIMERS_EARLY, Broker, LayerFactory, eventually, link_of, rabbitmqctl

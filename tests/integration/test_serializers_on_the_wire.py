@@ -10,7 +10,7 @@ import pytest
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.encryption import generate_key
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
-from channels_rabbitmq.link.inbound import DROPPED_UNDECODABLE
+from channels_rabbitmq.stats import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
 from tests.conftest import Broker, LayerFactory, link_of, rabbitmqctl
 from tests.unit.test_serializers import Reversed

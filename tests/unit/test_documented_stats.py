@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from channels_rabbitmq import prometheus
-from channels_rabbitmq.stats import LayerStats, LinkStats
+from channels_rabbitmq.stats import COUNTS, LayerStats, LinkStats
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "operations" / "metrics.md"
 
@@ -45,13 +45,39 @@ def test_link_stats_adds_exactly_the_documented_fields() -> None:
     assert layer - link == set()
 
 
-def test_prometheus_exports_every_documented_counter_and_gauge() -> None:
+def test_the_count_table_is_what_the_snapshots_hold_besides_their_structured_fields() -> None:
+    structured = {"queue", "state", "consume_state", "publish_state", "dropped", "confirm_latency"}
+    link = {field.name for field in dataclasses.fields(LinkStats)}
+    assert {count.field for count in COUNTS} == link - structured
+    assert len({count.field for count in COUNTS}) == len(COUNTS)
+    assert {count.kind for count in COUNTS} == {"counter", "gauge"}
+
+
+def test_the_documented_kind_of_every_count_is_the_table_s() -> None:
     rows = documented_rows()
-    exported = {field for _name, field, _help in prometheus._COUNTERS} | {
-        field for _name, field, _help in prometheus._GAUGES
+    assert {count.field: count.kind for count in COUNTS} == {
+        name: kind for name, kind in rows.items() if kind in ("counter", "gauge")
     }
-    counters = {name for name, kind in rows.items() if kind == "counter"}
-    gauges = {name for name, kind in rows.items() if kind == "gauge"}
-    assert {field for _name, field, _help in prometheus._COUNTERS} == counters
-    assert {field for _name, field, _help in prometheus._GAUGES} == gauges
-    assert exported == counters | gauges
+
+
+def documented_families() -> dict[str, tuple[str, str]]:
+    """The Prometheus table of the page: family name -> (kind, the stats field it reads)."""
+    text = DOCUMENT.read_text()
+    table = text[text.index("| Metric | Type | Labels | From `stats()` |") :].split("\n\n", 1)[0]
+    families: dict[str, tuple[str, str]] = {}
+    for line in table.splitlines()[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        source = re.findall(r"`([a-z_()]+)`", cells[3])
+        families[cells[0].strip("`")] = (cells[1], source[0] if source else "")
+    return families
+
+
+def test_prometheus_exports_every_count_under_its_documented_name_and_type() -> None:
+    families = documented_families()
+    for count in COUNTS:
+        name = prometheus.PREFIX + count.metric
+        assert families.get(name) == (count.kind, count.field), name
+    exported = {metric.name for metric in prometheus.ChannelLayerCollector({}).describe()}
+    # prometheus_client names a counter family without its _total.
+    documented = {name.removesuffix("_total") for name in families}
+    assert exported == documented

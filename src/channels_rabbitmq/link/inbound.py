@@ -24,18 +24,13 @@ from ..logs import RateLimitedLogger
 from ..names import is_normal_channel
 from ..routing import LocalRouter
 from ..serializers import MalformedMessage
+from ..stats import DROPPED_CHANNEL_FULL, DROPPED_EXPIRED, DROPPED_TOO_LARGE, DROPPED_UNDECODABLE
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER, queue_of
 from .channel_plan import CONSUME_CHANNEL
 from .control import Control
 from .part import LinkPart
 
 logger = logging.getLogger(__name__)
-
-# Why a delivery was dropped (the keys of Inbound.dropped).
-DROPPED_CHANNEL_FULL = "channel_full"  # its channel already held its capacity of unread messages
-DROPPED_EXPIRED = "expired"  # nobody read it within expiry
-DROPPED_TOO_LARGE = "too_large"  # a body over max_message_size, skipped unread
-DROPPED_UNDECODABLE = "undecodable"  # unreadable, not for a channel of ours, or not opened
 
 
 class Inbound(LinkPart):

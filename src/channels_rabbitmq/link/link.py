@@ -158,7 +158,7 @@ class BrokerLink:
 
     @property
     def dropped(self) -> Counter[str]:
-        """Deliveries dropped, by reason (``inbound.DROPPED_*``)."""
+        """Deliveries dropped, by reason (``stats.DROPPED_*``)."""
         return self.inbound.dropped
 
     def stats(self) -> LinkStats:

@@ -35,10 +35,10 @@ from ..exceptions import BrokerConnectionError, TooManyChannelsError
 from ..logs import RateLimitedLogger
 from ..routing import EMPTY, LocalRouter
 from ..serializers import MalformedMessage
+from ..stats import DROPPED_UNDECODABLE
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER
 from .channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, channel
 from .errors import translated
-from .inbound import DROPPED_UNDECODABLE
 from .part import LinkPart
 from .topology import retrieve
 
