@@ -1,6 +1,6 @@
 """This layer as Django settings name it: the ``BACKEND`` path, and whether a setting names it.
 
-Shared by the Django system checks (:mod:`.checks`) and the check command (:mod:`.cli.check`),
+Shared by the Django system checks (:mod:`.checks`) and the deployment check (:mod:`.deployment_check`),
 which both look for this layer among ``CHANNEL_LAYERS``.
 """
 

@@ -25,9 +25,9 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from channels_rabbitmq.cli.check.explain import explain_connection_error, is_access_refused
-from channels_rabbitmq.cli.check.report import Report, passwords_in
 from channels_rabbitmq.config import LayerConfig
+from channels_rabbitmq.deployment_check.explain import explain_connection_error, is_access_refused
+from channels_rabbitmq.deployment_check.report import Report, passwords_in
 from channels_rabbitmq.exceptions import (
     BrokerAccessRefusedError,
     BrokerConnectionError,

@@ -3,7 +3,8 @@
 - ``check``: connect to a broker (a URL, or the layer of Django's settings) and say in
   plain words what works and what is wrong.
 
-Each command lives in a module of its own with an ``add_arguments(parser)`` and a
+Each command lives in a package of its own (``check``: :mod:`..deployment_check`, which the
+Django app's ``manage.py rabbitmq_check`` runs too) with an ``add_arguments(parser)`` and a
 ``run(args) -> int`` (the exit status). The benchmarks are not a command of the installed
 package: they live in the repository's ``bench/`` (``make bench``, or ``python -m bench``).
 """
@@ -13,10 +14,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from .. import __version__
-from . import check
+from .. import __version__, deployment_check
 
-COMMANDS = {"check": check}
+COMMANDS = {"check": deployment_check}
 
 
 def build_parser() -> argparse.ArgumentParser:

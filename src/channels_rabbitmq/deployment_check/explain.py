@@ -11,8 +11,8 @@ import re
 import shlex
 import ssl
 
-from ...config import BrokerAddress, LayerConfig
-from ...exceptions import (
+from ..config import BrokerAddress, LayerConfig
+from ..exceptions import (
     BrokerAccessRefusedError,
     BrokerConnectionError,
     BrokerConnectionLostError,

@@ -11,9 +11,9 @@ import os
 import ssl
 import sys
 
-from ...backend import LAYER_BACKEND, is_this_layer
-from ...config import LayerConfig, parse_amqp_url
-from ...core import RabbitmqChannelLayer
+from ..backend import LAYER_BACKEND, is_this_layer
+from ..config import LayerConfig, parse_amqp_url
+from ..core import RabbitmqChannelLayer
 from .explain import plain_reason
 from .report import Report, passwords_in
 

@@ -16,17 +16,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
-from ...amqp.channel import AmqpChannel
-from ...amqp.connection import AmqpConnection
-from ...amqp.errors import AmqpError
-from ...config import BrokerAddress, LayerConfig
-from ...core import RabbitmqChannelLayer
-from ...exceptions import BrokerConnectionError, BrokerRefusedError, BrokerUnreachableError, ReplyCode
-from ...link.channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, PUBLISH_CHANNEL, ROLL_CALL_CHANNEL
-from ...link.connector import distinct_ips, open_connection
-from ...link.errors import layer_error, translated
-from ...link.topology import random_name
-from ...wire import NO_PROPERTIES, queue_of
+from ..amqp.channel import AmqpChannel
+from ..amqp.connection import AmqpConnection
+from ..amqp.errors import AmqpError
+from ..config import BrokerAddress, LayerConfig
+from ..core import RabbitmqChannelLayer
+from ..exceptions import BrokerConnectionError, BrokerRefusedError, BrokerUnreachableError, ReplyCode
+from ..link.channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, PUBLISH_CHANNEL, ROLL_CALL_CHANNEL
+from ..link.connector import distinct_ips, open_connection
+from ..link.errors import layer_error, translated
+from ..link.topology import random_name
+from ..wire import NO_PROPERTIES, queue_of
 from .explain import explain_connection_error, is_access_refused, permissions_needed, plain_reason
 from .report import Report
 
