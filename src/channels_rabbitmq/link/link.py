@@ -204,8 +204,12 @@ class BrokerLink:
 
     async def connect_first(self) -> None:
         """The first connection of a link that receives: both connections, so that a send
-        made during a later outage waits for recovery like every other call."""
+        made during a later outage waits for recovery like every other call; then the roll call,
+        so that a flush() anywhere counts this link once its first call returns (its join is
+        waited for at most ``connect_timeout``, and its failure costs only that: see
+        :meth:`.roll_call.RollCall.joined`)."""
         await all_or_none(self.consuming.connected(), self.publishing.connected())
+        await self.roll_call.joined()
 
     async def new_channel(self, start: str = "") -> str:
         """A new channel name: ``start`` (a checked prefix, see :func:`..wire.channel_name_start`),

@@ -146,7 +146,7 @@ class Topology(LinkPart):
                     if error.reply_code != ReplyCode.RESOURCE_LOCKED or last:
                         raise
                     await asyncio.sleep(0.1)
-            attending = await self._hear_control(connection)
+            await self._hear_control(connection)
             # From here on, group calls bind and unbind on this connection themselves, so the
             # groups bound below plus theirs are every group with members.
             self.setting_up = connection
@@ -163,18 +163,20 @@ class Topology(LinkPart):
             await consume.open(prefetch_count=config.prefetch_count, essential=True)
             await consume.consume(self.queue_name, "channels", exclusive=True)
             await self._probe(connection, arrival)
-            if attending is not None:
-                await attending
         except BaseException:
             if self.setting_up is connection:
                 self.setting_up = None
             self.roll_call.leave()  # a link that is not consuming cannot answer a flush()
             raise
 
-    async def _hear_control(self, connection: AmqpConnection) -> asyncio.Task[None] | None:
-        """Bind the queue to hear flush(), then start attending the roll call (:mod:`.roll_call`),
-        which the set-up awaits last. A refused binding (a permission) costs only that, and a
-        warning: flush() from other processes does not reach this link."""
+    async def _hear_control(self, connection: AmqpConnection) -> None:
+        """Bind the queue to hear flush(), then attend the roll call (:mod:`.roll_call`). A refused
+        binding (a permission) costs only that, and a warning: flush() from other processes does
+        not reach this link.
+
+        In that order: a link counted before it hears flush() would hold every flush() up. A join
+        that takes longer than :data:`.roll_call.JOIN_WAIT` goes on in the background, and the
+        link's first call waits for it (:meth:`.roll_call.RollCall.joined`)."""
         # Where flush() counts the roll call: reopened by the connection when the broker closes it
         # (a count that finds no roll call is refused NOT_FOUND).
         await self._on(connection, ROLL_CALL_CHANNEL).open()
@@ -190,10 +192,8 @@ class Topology(LinkPart):
                 self.queue_name,
                 error,
             )
-            return None
-        attending = self.loop.create_task(self.roll_call.attend())
-        attending.add_done_callback(retrieve)
-        return attending
+            return
+        await self.roll_call.attend()
 
     async def count_links(self, connection: AmqpConnection) -> int:
         """How many links answer the roll call (of every process, this one included)."""
