@@ -505,3 +505,40 @@ async def test_the_broker_closing_every_connection_logs_one_warning_and_one_info
         if record.name.startswith("channels_rabbitmq") and record.levelno >= logging.INFO
     ]
     assert lines == [logging.WARNING, logging.INFO] * len(warned)
+
+
+def delete_queue_record_under_its_consumer(broker: Broker, queue: str) -> None:
+    """What RabbitMQ does when a cluster node fails and the survivors delete its queues' records while
+    clients declare them again under the same names (rabbitmq/rabbitmq-server#6271, #9798, #12949):
+    the queue's record and bindings go, its process and consumer stay, and nobody is told. Messages to
+    it are then unroutable. (``internal_delete`` takes the queue's name on 3.x, its record on 4.x.)"""
+    vhost, name = broker.vhost.replace('"', ""), queue.replace('"', "")
+    rabbitmqctl(
+        "eval",
+        f'Name = rabbit_misc:r(<<"{vhost}">>, queue, <<"{name}">>), '
+        "{ok, Q} = rabbit_amqqueue:lookup(Name), "
+        'try rabbit_amqqueue:internal_delete(Name, <<"test">>) '
+        'catch _:_ -> rabbit_amqqueue:internal_delete(Q, <<"test">>) end.',
+    )
+    assert queue not in {row["name"] for row in broker.queues()}, "the queue's record is still there"
+
+
+async def test_a_queue_deleted_under_its_consumer_after_a_reconnection_is_noticed_and_set_up_again(
+    make_layer: LayerFactory, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    layer = make_layer(connect_timeout=2)
+    channel = await layer.new_channel()
+    link = link_of(layer)
+    await asyncio.to_thread(close_all_connections, broker)
+    await eventually(
+        lambda: link.consuming.reconnections == 1 and link.is_connected, "the first reconnection"
+    )
+    with caplog.at_level(logging.WARNING, logger="channels_rabbitmq"):
+        await asyncio.to_thread(delete_queue_record_under_its_consumer, broker, link.queue_name)
+        # Deaf now: a send is accepted and routed nowhere. The probes after the reconnection notice.
+        await eventually(
+            lambda: link.consuming.reconnections == 2 and link.is_connected, "the deaf queue's repair"
+        )
+    assert any("stopped receiving after a reconnection" in message for message in warnings_of(caplog))
+    await layer.send(channel, {"type": "heard"})
+    assert await receive(layer, channel) == {"type": "heard"}

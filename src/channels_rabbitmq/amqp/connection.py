@@ -447,6 +447,10 @@ class AmqpConnection(asyncio.Protocol):
             self._lost_reported = True
             self._on_lost(self, error)
 
+    def drop(self, reason: str) -> None:
+        """End the connection now, as lost because of ``reason`` (its owner is told, and reconnects)."""
+        self._fail(self._lost(f"{self.description}: {reason}"))
+
     def abort(self) -> None:
         """Drop the connection at once (no closing handshake)."""
         if self._transport is not None:

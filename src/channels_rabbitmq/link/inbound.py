@@ -61,6 +61,7 @@ class Inbound(LinkPart):
         self.received = 0
         #: Set while a new consuming connection proves that it receives: any delivery does.
         self.arrival: asyncio.Future[None] | None = None
+        self._next_delivery: asyncio.Future[None] | None = None  # see expect_delivery()
         self._consuming_connection = consuming_connection
         self._on_group_emptied = on_group_emptied
         self._on_normal_delivery = on_normal_delivery
@@ -83,6 +84,12 @@ class Inbound(LinkPart):
         self._last_delivery_tag = self._acked_delivery_tag = 0
         self.arrival = self.loop.create_future()
         return self.arrival
+
+    def expect_delivery(self) -> asyncio.Future[None]:
+        """A future resolved by the next delivery on the link's queue (a probe's, or any other)."""
+        if self._next_delivery is None or self._next_delivery.done():
+            self._next_delivery = self.loop.create_future()
+        return self._next_delivery
 
     def set_up_ended(self) -> None:
         """The new consuming connection is set up, or failed to be: no delivery is awaited now."""
@@ -111,6 +118,9 @@ class Inbound(LinkPart):
         arrival = self.arrival
         if arrival is not None and not arrival.done():
             arrival.set_result(None)
+        waiting = self._next_delivery
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
         if isinstance(delivery, UndecodableDelivery):
             self.received += 1
             self.dropped[DROPPED_TOO_LARGE if delivery.too_large else DROPPED_UNDECODABLE] += 1

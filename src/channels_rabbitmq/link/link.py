@@ -83,6 +83,7 @@ class BrokerLink:
             publishing_connection=lambda: self.publishing.connected(),
             seal=codec.seal,
             roll_call=self.roll_call,
+            expect_delivery=lambda: self.inbound.expect_delivery(),
         )
         dropped: Counter[str] = Counter()
         self.normal = NormalChannels(

@@ -17,6 +17,7 @@ Which AMQP channel does what: :mod:`.channel_plan`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import string
@@ -55,6 +56,13 @@ logger = logging.getLogger(__name__)
 PROBE_CHECK_INTERVAL = 0.05  # how often a waiting probe looks for an alarm or a lost connection
 PROBE_BODY = msgpack.packb({"type": "channels_rabbitmq.probe"})  # dropped unread, whatever the serializer
 QUEUE_LOCKED_RETRIES = 50  # 5 s for the broker to delete our previous connection's queue
+#: After a consuming connection replaced a lost one, the queue is probed again this many seconds
+#: after it came up (each a probe that must come back within connect_timeout, or the connection is
+#: dropped and set up again). When a cluster node fails, the survivors delete the records of its
+#: queues while the clients declare them again elsewhere, under the same names: RabbitMQ can then
+#: delete the new queue's record with the old one's, and its consumer is never told
+#: (rabbitmq/rabbitmq-server#6271, #9798, #12949). The process would be deaf for good.
+REPROBE_AFTER_RECOVERY = (1.0, 5.0, 20.0)
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -77,6 +85,7 @@ class Topology(LinkPart):
         publishing_connection: Callable[[], Awaitable[AmqpConnection]],
         seal: Callable[[bytes, str], bytes],
         roll_call: RollCall,
+        expect_delivery: Callable[[], asyncio.Future[None]],
     ) -> None:
         self.config = config
         self.loop = loop
@@ -89,6 +98,9 @@ class Topology(LinkPart):
         self._groups_exchange = config.groups_exchange
         #: This link's place in flush()'s roll call.
         self.roll_call = roll_call
+        self._expect_delivery = expect_delivery
+        self._consumed_before = False
+        self._reprobing: asyncio.Task[None] | None = None
         self._bound: set[str] = set()  # groups bound on the current consuming connection
         self._syncing: dict[str, asyncio.Task[None]] = {}  # see sync_binding()
         self._binding_connection: AmqpConnection | None = None  # see _binding_channel()
@@ -225,6 +237,21 @@ class Topology(LinkPart):
             # Blocked (an alarm) or its buffer full: it would not come back now. With the
             # router full, deliveries wait for room: the probe could wait behind them.
             return
+        confirm = self._send_probe(publisher)
+        while not arrival.done():
+            if not connection.is_open:
+                raise BrokerConnectionLostError(
+                    f"the connection to {connection.description} was lost while checking that it receives"
+                )
+            if publisher.blocked_reason is not None:
+                return  # an alarm began: the probe waits in the broker, and is dropped on arrival
+            confirmed = confirm.done() and not confirm.cancelled() and confirm.exception() is None
+            if confirmed and not confirm.result():
+                raise BrokerConnectionError(f"{connection.description} refused the probe message")
+            await asyncio.wait((arrival,), timeout=PROBE_CHECK_INTERVAL)
+
+    def _send_probe(self, publisher: AmqpConnection) -> asyncio.Future[bool]:
+        """Publish a probe to our own queue; the future is the broker's confirm."""
         probe = f"{self.queue_name}!probe.{random_name(12)}"
         try:
             confirm = publisher.publish(
@@ -239,23 +266,58 @@ class Topology(LinkPart):
                 f"the connection to {publisher.description} was lost while checking that we receive"
             ) from None
         confirm.add_done_callback(retrieve)
-        while not arrival.done():
-            if not connection.is_open:
-                raise BrokerConnectionLostError(
-                    f"the connection to {connection.description} was lost while checking that it receives"
-                )
-            if publisher.blocked_reason is not None:
-                return  # an alarm began: the probe waits in the broker, and is dropped on arrival
-            confirmed = confirm.done() and not confirm.cancelled() and confirm.exception() is None
-            if confirmed and not confirm.result():
-                raise BrokerConnectionError(f"{connection.description} refused the probe message")
-            await asyncio.wait((arrival,), timeout=PROBE_CHECK_INTERVAL)
+        return confirm
 
     def consuming_up(self, connection: AmqpConnection) -> None:
         self.setting_up = None  # installed: group calls use it as the consuming connection now
+        if self._consumed_before:
+            self._reprobing = self.loop.create_task(self._reprobe(connection))
+            self._reprobing.add_done_callback(retrieve)
+        self._consumed_before = True
+
+    async def _reprobe(self, connection: AmqpConnection) -> None:
+        """Probe the queue again after a recovery (see :data:`REPROBE_AFTER_RECOVERY`). When RabbitMQ
+        accepted a probe (its confirm came) but nothing was delivered within ``connect_timeout``,
+        the queue no longer routes to us: drop the consuming connection, which is set up again. A
+        probe the broker did not confirm says nothing of the queue, and is not held against it."""
+        waited = 0.0
+        for after in REPROBE_AFTER_RECOVERY:
+            await asyncio.sleep(after - waited)
+            waited = after
+            try:
+                publisher = await self._publishing_connection()
+            except BrokerConnectionError:
+                continue  # the publishing side reports its own trouble
+            if not connection.is_open or self.closed:
+                return
+            if not publisher.can_publish or self.router.is_full:
+                continue  # blocked, or deliveries wait for room: a probe would prove nothing now
+            arrival = self._expect_delivery()
+            confirm = self._send_probe(publisher)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(arrival), self.config.connect_timeout)
+            accepted = (
+                confirm.done()
+                and not confirm.cancelled()
+                and confirm.exception() is None
+                and confirm.result()
+            )
+            if arrival.done() or not accepted:
+                continue
+            if connection.is_open and not self.closed:
+                logger.warning(
+                    "queue %s stopped receiving after a reconnection: a probe RabbitMQ accepted was not "
+                    "delivered within connect_timeout=%gs; setting the queue up again",
+                    self.queue_name,
+                    self.config.connect_timeout,
+                )
+                connection.drop("the queue stopped receiving: a probe it accepted was not delivered")
+            return
 
     def consuming_down(self) -> None:
         self._bound.clear()  # the bindings went with the queue
+        if self._reprobing is not None:
+            self._reprobing.cancel()
 
     # Group bindings -------------------------------------------------------------------------
 
@@ -377,6 +439,8 @@ class Topology(LinkPart):
         self.closed = True
         for task in self._syncing.values():
             task.cancel()
+        if self._reprobing is not None:
+            self._reprobing.cancel()
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:
