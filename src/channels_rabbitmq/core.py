@@ -119,11 +119,12 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
             return
         routing_key, properties = target
         link = self._links.of_loop(asyncio.get_running_loop())
-        if link is not None:  # the fast path: this loop's own link
-            accepted = await link.publish(b"", routing_key, properties, body)
+        if link is not None:  # the fast path: this loop's own link, straight to its publisher
+            accepted = await link.publisher.publish(b"", routing_key, properties, body)
         else:
             link = await self._links.for_this_loop()
-            accepted = await self._links.call(link, link.publish, b"", routing_key, properties, body)
+            publish = link.publisher.publish
+            accepted = await self._links.call(link, publish, b"", routing_key, properties, body)
         if not accepted:
             raise ChannelFull(
                 f"RabbitMQ refused the message (basic.nack): queue {routing_key.decode()} is at "
@@ -215,12 +216,13 @@ class RabbitmqChannelLayer(BaseChannelLayer):  # type: ignore[misc]  # channels 
         self.require_valid_group_name(group)
         body = self._codec.encode(message, group)
         link = self._links.of_loop(asyncio.get_running_loop())
-        if link is not None:
-            accepted = await link.publish(self._groups_exchange, group.encode(), NO_PROPERTIES, body)
+        exchange = self._groups_exchange
+        if link is not None:  # the fast path: this loop's own link, straight to its publisher
+            accepted = await link.publisher.publish(exchange, group.encode(), NO_PROPERTIES, body)
         else:
             link = await self._links.for_this_loop()
             accepted = await self._links.call(
-                link, link.publish, self._groups_exchange, group.encode(), NO_PROPERTIES, body
+                link, link.publisher.publish, exchange, group.encode(), NO_PROPERTIES, body
             )
         if not accepted:
             self._full_group_log.warning(
