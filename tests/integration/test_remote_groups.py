@@ -21,6 +21,7 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels.exceptions import ChannelFull
 
+from channels_rabbitmq.amqp.channels import PublishOutcome
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.encryption import generate_key
 from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError, ReplyCode
@@ -376,6 +377,67 @@ async def test_flush_waits_for_every_link_of_the_roll_call(layers: LayerFactory)
     await readers[0].close()
     await flusher.flush()  # one fewer to wait for
     assert await link_of(flusher).count_links() == 3
+
+
+async def test_flush_hears_a_link_that_joined_the_roll_call_after_its_request_was_routed(
+    proxy: FaultProxy, layers: LayerFactory, broker: Broker
+) -> None:
+    """The roll call gives counts, not names. A flush() counted a link that then went away without
+    answering, and meanwhile another link joined: the count stays, and the newcomer never saw the
+    request, which was routed before it bound ``!flush``. It hears the copy published again."""
+    leaving = layers(host=proxy.url(broker.url))
+    await leaving.new_channel()
+    flusher = layers(connect_timeout=10)
+    await flusher.new_channel()
+    assert await link_of(flusher).count_links() == 2
+    proxy.stall()  # the leaving link hears nothing from now on, and answers nothing
+    started = time.monotonic()
+    flushing = asyncio.ensure_future(flusher.flush())
+    leaving_queue = link_of(leaving).queue_name
+    while (await asyncio.to_thread(broker.queue, leaving_queue))["messages"] == 0:
+        assert not flushing.done()
+        assert time.monotonic() - started < 10, "the flush request did not reach the leaving link's queue"
+    newcomer = layers()  # joins after the request was routed
+    channel = await newcomer.new_channel()
+    proxy.refuse()
+    proxy.cut()  # the leaving link's connections end: RabbitMQ drops its consumer of the roll call
+    await flushing
+    took = time.monotonic() - started
+    print(f"flush() with a link that left and one that joined meanwhile: {took:.2f}s")
+    assert took < 10 - TIMERS_EARLY  # before the fix: BrokerTimeoutError after connect_timeout
+    assert link_of(newcomer).dropped[DROPPED_UNDECODABLE] == 0  # the copies were not taken for replays
+    assert link_of(flusher).dropped[DROPPED_UNDECODABLE] == 0
+    await flusher.send(channel, {"type": "after"})
+    assert await receive(newcomer, channel) == {"type": "after"}
+
+
+async def test_a_link_performs_a_flush_once_however_many_copies_of_it_arrive(layers: LayerFactory) -> None:
+    """flush() publishes its request again while it misses replies: copies reach links that have
+    performed it, maybe after the flush() returned and new messages came. They flush nothing."""
+    reader, requester = layers(), layers()
+    channel = await reader.new_channel()
+    await requester.new_channel()
+    publisher = link_of(requester).publishing.connection
+    assert publisher is not None
+    sent: list[tuple[int, bytes, bytes, bytes, bytes]] = []
+    publish_mandatory = publisher.publish_mandatory
+
+    def spy(channel_id: int, exchange: bytes, routing_key: bytes, properties: bytes, body: bytes) -> Any:
+        sent.append((channel_id, exchange, routing_key, properties, body))
+        return publish_mandatory(channel_id, exchange, routing_key, properties, body)
+
+    publisher.publish_mandatory = spy  # type: ignore[method-assign]
+    await requester.send(channel, {"type": "before"})
+    await eventually(lambda: link_of(reader).router.held == 1, "the message buffered")
+    await requester.flush()  # the reader answered: it has flushed
+    assert link_of(reader).router.held == 0
+    [flush_request] = sent
+    await requester.send(channel, {"type": "kept"})
+    assert await publisher.publish_mandatory(*flush_request) is PublishOutcome.ACCEPTED  # a late copy
+    await requester.send(channel, {"type": "last"})
+    assert await receive(reader, channel) == {"type": "kept"}
+    assert await receive(reader, channel) == {"type": "last"}
+    assert link_of(reader).dropped[DROPPED_UNDECODABLE] == 0
 
 
 async def test_flush_with_a_stuck_process_raises_broker_timeout_error_within_connect_timeout(

@@ -18,7 +18,9 @@ never holds a message, whose consumer count RabbitMQ gives on a passive declarat
 
 Bodies are msgpack maps, sealed like messages when ``encryption_keys`` is set (for
 :func:`~channels_rabbitmq.wire.control_destination`), so that nobody without the keys can
-make a process join or leave a group, or flush; a body performed once is not performed again.
+make a process join or leave a group, or flush. A request is performed once by each link: a
+replayed body is dropped, and so are the copies of a ``flush()`` that its requester publishes
+again while replies are missing (see :meth:`Control.flush`).
 """
 
 from __future__ import annotations
@@ -134,13 +136,13 @@ class Control(LinkPart):
         self._queue_name = link.queue_name
         self._requests: dict[str, _Request] = {}
         self._performing: set[asyncio.Task[Any]] = set()
-        # Request ids performed lately (id -> when): a sealed request replayed is not done twice.
-        # Without encryption anyone may send requests anyway: nothing to remember.
+        # Request ids performed lately (id -> when): a request is performed once, whether the
+        # copy is a flush() published again while it misses replies, or a sealed request replayed.
         self._performed: OrderedDict[str, float] = OrderedDict()
-        self._remember = codec.cipher is not None
         # A sealed request opens for acceptance_span() after it first arrives (its stamp may be a
         # minute ahead of our clock): its id is remembered that long, so a replay finds it.
-        self._replay_window = acceptance_span(config.expiry) + 1
+        # Unsealed, a flush() publishes copies for at most connect_timeout.
+        self._replay_window = max(acceptance_span(config.expiry), config.connect_timeout) + 1
         # ... and one sealed before this link started cannot be for it (it was not bound then, the
         # sender's clock allowed a minute behind): a replay captured elsewhere, refused.
         self._started = time.time()
@@ -182,15 +184,21 @@ class Control(LinkPart):
 
         The roll call is counted again every :data:`RECOUNT_EVERY` seconds while replies are
         missing: a link that went away meanwhile (its process ended, its event loop was closed)
-        is not waited for."""
+        is not waited for. Each time, the request is published again, under the same id: a link
+        that joined the roll call after the first one was routed is counted, and hears it then
+        (links that have performed it already ignore the copy)."""
         publisher = await self._link.control_ready()
         deadline = self.loop.time() + self.config.connect_timeout
         expected = await self._link.count_links()
         request = self._start(expected)
-        recounting = self.loop.create_task(self._recount(request))
+        exchange = self.config.groups_exchange.encode()
+
+        def publish() -> asyncio.Future[PublishOutcome]:
+            return self._publish(publisher, request, OP_FLUSH, exchange, FLUSH_ROUTING_KEY, {})
+
+        outcome = publish()
+        recounting = self.loop.create_task(self._recount(request, publish))
         try:
-            exchange = self.config.groups_exchange.encode()
-            outcome = self._publish(publisher, request, OP_FLUSH, exchange, FLUSH_ROUTING_KEY, {})
             if not await self._answered(OP_FLUSH, request, outcome, deadline, broadcast=True):
                 return  # no queue is bound for it: there is no link to flush
             if request.answered.done():
@@ -209,17 +217,23 @@ class Control(LinkPart):
             url=self.config.description,
         )
 
-    async def _recount(self, request: _Request) -> None:
+    async def _recount(self, request: _Request, publish_again: Callable[[], object]) -> None:
         """While ``request`` misses replies, count the roll call again now and then; once no more
-        links answer it than have replied, the request is answered."""
+        links answer it than have replied, the request is answered. Otherwise it is published
+        again: one of the links counted may have joined after the request was routed (a link
+        binds ``!flush`` before it joins), and can hear only a later copy."""
         while not request.answered.done():
             await asyncio.sleep(RECOUNT_EVERY)
             try:
                 still_there = await self._link.count_links()
+                if request.answered.done():
+                    return
+                if still_there <= len(request.replies):
+                    request.answered.set_result(None)
+                    return
+                publish_again()
             except Exception:  # the wait for replies reports the connection's trouble
                 return
-            if still_there <= len(request.replies) and not request.answered.done():
-                request.answered.set_result(None)
 
     def _start(self, expected: int) -> _Request:
         request = _Request(self.loop, expected)
@@ -338,7 +352,8 @@ class Control(LinkPart):
         action: Callable[[], Awaitable[None]]
         if operation == OP_FLUSH:
             if queue == self._queue_name:
-                self._reply(request_id, queue, {})  # our own flush() has flushed this link already
+                if self._first_time(request_id):  # not for its copies
+                    self._reply(request_id, queue, {})  # our own flush() has flushed this link already
                 return
             action = self._link.flush
         else:
@@ -358,6 +373,8 @@ class Control(LinkPart):
         if cipher is not None and cipher.sealed_at(delivery.body) < self._started - CLOCK_SKEW_ALLOWANCE:
             raise MalformedMessage(f"{operation} control message sealed before this link started: a replay")
         if not self._first_time(request_id):
+            if operation == OP_FLUSH:
+                return  # a copy of a flush() we performed: its requester publishes it again while it waits
             raise MalformedMessage(f"{operation} control message performed before: dropped as a replay")
         if len(self._performing) >= MAX_PERFORMING:
             raise MalformedMessage(f"{operation} control message over {MAX_PERFORMING} at work at once")
@@ -366,8 +383,6 @@ class Control(LinkPart):
         task.add_done_callback(self._performing.discard)
 
     def _first_time(self, request_id: str) -> bool:
-        if not self._remember:
-            return True
         now = time.monotonic()
         performed = self._performed
         while performed and (
