@@ -21,6 +21,7 @@ told that messages may have been lost (:mod:`.notice`). Every method runs on the
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections import Counter
@@ -31,7 +32,6 @@ from typing import Any
 from channels.exceptions import StopConsumer
 
 from ..amqp.connection import AmqpConnection
-from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import (
     BrokerConnectionError,
@@ -42,6 +42,7 @@ from ..names import is_normal_channel
 from ..routing import EMPTY, LocalRouter
 from ..stats import CONFIRM_BUCKETS, DROP_REASONS, ConfirmLatency, LinkStats, worst_state
 from ..wire import LOCAL_PART_LENGTH, NO_PROPERTIES, QUEUE_PREFIX
+from ..wire.codec import MessageCodec
 from .control import Control
 from .counters import LinkCounters, reported_state
 from .errors import translated
@@ -55,6 +56,20 @@ from .supervisor import ConnectionSupervisor
 from .topology import Topology, random_name
 
 logger = logging.getLogger(__name__)
+
+
+class LinkState(enum.Enum):
+    """Where a link is in its life. What its connections are doing at a moment (connecting, up,
+    recovering) is its supervisors' (``stats()``: ``consume_state``, ``publish_state``)."""
+
+    #: No call has needed its queue yet: the first that does sets it up (:meth:`BrokerLink.connect_first`).
+    NEW = "new"
+    #: Set up once: a later outage is waited out, and recovered from in the background.
+    OPEN = "open"
+    #: ``close()`` was called.
+    CLOSED = "closed"
+    #: Its event loop was closed: its sockets were closed from another loop.
+    ABANDONED = "abandoned"
 
 
 class BrokerLink:
@@ -153,9 +168,13 @@ class BrokerLink:
             self.roll_call,
             self.publisher,
         )
-        self._receiving = False  # a receive() found the consuming connection made once
-        #: close() was called: receive() raises StopConsumer, the layer looks for the link again.
-        self.closed = False
+        self.state = LinkState.NEW
+
+    @property
+    def closed(self) -> bool:
+        """close() was called, or the link's loop is closed: receive() raises StopConsumer, and
+        the layer makes a new link for its next call on that loop."""
+        return self.state is LinkState.CLOSED or self.state is LinkState.ABANDONED
 
     @property
     def dropped(self) -> Counter[str]:
@@ -211,12 +230,22 @@ class BrokerLink:
         :meth:`.roll_call.RollCall.joined`)."""
         await all_or_none(self.consuming.connected(), self.publishing.connected())
         await self.roll_call.joined()
+        if self.state is LinkState.NEW:
+            self.state = LinkState.OPEN
+
+    async def _opened(self) -> None:
+        """The first call that needs the queue sets the link up; later ones find it open (and
+        wait out an outage in their own way)."""
+        if self.state is LinkState.NEW:
+            if self.consuming.ever_connected:  # by another call, still in its connect_first()
+                self.state = LinkState.OPEN
+            else:
+                await self.connect_first()
 
     async def new_channel(self, start: str = "") -> str:
         """A new channel name: ``start`` (a checked prefix, see :func:`..wire.channel_name_start`),
         the queue, ``!``, random characters."""
-        if not self.consuming.ever_connected:
-            await self.connect_first()  # the queue must exist before anyone sends to the channel
+        await self._opened()  # the queue must exist before anyone sends to the channel
         channel = f"{start}{self._channel_prefix}{random_name(LOCAL_PART_LENGTH)}"
         self.notice.channel_made(channel)
         return channel
@@ -224,8 +253,7 @@ class BrokerLink:
     async def receive(self, channel: str, *, counted: bool = True) -> dict[str, Any]:
         """The channel's next message; ``counted``: as delivered (else the caller counts it)."""
         if is_normal_channel(channel):
-            if not self.consuming.ever_connected:
-                await self.connect_first()
+            await self._opened()
             message = await self.normal.receive(channel)
             self.counters.delivered += counted
             return message
@@ -238,10 +266,8 @@ class BrokerLink:
             return message
         if self.closed:
             raise StopConsumer()
-        if not self._receiving:
-            if not self.consuming.ever_connected:
-                await self.connect_first()
-            self._receiving = True  # connected once: from now on, outages are waited out below
+        if self.state is LinkState.NEW:
+            await self._opened()  # from then on, outages are waited out below
         # During an outage, keep waiting: the reconnection re-declares the queue.
         waiter: asyncio.Future[dict[str, Any]] = self.loop.create_future()
         router.add_waiter(channel, waiter)
@@ -259,8 +285,7 @@ class BrokerLink:
     async def receive_normal_unsettled(self, channel: str) -> tuple[dict[str, Any], Callable[[bool], None]]:
         """A normal channel's next message for a receive() on another loop, and how to settle it
         once that receive() took it (True) or gave it up (False: back to the queue)."""
-        if not self.consuming.ever_connected:
-            await self.connect_first()
+        await self._opened()
         message, settle = await self.normal.receive_unsettled(channel)
 
         def settled(taken: bool) -> None:
@@ -274,8 +299,7 @@ class BrokerLink:
         if is_normal_channel(channel):
             await self.normal.group_add(group, channel)
             return
-        if not self.consuming.ever_connected:
-            await self.connect_first()
+        await self._opened()
         self.router.add_membership(group, channel, time.monotonic())
         try:
             await self.topology.binding_settled(group)
@@ -323,8 +347,7 @@ class BrokerLink:
     async def control_ready(self) -> AmqpConnection:
         """The publishing connection, once it may publish and the queue is consumed (control
         messages are answered there). Waits at most ``connection_wait`` (first: ``connect_timeout``)."""
-        if not self.consuming.ever_connected:
-            await self.connect_first()
+        await self._opened()
         _consuming, publisher = await all_or_none(self.consuming.connected(), self.publishable())
         assert isinstance(publisher, AmqpConnection)
         return publisher
@@ -343,7 +366,7 @@ class BrokerLink:
 
     async def close(self) -> None:
         """Stop consuming and close both connections; waiting receives raise StopConsumer. Idempotent."""
-        self.closed = True
+        self.state = LinkState.CLOSED
         self.router.close(StopConsumer)
         for part in self._parts:
             part.close()
@@ -353,7 +376,7 @@ class BrokerLink:
         """This link's event loop is closed: nothing of it can run any more. Mark it closed and
         close its sockets from here, so that RabbitMQ drops its queue and its roll-call consumer
         (a flush() elsewhere then stops counting it)."""
-        self.closed = True
+        self.state = LinkState.ABANDONED
         for supervisor in (self.consuming, self.publishing):
             if supervisor.connection is not None:
                 supervisor.connection.abandon()
