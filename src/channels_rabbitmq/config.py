@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
-from .serializers import MessageSerializer, load_serializer
+from .wire.serializers import MessageSerializer, load_serializer
 
 DEFAULT_HOST = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # 4 MiB

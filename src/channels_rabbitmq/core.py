@@ -9,7 +9,7 @@ out to its local members.
 
 The methods below read like the Channels spec. Beneath them: :mod:`.loops` (which link
 serves which event loop, and calls between loops), :mod:`.link` (a queue and its
-connections), :mod:`.routing` (inboxes and groups), :mod:`.codec` (message bodies) and
+connections), :mod:`.routing` (inboxes and groups), :mod:`.wire.codec` (message bodies) and
 :mod:`.wire` (where a message goes).
 """
 
@@ -25,7 +25,6 @@ from typing import Any
 from channels.exceptions import ChannelFull, StopConsumer
 from channels.layers import BaseChannelLayer
 
-from .codec import MessageCodec
 from .config import DEFAULT_HOST, LayerConfig
 from .link import BrokerLink
 from .logs import RateLimitedLogger
@@ -33,6 +32,7 @@ from .loops import Links
 from .names import is_normal_channel, require_valid_channel_name, require_valid_group_name
 from .stats import LayerStats
 from .wire import NO_PROPERTIES, channel_name_start, channel_properties, queue_of
+from .wire.codec import MessageCodec
 
 logger = logging.getLogger(__name__)
 

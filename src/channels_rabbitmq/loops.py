@@ -25,13 +25,13 @@ from typing import Any, TypeVar
 
 from channels.exceptions import StopConsumer
 
-from .codec import MessageCodec
 from .config import LayerConfig
 from .exceptions import BrokerTimeoutError, ChannelLayerClosedError
 from .link import BrokerLink
 from .names import is_normal_channel
 from .stats import LayerStats, LinkStats, layer_stats, retire
 from .wire import queue_of
+from .wire.codec import MessageCodec
 
 logger = logging.getLogger(__name__)
 

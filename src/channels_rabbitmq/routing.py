@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from .serializers import decode_message
+from .wire.serializers import decode_message
 
 Message = dict[str, Any]
 

@@ -11,12 +11,6 @@ import time
 import msgpack
 import pytest
 
-from channels_rabbitmq.encryption import (
-    CLOCK_SKEW_ALLOWANCE,
-    FUTURE_STAMP_LIMIT,
-    acceptance_span,
-    generate_key,
-)
 from channels_rabbitmq.stats import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import (
     FLUSH_ROUTING_KEY,
@@ -24,6 +18,12 @@ from channels_rabbitmq.wire import (
     channel_properties,
     control_destination,
     control_properties,
+)
+from channels_rabbitmq.wire.encryption import (
+    CLOCK_SKEW_ALLOWANCE,
+    FUTURE_STAMP_LIMIT,
+    acceptance_span,
+    generate_key,
 )
 from tests.conftest import Broker, LayerFactory, eventually, link_of
 

@@ -34,9 +34,9 @@ from channels_rabbitmq.amqp.protocol import Credentials
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
-from channels_rabbitmq.serializers import MalformedMessage, decode_message
 from channels_rabbitmq.stats import DROPPED_TOO_LARGE, DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
+from channels_rabbitmq.wire.serializers import MalformedMessage, decode_message
 from tests.conftest import Broker, link_of
 from tests.unit.test_properties import HOSTILE_BODIES, encode_table, nested_table
 

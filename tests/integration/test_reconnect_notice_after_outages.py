@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from channels_rabbitmq.codec import MessageCodec
 from channels_rabbitmq.config import LayerConfig
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
+from channels_rabbitmq.wire.codec import MessageCodec
 from tests.conftest import Broker, LayerFactory, link_of, rabbitmqctl
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("loop_kind")]  # on asyncio and uvloop

@@ -23,7 +23,7 @@ from channels.exceptions import ChannelFull
 
 from channels_rabbitmq.amqp.channels import PublishOutcome
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.encryption import generate_key
+from channels_rabbitmq.encryption import generate_key  # where users find it
 from channels_rabbitmq.exceptions import BrokerRefusedError, BrokerTimeoutError, ReplyCode
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.stats import DROPPED_UNDECODABLE

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.encryption import generate_key
+from channels_rabbitmq.encryption import generate_key  # where users find it
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.stats import DROPPED_UNDECODABLE
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels_rabbitmq.codec import MessageCodec
 from channels_rabbitmq.config import DEFAULT_HOST, MAX_EXPIRY, BrokerAddress, LayerConfig, parse_amqp_url
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
+from channels_rabbitmq.wire.codec import MessageCodec
 
 PASSWORD = "Sup3r-S3cret-Pw"
 

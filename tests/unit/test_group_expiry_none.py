@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from channels_rabbitmq.codec import MessageCodec
 from channels_rabbitmq.config import LayerConfig
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.link import BrokerLink
 from channels_rabbitmq.routing import LocalRouter
+from channels_rabbitmq.wire.codec import MessageCodec
 
 FAR_FUTURE = 10.0**12  # about 30,000 years of monotonic clock
 

@@ -39,7 +39,7 @@ from channels_rabbitmq.amqp.protocol import (
     UndecodableDelivery,
 )
 from channels_rabbitmq.routing import EMPTY, LocalRouter
-from channels_rabbitmq.serializers import MalformedMessage, decode_message, encode_message
+from channels_rabbitmq.wire.serializers import MalformedMessage, decode_message, encode_message
 
 # database=None: no example database in the work tree; deadline=None: a loaded 2-core machine.
 FAST = settings(max_examples=200, deadline=None, database=None)

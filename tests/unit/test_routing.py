@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from channels_rabbitmq.routing import EMPTY, LocalRouter
-from channels_rabbitmq.serializers import decode_message, encode_message
+from channels_rabbitmq.wire.serializers import decode_message, encode_message
 
 EXPIRY = 60.0
 GROUP_EXPIRY = 86400.0

@@ -12,12 +12,12 @@ import msgpack
 import pytest
 from channels.exceptions import MessageTooLarge
 
-from channels_rabbitmq.codec import MessageCodec
 from channels_rabbitmq.config import LayerConfig
 from channels_rabbitmq.core import RabbitmqChannelLayer
-from channels_rabbitmq.encryption import generate_key
+from channels_rabbitmq.encryption import generate_key  # where users find it
 from channels_rabbitmq.routing import LocalRouter
-from channels_rabbitmq.serializers import JSON, MSGPACK, MalformedMessage, load_serializer
+from channels_rabbitmq.wire.codec import MessageCodec
+from channels_rabbitmq.wire.serializers import JSON, MSGPACK, MalformedMessage, load_serializer
 
 MAX = 1 << 20
 

@@ -12,8 +12,8 @@ from channels.exceptions import MessageTooLarge
 from pamqp import header as pamqp_header
 
 from channels_rabbitmq.amqp import frames
-from channels_rabbitmq.serializers import MalformedMessage, decode_message, encode_message
 from channels_rabbitmq.wire import CHANNEL_HEADER, NO_PROPERTIES, channel_properties
+from channels_rabbitmq.wire.serializers import MalformedMessage, decode_message, encode_message
 
 MAX = 1 << 20
 

@@ -41,9 +41,7 @@ from ..amqp.channels import PublishOutcome
 from ..amqp.connection import AmqpConnection
 from ..amqp.errors import reply_code
 from ..amqp.protocol import Delivery
-from ..codec import MessageCodec
 from ..config import LayerConfig
-from ..encryption import CLOCK_SKEW_ALLOWANCE, acceptance_span
 from ..exceptions import (
     BrokerConnectionLostError,
     BrokerRefusedError,
@@ -52,7 +50,6 @@ from ..exceptions import (
     RabbitmqLayerError,
 )
 from ..names import is_normal_channel, is_valid_channel_name, is_valid_group_name
-from ..serializers import MalformedMessage
 from ..wire import (
     CONTROL_HEADER,
     FLUSH_ROUTING_KEY,
@@ -61,6 +58,9 @@ from ..wire import (
     is_layer_queue,
     queue_of,
 )
+from ..wire.codec import MessageCodec
+from ..wire.encryption import CLOCK_SKEW_ALLOWANCE, acceptance_span
+from ..wire.serializers import MalformedMessage
 from .channel_plan import PUBLISH_CHANNEL
 from .errors import translated
 from .part import LinkPart

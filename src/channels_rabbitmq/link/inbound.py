@@ -18,14 +18,14 @@ from typing import Any
 
 from ..amqp.connection import AmqpConnection
 from ..amqp.protocol import Delivery, UndecodableDelivery
-from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..logs import RateLimitedLogger
 from ..names import is_normal_channel
 from ..routing import LocalRouter
-from ..serializers import MalformedMessage
 from ..stats import DROPPED_CHANNEL_FULL, DROPPED_EXPIRED, DROPPED_TOO_LARGE, DROPPED_UNDECODABLE
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER, queue_of
+from ..wire.codec import MessageCodec
+from ..wire.serializers import MalformedMessage
 from .channel_plan import CONSUME_CHANNEL
 from .control import Control
 from .part import LinkPart

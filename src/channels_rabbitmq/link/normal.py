@@ -29,14 +29,14 @@ from channels.exceptions import StopConsumer
 from ..amqp.channel import AmqpChannel
 from ..amqp.connection import AmqpConnection
 from ..amqp.protocol import Delivery, UndecodableDelivery
-from ..codec import MessageCodec
 from ..config import LayerConfig
 from ..exceptions import BrokerConnectionError, TooManyChannelsError
 from ..logs import RateLimitedLogger
 from ..routing import EMPTY, LocalRouter
-from ..serializers import MalformedMessage
 from ..stats import DROPPED_UNDECODABLE
 from ..wire import CHANNEL_HEADER, CONTROL_HEADER
+from ..wire.codec import MessageCodec
+from ..wire.serializers import MalformedMessage
 from .channel_plan import CONTROL_CHANNEL, FIRST_NORMAL_CHANNEL_ID, channel
 from .errors import translated
 from .part import LinkPart

@@ -1,4 +1,8 @@
-"""The wire format: how a message finds its target through RabbitMQ (the body is :mod:`.codec`'s).
+"""The wire format: what the layer's messages are on RabbitMQ.
+
+This package is everything a message is on the wire, with no I/O and nothing of the layer's
+connections: here (``wire``), how a message finds its target (names, routing keys, headers);
+:mod:`.codec`, what its body is, through :mod:`.serializers` and :mod:`.encryption`.
 
 - A process-specific channel name is ``<prefix><queue>!<local part>``: the ``prefix`` given to
   ``new_channel()`` (empty, or ending with ``.``), then the queue of the process that made it
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .amqp.frames import encode_string_header
+from ..amqp.frames import encode_string_header
 
 CHANNEL_HEADER = "asgi_channel"
 NO_PROPERTIES = b"\x00\x00"

@@ -11,17 +11,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from channels.exceptions import MessageTooLarge
 
-from .config import LayerConfig
+from .serializers import MessageSerializer
+
+
+class CodecSettings(Protocol):
+    """What the codec reads of the layer's config (:class:`~channels_rabbitmq.config.LayerConfig`)."""
+
+    @property
+    def max_message_size(self) -> int: ...
+    @property
+    def expiry(self) -> float: ...
+    @property
+    def serializer(self) -> MessageSerializer: ...
+    @property
+    def encryption_keys(self) -> tuple[bytes, ...]: ...
 
 
 class MessageCodec:
     """Encodes messages into bodies and decodes bodies into messages, as the config says."""
 
-    def __init__(self, config: LayerConfig) -> None:
+    def __init__(self, config: CodecSettings) -> None:
         self.max_size = config.max_message_size
         self.expiry = config.expiry
         self._encode = config.serializer.encode
