@@ -73,8 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run the benchmark; the exit status (1: no broker, 130: Ctrl-C)."""
-    return run(build_parser().parse_args(argv))
+    """Parse the command line and run the benchmark; the exit status (1: no broker, 130: Ctrl-C).
+    ``python -m bench e2e ...`` runs the end-to-end scenario instead (:mod:`bench.e2e`)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["e2e"]:
+        from bench import e2e
+
+        return e2e.main(arguments[1:])
+    return run(build_parser().parse_args(arguments))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -143,6 +143,8 @@ class _Forwarding:
                 action = None
                 if from_broker:
                     data, action = self._until_trigger(data)
+                if writer.is_closing():  # the other side ended while we waited (uvloop raises on a write)
+                    raise ConnectionResetError("the other side of the proxy is closed")
                 writer.write(data)
                 await writer.drain()
                 if action is not None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 
 import pytest
 from channels.exceptions import ChannelFull
 
+from channels_rabbitmq.link.inbound import ACK_DELAY
 from channels_rabbitmq.stats import DROPPED_CHANNEL_FULL
 from tests.conftest import LayerFactory, eventually, link_of
 
@@ -143,3 +145,46 @@ async def test_a_burst_that_outruns_the_acknowledgements_is_held_by_the_queue_no
         assert received == [[-1, *range(burst)]] * len(members)
     else:
         assert refused > 0, "the burst did not outrun the acknowledgements: this test shows nothing"
+
+
+# Acknowledgements ----------------------------------------------------------------------------------
+
+
+async def test_spread_out_deliveries_are_acknowledged_together_within_the_ack_delay(
+    make_layer: LayerFactory,
+) -> None:
+    """The queue is exclusive, so acks only pace delivery: deliveries that arrive one by one are
+    acknowledged together, within ACK_DELAY."""
+    receiver, sender = make_layer(prefetch_count=20), make_layer()
+    channel = await receiver.new_channel()
+    inbound = link_of(receiver).inbound
+    await eventually(lambda: inbound.unacknowledged == 0, "the set-up's probe acknowledged")
+    connection = link_of(receiver).consuming.connection
+    assert connection is not None
+    acks: list[float] = []
+    ack = connection.ack
+
+    def spy(channel_id: int, delivery_tag: int, *, now: bool = False) -> None:
+        acks.append(time.monotonic())
+        ack(channel_id, delivery_tag, now=now)
+
+    connection.ack = spy  # type: ignore[method-assign]
+    for number in range(5):  # one by one: each is delivered alone
+        await sender.send(channel, {"n": number})
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": number}
+    last_received = time.monotonic()
+    await eventually(lambda: inbound.unacknowledged == 0, "the five deliveries acknowledged")
+    assert len(acks) < 5
+    assert acks[-1] - last_received < ACK_DELAY + 0.5  # the margin: a loaded machine's timers
+
+
+async def test_once_half_the_prefetch_window_awaits_an_ack_it_is_written_at_once(
+    make_layer: LayerFactory,
+) -> None:
+    receiver, sender = make_layer(prefetch_count=2), make_layer()
+    channel = await receiver.new_channel()
+    inbound = link_of(receiver).inbound
+    for number in range(5):
+        await sender.send(channel, {"n": number})
+        assert await asyncio.wait_for(receiver.receive(channel), 5) == {"n": number}
+        assert inbound.unacknowledged == 0  # acknowledged with its own delivery, not ACK_DELAY later

@@ -1,0 +1,506 @@
+"""``python -m bench e2e``: a chat served by real ASGI servers, with real websocket clients.
+
+What a user who picks a channel layer measures: two uvicorn processes serve
+:mod:`bench.e2e_app` (a Channels ``AsyncWebsocketConsumer`` that joins its room's group and
+broadcasts each frame with ``group_send``), and this process runs the browsers: --clients
+websockets in rooms of --room-size, each room spread over both servers.
+
+- **Load** (the default mode): messages at each rate of --rates for --seconds, each from a random
+  client, stamped with its send time. Per step: the share of the expected deliveries (a message
+  reaches every member of its room, its sender included) that arrived, latency p50 and p99, and
+  the CPU seconds of the servers and of the broker (``/proc``) per delivered message. The *knee*
+  is the highest rate with everything delivered and p99 under :data:`KNEE_P99_MS` ms.
+- **Connect storm** (--storm N): N clients connect at once, each to a room of its own (a group
+  of its own); then each sends one message and waits for it to come back. Reported: the time
+  until every client was accepted, and the echo's p50 and p99.
+
+Layers: this one at --amqp-url, and channels_redis's RedisPubSub and Redis core at --redis-url
+(skipped, with the reason, when they cannot run). Each layer runs on each loop of --loops
+(uvicorn's ``--loop``: uvloop, as ``uvicorn[standard]`` runs, and asyncio); rounds are
+interleaved, and the tables give medians over them, then this layer's figures against
+RedisPubSub's. The clients always run on uvloop when it is installed.
+
+    python -m bench e2e --rounds 3
+    python -m bench e2e --storm 500 --loops uvloop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.compare import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, rabbitmq_problem, redis_problem
+from bench.profile import broker_pid, cpu_seconds
+from testbed.measure import percentile
+
+PROJECT = Path(__file__).resolve().parent.parent
+#: Where the servers' output goes.
+LOG_DIR = PROJECT / "artifacts" / "bench-e2e"
+KNEE_P99_MS = 50.0
+#: How long after a step's last send its deliveries may still arrive (seconds).
+DRAIN = 3.0
+SERVER_START_TIMEOUT = 30.0
+LOOPS = ("uvloop", "asyncio")
+BASELINE = "RedisPubSub"
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    backend: str
+    config: dict[str, Any]
+    broker_port: int
+
+
+def layers(amqp_url: str, redis_url: str) -> tuple[list[Layer], list[str]]:
+    """The layers that can run here, and a line for each one that cannot."""
+    from urllib.parse import urlsplit
+
+    amqp_port, redis_port = urlsplit(amqp_url).port or 5672, urlsplit(redis_url).port or 6379
+    found, skipped = [], []
+    if (problem := rabbitmq_problem(amqp_url)) is None:
+        found.append(
+            Layer(
+                "channels_rabbitmq",
+                "channels_rabbitmq.core.RabbitmqChannelLayer",
+                {"host": amqp_url},
+                amqp_port,
+            )
+        )
+    else:
+        skipped.append(f"channels_rabbitmq: {problem}")
+    if (problem := redis_problem(redis_url)) is None:
+        found.append(
+            Layer(
+                "RedisPubSub",
+                "channels_redis.pubsub.RedisPubSubChannelLayer",
+                {"hosts": [redis_url]},
+                redis_port,
+            )
+        )
+        found.append(
+            Layer("Redis core", "channels_redis.core.RedisChannelLayer", {"hosts": [redis_url]}, redis_port)
+        )
+    else:
+        skipped.append(f"channels_redis: {problem}")
+    return found, skipped
+
+
+# Servers -----------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_server(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A server process whose output goes to ``log`` (its shutdown's messages stay out of the tables)."""
+    with log.open("wb") as output:
+        return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=output, stderr=output)
+
+
+@contextlib.asynccontextmanager
+async def servers(layer: Layer, loop: str, count: int = 2) -> AsyncIterator[list[tuple[int, int]]]:
+    """``count`` uvicorn processes serving the chat with ``layer``: (port, pid) of each."""
+    env = {**os.environ, "BENCH_E2E_LAYER": json.dumps({"backend": layer.backend, "config": layer.config})}
+    started: list[tuple[int, subprocess.Popen[bytes]]] = []
+    try:
+        for _ in range(count):
+            port = free_port()
+            command = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.e2e_app:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                loop,
+                "--ws",
+                "websockets",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ]
+            started.append((port, start_server(command, env, LOG_DIR / f"{layer.name}-{loop}-{port}.log")))
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        for port, process in started:
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"the {layer.name} server exited with status {process.returncode}; see {LOG_DIR}"
+                    )
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the {layer.name} server did not listen within {SERVER_START_TIMEOUT:g}s"
+                    )
+                await asyncio.sleep(0.05)
+        yield [(port, process.pid) for port, process in started]
+    finally:
+        for _, process in started:
+            process.terminate()
+        for _, process in started:
+            try:
+                await asyncio.to_thread(process.wait, 10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# Clients -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Client:
+    connection: Any  # websockets' ClientConnection
+    room: int
+
+
+@dataclass
+class Receipts:
+    """Latencies (seconds) of the deliveries of each step, by step."""
+
+    by_step: dict[int, list[float]] = field(default_factory=dict)
+
+    async def read(self, client: Client) -> None:
+        with contextlib.suppress(Exception):  # the connection closes at the end
+            async for text in client.connection:
+                now = time.monotonic()
+                step, _, sent = str(text).partition(" ")
+                self.by_step.setdefault(int(step), []).append(now - float(sent))
+
+
+async def connect(port: int, room: str) -> Any:
+    from websockets.asyncio.client import connect as websocket_connect
+
+    return await websocket_connect(f"ws://127.0.0.1:{port}/{room}", open_timeout=60, max_queue=None)
+
+
+async def wait_for(condition: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def cpu_now(pids: Sequence[int]) -> float:
+    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+
+
+async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:
+    """One round of the load steps for one layer on one loop: a result per rate."""
+    rng = random.Random(round_)
+    broker = [pid for pid in [broker_pid(layer.broker_port)] if pid is not None]
+    results = []
+    async with servers(layer, loop) as running:
+        ports, server_pids = [port for port, _ in running], [pid for _, pid in running]
+        rooms = args.clients // args.room_size
+        members = [(index % rooms, ports[(index // rooms) % len(ports)]) for index in range(args.clients)]
+        clients = [Client(await connect(port, str(room)), room) for room, port in members]
+        size = {room: sum(1 for client in clients if client.room == room) for room in range(rooms)}
+        receipts = Receipts()
+        readers = [asyncio.ensure_future(receipts.read(client)) for client in clients]
+        try:
+            # Warm-up (step 0): one message per room, until each member had it (the groups are bound).
+            for room in range(rooms):
+                sender = next(client for client in clients if client.room == room)
+                await sender.connection.send(f"0 {time.monotonic():.6f}")
+            if not await wait_for(lambda: len(receipts.by_step.get(0, ())) >= args.clients, 30):
+                raise RuntimeError(f"{layer.name}: the warm-up messages did not all arrive")
+            for step, rate in enumerate(args.rates, start=1):
+                expected = 0
+                cpu_servers, cpu_broker, cpu_clients = (
+                    cpu_now(server_pids),
+                    cpu_now(broker),
+                    time.process_time(),
+                )
+                total = int(rate * args.seconds)
+                started = time.monotonic()
+                for sent in range(total):
+                    delay = started + sent / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    client = rng.choice(clients)
+                    await client.connection.send(f"{step} {time.monotonic():.6f}")
+                    expected += size[client.room]
+                offered_for = time.monotonic() - started
+                await wait_for(lambda: len(receipts.by_step.get(step, ())) >= expected, DRAIN)  # noqa: B023
+                latencies = sorted(receipts.by_step.get(step, []))
+                delivered = len(latencies)
+                servers_cpu, broker_cpu = cpu_now(server_pids) - cpu_servers, cpu_now(broker) - cpu_broker
+                clients_cpu = time.process_time() - cpu_clients
+                results.append(
+                    {
+                        "mode": "load",
+                        "layer": layer.name,
+                        "loop": loop,
+                        "round": round_,
+                        "rate": rate,
+                        "offered_rate": total / offered_for,
+                        "expected": expected,
+                        "delivered": delivered,
+                        "share": delivered / expected if expected else 1.0,
+                        "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else None,
+                        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else None,
+                        "servers_cpu_us": servers_cpu / max(delivered, 1) * 1e6,
+                        "broker_cpu_us": broker_cpu / max(delivered, 1) * 1e6 if broker else None,
+                        # The clients share the machine: when they are near a core, the rate is theirs.
+                        "clients_cpu_share": clients_cpu / (time.monotonic() - started),
+                    }
+                )
+                print(brief(results[-1]), file=sys.stderr, flush=True)
+        finally:
+            for client in clients:
+                await client.connection.close()
+            await asyncio.gather(*readers, return_exceptions=True)
+    return results
+
+
+async def storm(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> dict[str, Any]:
+    """N clients connecting at once, each joining a group of its own, then one echo each."""
+    async with servers(layer, loop) as running:
+        ports = [port for port, _ in running]
+        started = time.monotonic()
+
+        async def one(index: int) -> tuple[float, float | None]:
+            connection = await connect(ports[index % len(ports)], f"storm-{round_}-{index}")
+            accepted = time.monotonic() - started
+            try:
+                sent = time.monotonic()
+                await connection.send(f"0 {sent:.6f}")
+                await asyncio.wait_for(connection.recv(), 30)
+                return accepted, time.monotonic() - sent
+            except (TimeoutError, asyncio.TimeoutError):
+                return accepted, None
+            finally:
+                await connection.close()
+
+        outcomes = await asyncio.gather(*(one(index) for index in range(args.storm)), return_exceptions=True)
+    accepted = sorted(outcome[0] for outcome in outcomes if isinstance(outcome, tuple))
+    echoes = sorted(
+        echo for outcome in outcomes if isinstance(outcome, tuple) for echo in [outcome[1]] if echo
+    )
+    result = {
+        "mode": "storm",
+        "layer": layer.name,
+        "loop": loop,
+        "round": round_,
+        "clients": args.storm,
+        "connected": len(accepted),
+        "echoed": len(echoes),
+        "all_accepted_s": accepted[-1] if accepted else None,
+        "echo_p50_ms": percentile(echoes, 0.5) * 1000 if echoes else None,
+        "echo_p99_ms": percentile(echoes, 0.99) * 1000 if echoes else None,
+    }
+    print(brief(result), file=sys.stderr, flush=True)
+    return result
+
+
+# Figures -----------------------------------------------------------------------------------------
+
+
+def brief(result: dict[str, Any]) -> str:
+    head = f"round {result['round']} {result['layer']} on {result['loop']}:"
+    if result["mode"] == "storm":
+        return (
+            f"{head} storm of {result['clients']}: {result['connected']} connected, "
+            f"{result['echoed']} echoed, all accepted in {fmt(result['all_accepted_s'], 2)}s, "
+            f"echo p99 {fmt(result['echo_p99_ms'])} ms"
+        )
+    return (
+        f"{head} {result['rate']}/s: {result['share']:.1%} delivered, p50 {fmt(result['p50_ms'])} ms, "
+        f"p99 {fmt(result['p99_ms'])} ms, cpu {fmt(total_cpu(result))} µs/msg"
+    )
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def total_cpu(result: dict[str, Any]) -> float | None:
+    broker = result["broker_cpu_us"]
+    return None if broker is None else result["servers_cpu_us"] + broker
+
+
+def median(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def knee(results: Sequence[dict[str, Any]]) -> float | None:
+    """The highest rate of one round with everything delivered and p99 under KNEE_P99_MS."""
+    good = [
+        r["rate"]
+        for r in results
+        if r["share"] >= 1.0 and r["p99_ms"] is not None and r["p99_ms"] < KNEE_P99_MS
+    ]
+    return max(good) if good else None
+
+
+#: The columns of each table after the layer's name: (heading, what of a result, digits).
+LOAD_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], ...] = (
+    ("delivered %", lambda r: r["share"] * 100, 2),
+    ("p50 ms", lambda r: r["p50_ms"], 1),
+    ("p99 ms", lambda r: r["p99_ms"], 1),
+    ("servers µs/msg", lambda r: r["servers_cpu_us"], 0),
+    ("broker µs/msg", lambda r: r["broker_cpu_us"], 0),
+    ("total µs/msg", total_cpu, 0),
+    ("clients' core %", lambda r: r["clients_cpu_share"] * 100, 0),
+)
+STORM_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], ...] = (
+    ("connected", lambda r: r["connected"], 0),
+    ("echoed", lambda r: r["echoed"], 0),
+    ("all accepted s", lambda r: r["all_accepted_s"], 2),
+    ("echo p50 ms", lambda r: r["echo_p50_ms"], 1),
+    ("echo p99 ms", lambda r: r["echo_p99_ms"], 1),
+)
+
+
+def table(
+    heading: str,
+    keys: list[str],
+    cells: dict[tuple[str, ...], list[dict[str, Any]]],
+    columns: Sequence[tuple[str, Callable[[dict[str, Any]], float | None], int]],
+) -> list[str]:
+    """A Markdown table: a row per cell (its key's values first), the medians over its rounds."""
+    names = [*keys, *(name for name, _, _ in columns)]
+    lines = [heading, "", f"| {' | '.join(names)} |", "|" + "---|" * len(keys) + "---:|" * len(columns)]
+    for key, runs in cells.items():
+        figures = [fmt(median([read(run) for run in runs]), digits) for _, read, digits in columns]
+        lines.append(f"| {' | '.join([*key, *figures])} |")
+    return [*lines, ""]
+
+
+def tables(results: list[dict[str, Any]], loops: Sequence[str]) -> list[str]:
+    lines: list[str] = []
+    names = list(dict.fromkeys(r["layer"] for r in results))
+    for loop in loops:
+        load_runs = [r for r in results if r["mode"] == "load" and r["loop"] == loop]
+        if load_runs:
+            cells: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for r in sorted(load_runs, key=lambda r: (names.index(r["layer"]), r["rate"])):
+                cells.setdefault((r["layer"], f"{r['rate']:,}"), []).append(r)
+            heading = f"### Load, servers on {loop} (medians over rounds)"
+            lines += table(heading, ["layer", "msgs/s"], cells, LOAD_COLUMNS)
+            knees: dict[str, float | None] = {}
+            for name in names:
+                runs = [r for r in load_runs if r["layer"] == name]
+                rounds = sorted({r["round"] for r in runs})
+                knees[name] = median([knee([r for r in runs if r["round"] == n]) for n in rounds])
+            lines += [
+                f"Knee (highest rate, all delivered, p99 < {KNEE_P99_MS:g} ms): "
+                + ", ".join(f"{name} {fmt(value, 0)}/s" for name, value in knees.items()),
+                "",
+                *ratios(load_runs, knees),
+            ]
+        storm_runs = [r for r in results if r["mode"] == "storm" and r["loop"] == loop]
+        if storm_runs:
+            cells = {}
+            for r in storm_runs:
+                cells.setdefault((r["layer"], f"{r['clients']:,}"), []).append(r)
+            heading = f"### Connect storm, servers on {loop} (medians over rounds)"
+            lines += table(heading, ["layer", "clients"], cells, STORM_COLUMNS)
+    return lines
+
+
+def ratios(runs: list[dict[str, Any]], knees: dict[str, float | None]) -> list[str]:
+    """This layer against RedisPubSub: knee, CPU per message at each rate, p99 at half the knee."""
+    ours, peer = "channels_rabbitmq", BASELINE
+    if ours not in knees or peer not in knees:
+        return []
+    lines = [f"This layer / {peer}:", ""]
+    our_knee, peer_knee = knees[ours], knees[peer]
+    if our_knee and peer_knee:
+        lines.append(f"- knee: {our_knee / peer_knee:.2f}x")
+    for rate in sorted({r["rate"] for r in runs}):
+        mine = median([total_cpu(r) for r in runs if r["layer"] == ours and r["rate"] == rate])
+        theirs = median([total_cpu(r) for r in runs if r["layer"] == peer and r["rate"] == rate])
+        if mine and theirs:
+            lines.append(f"- total CPU per delivered message at {rate:,}/s: {mine / theirs:.2f}x")
+    if peer_knee:
+        half = min({r["rate"] for r in runs}, key=lambda rate: abs(rate - peer_knee / 2))
+        mine = median([r["p99_ms"] for r in runs if r["layer"] == ours and r["rate"] == half])
+        theirs = median([r["p99_ms"] for r in runs if r["layer"] == peer and r["rate"] == half])
+        if mine and theirs:
+            lines.append(f"- p99 at {half:,}/s (about half {peer}'s knee): {mine / theirs:.2f}x")
+    return [*lines, ""]
+
+
+# Command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=1, metavar="N")
+    parser.add_argument("--rates", type=int, nargs="+", default=[250, 500, 750, 1000], metavar="MSGS_PER_S")
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load step (default: 10)")
+    parser.add_argument("--clients", type=int, default=80, help="websocket clients (default: 80)")
+    parser.add_argument("--room-size", type=int, default=4, help="clients per room (default: 4)")
+    parser.add_argument(
+        "--storm", type=int, default=0, metavar="N", help="a connect storm of N clients instead"
+    )
+    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
+    parser.add_argument("--layers", nargs="+", metavar="NAME", help="a subset of the layers, by name")
+    parser.add_argument(
+        "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
+    )
+    parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL), metavar="URL")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), metavar="URL")
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    found, skipped = layers(args.amqp_url, args.redis_url)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    if args.layers:
+        found = [layer for layer in found if layer.name in args.layers]
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
+    results: list[dict[str, Any]] = []
+    for round_ in range(1, args.rounds + 1):
+        for loop in args.loops:
+            for layer in found:
+                if args.storm:
+                    results.append(await storm(layer, loop, args, round_))
+                else:
+                    results += await load(layer, loop, args, round_)
+    if args.json_out:
+        args.json_out.write_text("".join(json.dumps(result) + "\n" for result in results))
+    print("\n".join(tables(results, args.loops)))
+    print(
+        f"Command: python -m bench e2e {' '.join(sys.argv[2:])}; {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d')}."
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import uvloop
+
+        return uvloop.run(run(args))
+    except ImportError:
+        return asyncio.run(run(args))
