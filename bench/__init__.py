@@ -14,6 +14,10 @@
     runs scenarios.py for every (round, scenario, layer), and turns the medians into Markdown
     tables. ``run.py`` is the command line around it (options, progress bar, printing).
 
+- ``python -m bench e2e`` (:mod:`bench.e2e`): a Channels websocket chat on two uvicorn servers
+  (:mod:`bench.e2e_app`) with real websocket clients: stepped load and a connect storm, for this
+  layer and channels_redis's two, with the servers' and the broker's CPU per delivered message.
+
 - ``memory.py`` and ``stuck_channel.py``: scripts run by their path
   (``.venv/bin/python bench/memory.py``), about memory under unread channels and about
   latency beside a stuck channel.

@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,8 @@ async def storm(layer: Layer, loop: str, args: argparse.Namespace, round_: int) 
 
         outcomes = await asyncio.gather(*(one(index) for index in range(args.storm)), return_exceptions=True)
     accepted = sorted(outcome[0] for outcome in outcomes if isinstance(outcome, tuple))
+    # A client the server refused (it closed the websocket: its consumer's connect() raised).
+    refused = Counter(type(outcome).__name__ for outcome in outcomes if isinstance(outcome, BaseException))
     echoes = sorted(
         echo for outcome in outcomes if isinstance(outcome, tuple) for echo in [outcome[1]] if echo
     )
@@ -307,11 +310,17 @@ async def storm(layer: Layer, loop: str, args: argparse.Namespace, round_: int) 
         "round": round_,
         "clients": args.storm,
         "connected": len(accepted),
+        "refused": dict(refused),
         "echoed": len(echoes),
         "all_accepted_s": accepted[-1] if accepted else None,
         "echo_p50_ms": percentile(echoes, 0.5) * 1000 if echoes else None,
         "echo_p99_ms": percentile(echoes, 0.99) * 1000 if echoes else None,
     }
+    if refused:
+        print(
+            f"{layer.name} on {loop}: refused {dict(refused)}; the servers' logs are in {LOG_DIR}",
+            file=sys.stderr,
+        )
     print(brief(result), file=sys.stderr, flush=True)
     return result
 
@@ -365,7 +374,7 @@ LOAD_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], .
     ("servers µs/msg", lambda r: r["servers_cpu_us"], 0),
     ("broker µs/msg", lambda r: r["broker_cpu_us"], 0),
     ("total µs/msg", total_cpu, 0),
-    ("clients' core %", lambda r: r["clients_cpu_share"] * 100, 0),
+    ("clients' core %", lambda r: r["clients_cpu_share"] * 100 if "clients_cpu_share" in r else None, 0),
 )
 STORM_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], ...] = (
     ("connected", lambda r: r["connected"], 0),
@@ -446,6 +455,45 @@ def ratios(runs: list[dict[str, Any]], knees: dict[str, float | None]) -> list[s
     return [*lines, ""]
 
 
+def plot(results: list[dict[str, Any]], path: Path) -> Path:
+    """The load steps as a PNG: p99 latency and total CPU per delivered message against the rate,
+    a line per layer and loop (medians over rounds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after the backend is chosen
+
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12.5, 5), dpi=110)
+    runs = [r for r in results if r["mode"] == "load"]
+    colours = {"channels_rabbitmq": "tab:red", BASELINE: "tab:green", "Redis core": "tab:blue"}
+    for name in dict.fromkeys(r["layer"] for r in runs):
+        colour = colours.get(name, "tab:gray")
+        for loop, style in (("uvloop", "-"), ("asyncio", "--")):
+            mine = [r for r in runs if r["layer"] == name and r["loop"] == loop]
+            rates = sorted({r["rate"] for r in mine})
+            if not rates:
+                continue
+            label = f"{name} ({loop})"
+            cells = [[r for r in mine if r["rate"] == rate] for rate in rates]
+            latency.plot(
+                rates, [median([r["p99_ms"] for r in c]) for c in cells], style, color=colour, label=label
+            )
+            cpu.plot(
+                rates, [median([total_cpu(r) for r in c]) for c in cells], style, color=colour, label=label
+            )
+    latency.axhline(KNEE_P99_MS, color="gray", linewidth=0.8)
+    latency.set(yscale="log", xlabel="messages per second", ylabel="p99 latency, ms (log)")
+    cpu.set(xlabel="messages per second", ylabel="CPU µs per delivered message (servers + broker)")
+    for panel in (latency, cpu):
+        panel.grid(alpha=0.3)
+    latency.legend(fontsize="small")
+    figure.suptitle("A websocket chat on two uvicorn servers (python -m bench e2e)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 # Command line ------------------------------------------------------------------------------------
 
 
@@ -464,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
     parser.add_argument("--layers", nargs="+", metavar="NAME", help="a subset of the layers, by name")
     parser.add_argument(
+        "--plot", type=Path, metavar="PNG", help="also draw the load steps into this PNG file"
+    )
+    parser.add_argument(
+        "--from-json", type=Path, metavar="FILE", help="do not measure: report (and plot) a --json-out file"
+    )
+    parser.add_argument(
         "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
     )
     parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL), metavar="URL")
@@ -479,6 +533,10 @@ async def run(args: argparse.Namespace) -> int:
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     results: list[dict[str, Any]] = []
+    if args.from_json:
+        found = []
+        results = [json.loads(line) for line in args.from_json.read_text().splitlines()]
+        args.loops = list(dict.fromkeys(r["loop"] for r in results))
     for round_ in range(1, args.rounds + 1):
         for loop in args.loops:
             for layer in found:
@@ -489,6 +547,8 @@ async def run(args: argparse.Namespace) -> int:
     if args.json_out:
         args.json_out.write_text("".join(json.dumps(result) + "\n" for result in results))
     print("\n".join(tables(results, args.loops)))
+    if args.plot:
+        print(f"Plot: {plot(results, args.plot)}")
     print(
         f"Command: python -m bench e2e {' '.join(sys.argv[2:])}; {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}."

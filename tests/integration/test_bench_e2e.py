@@ -40,8 +40,12 @@ def test_load_steps_deliver_everything_and_report_latency_cpu_and_the_knee(
     broker: Broker, tmp_path: Path
 ) -> None:
     json_out = tmp_path / "e2e.jsonl"
-    done = run_e2e(broker, json_out, "--rates", "40", "80", "--seconds", "1", "--clients", "8")
+    png = tmp_path / "e2e.png"
+    done = run_e2e(
+        broker, json_out, "--rates", "40", "80", "--seconds", "1", "--clients", "8", "--plot", str(png)
+    )
     assert done.returncode == 0, done.stderr
+    assert png.read_bytes().startswith(b"\x89PNG")
     results = [json.loads(line) for line in json_out.read_text().splitlines()]
     assert [(r["loop"], r["rate"]) for r in results] == [(loop, rate) for loop in LOOPS for rate in (40, 80)]
     for result in results:
@@ -54,6 +58,16 @@ def test_load_steps_deliver_everything_and_report_latency_cpu_and_the_knee(
         assert f"### Load, servers on {loop}" in done.stdout
     assert "| channels_rabbitmq | 80 | 100.00 |" in done.stdout
     assert "Knee (highest rate, all delivered, p99 < 50 ms): channels_rabbitmq " in done.stdout
+    # The same tables again from the JSON lines alone, without measuring.
+    again = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--from-json", str(json_out)],
+        cwd=REPOSITORY,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert again.stdout.split("Command:")[0] == done.stdout.split("Plot:")[0]
 
 
 def test_a_connect_storm_accepts_and_echoes_every_client(broker: Broker, tmp_path: Path) -> None:
