@@ -42,9 +42,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from bench.compare import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, rabbitmq_problem, redis_problem
+from bench.compare import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, fmt_ratio, rabbitmq_problem, redis_problem
 from bench.profile import broker_pid, cpu_seconds
+from testbed.brokers.nodes import free_ports
 from testbed.measure import percentile
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -68,8 +70,6 @@ class Layer:
 
 def layers(amqp_url: str, redis_url: str) -> tuple[list[Layer], list[str]]:
     """The layers that can run here, and a line for each one that cannot."""
-    from urllib.parse import urlsplit
-
     amqp_port, redis_port = urlsplit(amqp_url).port or 5672, urlsplit(redis_url).port or 6379
     found, skipped = [], []
     if (problem := rabbitmq_problem(amqp_url)) is None:
@@ -103,12 +103,6 @@ def layers(amqp_url: str, redis_url: str) -> tuple[list[Layer], list[str]]:
 # Servers -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_server(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """A server process whose output goes to ``log`` (its shutdown's messages stay out of the tables)."""
     with log.open("wb") as output:
@@ -122,7 +116,7 @@ async def servers(layer: Layer, loop: str, count: int = 2) -> AsyncIterator[list
     started: list[tuple[int, subprocess.Popen[bytes]]] = []
     try:
         for _ in range(count):
-            port = free_port()
+            [port] = free_ports(1)
             command = [
                 sys.executable,
                 "-m",
@@ -440,18 +434,18 @@ def ratios(runs: list[dict[str, Any]], knees: dict[str, float | None]) -> list[s
     lines = [f"This layer / {peer}:", ""]
     our_knee, peer_knee = knees[ours], knees[peer]
     if our_knee and peer_knee:
-        lines.append(f"- knee: {our_knee / peer_knee:.2f}x")
+        lines.append(f"- knee: {fmt_ratio(our_knee, peer_knee)}")
     for rate in sorted({r["rate"] for r in runs}):
         mine = median([total_cpu(r) for r in runs if r["layer"] == ours and r["rate"] == rate])
         theirs = median([total_cpu(r) for r in runs if r["layer"] == peer and r["rate"] == rate])
         if mine and theirs:
-            lines.append(f"- total CPU per delivered message at {rate:,}/s: {mine / theirs:.2f}x")
+            lines.append(f"- total CPU per delivered message at {rate:,}/s: {fmt_ratio(mine, theirs)}")
     if peer_knee:
         half = min({r["rate"] for r in runs}, key=lambda rate: abs(rate - peer_knee / 2))
         mine = median([r["p99_ms"] for r in runs if r["layer"] == ours and r["rate"] == half])
         theirs = median([r["p99_ms"] for r in runs if r["layer"] == peer and r["rate"] == half])
         if mine and theirs:
-            lines.append(f"- p99 at {half:,}/s (about half {peer}'s knee): {mine / theirs:.2f}x")
+            lines.append(f"- p99 at {half:,}/s (about half {peer}'s knee): {fmt_ratio(mine, theirs)}")
     return [*lines, ""]
 
 
