@@ -9,7 +9,8 @@
 # make docs   the documentation site (docs/, mkdocs.yml) built with --strict into build/site
 # make bench-plots  scaling curves of this layer and its peers (message size, groups, channels,
 #             server processes) as PNG files and JSON in docs/img/bench/; about 15 minutes
-#             (not part of make test; e.g. make bench-plots BENCH_PLOTS_ARGS="--rounds 1 --axes size")
+#             (python -m bench --axes all --rounds 3; not part of make test; e.g. make bench-plots
+#             BENCH_PLOTS_ARGS="--rounds 1 --axes size")
 # make soak   5 minutes of traffic and random faults on a private 3-node cluster, then a ledger table
 #             (not part of make test; e.g. make soak SOAK_ARGS="--seconds 60 --seed 7")
 # Each starts a private RabbitMQ node (scripts/with-broker) when nothing answers at AMQP_URL.
@@ -77,7 +78,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench $(BENCH_ARGS)
 
 bench-plots: $(BIN)/.installed
-	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench.scaling $(BENCH_PLOTS_ARGS)
+	$(BIN)/python scripts/with-broker -- $(BIN)/python -m bench --axes all --rounds 3 $(BENCH_PLOTS_ARGS)
 
 soak: $(BIN)/.installed
 	$(BIN)/python scripts/with-broker -- $(BIN)/python -m soak.run $(SOAK_ARGS)

@@ -1,4 +1,4 @@
-"""``python -m bench`` (from the repository's root): this layer beside its peers; see :mod:`bench.run`."""
+"""``python -m bench`` (from the repository's root): see :mod:`bench.run`."""
 
 from __future__ import annotations
 

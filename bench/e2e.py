@@ -44,8 +44,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.compare import DEFAULT_AMQP_URL, DEFAULT_REDIS_URL, fmt_ratio, rabbitmq_problem, redis_problem
-from bench.profile import broker_pid, cpu_seconds
+import psutil
+
+from bench import layers as peers
+from bench.run import fmt_ratio
+from bench.stages import broker_process, cpu_seconds
 from testbed.brokers.nodes import free_ports
 from testbed.measure import percentile
 
@@ -70,31 +73,17 @@ class Layer:
 
 def layers(amqp_url: str, redis_url: str) -> tuple[list[Layer], list[str]]:
     """The layers that can run here, and a line for each one that cannot."""
-    amqp_port, redis_port = urlsplit(amqp_url).port or 5672, urlsplit(redis_url).port or 6379
     found, skipped = [], []
-    if (problem := rabbitmq_problem(amqp_url)) is None:
+    if (problem := peers.rabbitmq_problem(amqp_url)) is None:
         found.append(
-            Layer(
-                "channels_rabbitmq",
-                "channels_rabbitmq.core.RabbitmqChannelLayer",
-                {"host": amqp_url},
-                amqp_port,
-            )
+            Layer("channels_rabbitmq", peers.RABBITMQ_CLASS, {"host": amqp_url}, peers.amqp_port(amqp_url))
         )
     else:
         skipped.append(f"channels_rabbitmq: {problem}")
-    if (problem := redis_problem(redis_url)) is None:
-        found.append(
-            Layer(
-                "RedisPubSub",
-                "channels_redis.pubsub.RedisPubSubChannelLayer",
-                {"hosts": [redis_url]},
-                redis_port,
-            )
-        )
-        found.append(
-            Layer("Redis core", "channels_redis.core.RedisChannelLayer", {"hosts": [redis_url]}, redis_port)
-        )
+    if (problem := peers.redis_problem(redis_url)) is None:
+        port, hosts = urlsplit(redis_url).port or 6379, {"hosts": [redis_url]}
+        found.append(Layer(BASELINE, "channels_redis.pubsub.RedisPubSubChannelLayer", hosts, port))
+        found.append(Layer("Redis core", "channels_redis.core.RedisChannelLayer", hosts, port))
     else:
         skipped.append(f"channels_redis: {problem}")
     return found, skipped
@@ -103,44 +92,25 @@ def layers(amqp_url: str, redis_url: str) -> tuple[list[Layer], list[str]]:
 # Servers -----------------------------------------------------------------------------------------
 
 
-def start_server(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """A server process whose output goes to ``log`` (its shutdown's messages stay out of the tables)."""
-    with log.open("wb") as output:
-        return subprocess.Popen(command, cwd=PROJECT, env=env, stdout=output, stderr=output)
-
-
 @contextlib.asynccontextmanager
 async def servers(layer: Layer, loop: str, count: int = 2) -> AsyncIterator[list[tuple[int, int]]]:
-    """``count`` uvicorn processes serving the chat with ``layer``: (port, pid) of each."""
+    """``count`` uvicorn processes serving the chat with ``layer``: (port, pid) of each; their
+    output goes to LOG_DIR (a shutdown's messages stay out of the tables)."""
     env = {**os.environ, "BENCH_E2E_LAYER": json.dumps({"backend": layer.backend, "config": layer.config})}
     started: list[tuple[int, subprocess.Popen[bytes]]] = []
     try:
-        for _ in range(count):
-            [port] = free_ports(1)
-            command = [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.e2e_app:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                loop,
-                "--ws",
-                "websockets",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ]
-            started.append((port, start_server(command, env, LOG_DIR / f"{layer.name}-{loop}-{port}.log")))
+        for port in free_ports(count):
+            command = [sys.executable, "-m", "uvicorn", "bench.e2e_app:application", "--port", str(port)]
+            command += ["--loop", loop, "--ws", "websockets", "--log-level", "warning", "--no-access-log"]
+            with (LOG_DIR / f"{layer.name}-{loop}-{port}.log").open("wb") as log:
+                server = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=log, stderr=log)  # noqa: ASYNC220
+            started.append((port, server))
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         for port, process in started:
             while True:
                 if process.poll() is not None:
                     raise RuntimeError(
-                        f"the {layer.name} server exited with status {process.returncode}; see {LOG_DIR}"
+                        f"the {layer.name} server exited ({process.returncode}); see {LOG_DIR}"
                     )
                 with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                     break
@@ -198,17 +168,17 @@ async def wait_for(condition: Any, timeout: float) -> bool:
     return True
 
 
-def cpu_now(pids: Sequence[int]) -> float:
-    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+def cpu_now(processes: Sequence[psutil.Process | None]) -> float:
+    return sum(cpu_seconds(process) or 0.0 for process in processes)
 
 
 async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:
     """One round of the load steps for one layer on one loop: a result per rate."""
     rng = random.Random(round_)
-    broker = [pid for pid in [broker_pid(layer.broker_port)] if pid is not None]
+    broker = [process for process in [broker_process(layer.broker_port)] if process is not None]
     results = []
     async with servers(layer, loop) as running:
-        ports, server_pids = [port for port, _ in running], [pid for _, pid in running]
+        ports, server_pids = [port for port, _ in running], [psutil.Process(pid) for _, pid in running]
         rooms = args.clients // args.room_size
         members = [(index % rooms, ports[(index // rooms) % len(ports)]) for index in range(args.clients)]
         clients = [Client(await connect(port, str(room)), room) for room, port in members]
@@ -449,45 +419,6 @@ def ratios(runs: list[dict[str, Any]], knees: dict[str, float | None]) -> list[s
     return [*lines, ""]
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> Path:
-    """The load steps as a PNG: p99 latency and total CPU per delivered message against the rate,
-    a line per layer and loop (medians over rounds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after the backend is chosen
-
-    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12.5, 5), dpi=110)
-    runs = [r for r in results if r["mode"] == "load"]
-    colours = {"channels_rabbitmq": "tab:red", BASELINE: "tab:green", "Redis core": "tab:blue"}
-    for name in dict.fromkeys(r["layer"] for r in runs):
-        colour = colours.get(name, "tab:gray")
-        for loop, style in (("uvloop", "-"), ("asyncio", "--")):
-            mine = [r for r in runs if r["layer"] == name and r["loop"] == loop]
-            rates = sorted({r["rate"] for r in mine})
-            if not rates:
-                continue
-            label = f"{name} ({loop})"
-            cells = [[r for r in mine if r["rate"] == rate] for rate in rates]
-            latency.plot(
-                rates, [median([r["p99_ms"] for r in c]) for c in cells], style, color=colour, label=label
-            )
-            cpu.plot(
-                rates, [median([total_cpu(r) for r in c]) for c in cells], style, color=colour, label=label
-            )
-    latency.axhline(KNEE_P99_MS, color="gray", linewidth=0.8)
-    latency.set(yscale="log", xlabel="messages per second", ylabel="p99 latency, ms (log)")
-    cpu.set(xlabel="messages per second", ylabel="CPU µs per delivered message (servers + broker)")
-    for panel in (latency, cpu):
-        panel.grid(alpha=0.3)
-    latency.legend(fontsize="small")
-    figure.suptitle("A websocket chat on two uvicorn servers (python -m bench e2e)")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return path
-
-
 # Command line ------------------------------------------------------------------------------------
 
 
@@ -514,8 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
     )
-    parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", DEFAULT_AMQP_URL), metavar="URL")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL), metavar="URL")
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("AMQP_URL", peers.DEFAULT_AMQP_URL), metavar="URL"
+    )
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", peers.DEFAULT_REDIS_URL), metavar="URL"
+    )
     return parser
 
 
@@ -542,7 +477,9 @@ async def run(args: argparse.Namespace) -> int:
         args.json_out.write_text("".join(json.dumps(result) + "\n" for result in results))
     print("\n".join(tables(results, args.loops)))
     if args.plot:
-        print(f"Plot: {plot(results, args.plot)}")
+        from bench import plots  # matplotlib, only when drawing
+
+        print(f"Plot: {plots.draw_e2e(results, args.plot, KNEE_P99_MS)}")
     print(
         f"Command: python -m bench e2e {' '.join(sys.argv[2:])}; {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d')}."

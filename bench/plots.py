@@ -1,6 +1,7 @@
-"""Draw bench.scaling's results as PNG files: one per axis, throughput beside p99 latency.
+"""Draw the benchmarks' results as PNG files: one per axis, throughput beside p99 latency (and the
+end-to-end load steps: :func:`draw_e2e`).
 
-``python -m bench.scaling`` calls :func:`draw_all` once it has measured; this draws them again
+``python -m bench --axes ...`` calls :func:`draw_all` once it has measured; this draws them again
 from the JSON alone, without measuring (e.g. after changing the look)::
 
     python -m bench.plots docs/img/bench/scaling.json [--out-dir DIR]
@@ -158,9 +159,45 @@ def draw_all(document: dict[str, Any], out_dir: Path) -> list[Path]:
     return [draw_axis(document, axis, out_dir / file_name(axis["name"])) for axis in document["axes"]]
 
 
+def draw_e2e(results: list[dict[str, Any]], path: Path, knee_p99_ms: float) -> Path:
+    """The load steps as a PNG: p99 latency and total CPU per delivered message against the rate,
+    a line per layer and loop (medians over rounds)."""
+    from bench.e2e import BASELINE, median, total_cpu
+
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12.5, 5), dpi=110)
+    runs = [r for r in results if r["mode"] == "load"]
+    colours = {"channels_rabbitmq": "tab:red", BASELINE: "tab:green", "Redis core": "tab:blue"}
+    for name in dict.fromkeys(r["layer"] for r in runs):
+        colour = colours.get(name, "tab:gray")
+        for loop, style in (("uvloop", "-"), ("asyncio", "--")):
+            mine = [r for r in runs if r["layer"] == name and r["loop"] == loop]
+            rates = sorted({r["rate"] for r in mine})
+            if not rates:
+                continue
+            label = f"{name} ({loop})"
+            cells = [[r for r in mine if r["rate"] == rate] for rate in rates]
+            latency.plot(
+                rates, [median([r["p99_ms"] for r in c]) for c in cells], style, color=colour, label=label
+            )
+            cpu.plot(
+                rates, [median([total_cpu(r) for r in c]) for c in cells], style, color=colour, label=label
+            )
+    latency.axhline(knee_p99_ms, color="gray", linewidth=0.8)
+    latency.set(yscale="log", xlabel="messages per second", ylabel="p99 latency, ms (log)")
+    cpu.set(xlabel="messages per second", ylabel="CPU µs per delivered message (servers + broker)")
+    for panel in (latency, cpu):
+        panel.grid(alpha=0.3)
+    latency.legend(fontsize="small")
+    figure.suptitle("A websocket chat on two uvicorn servers (python -m bench e2e)")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plots", description=__doc__)
-    parser.add_argument("results", type=Path, help="the JSON file written by python -m bench.scaling")
+    parser.add_argument("results", type=Path, help="the JSON file written by python -m bench --axes")
     parser.add_argument("--out-dir", type=Path, help="where the PNG files go (default: beside the JSON)")
     args = parser.parse_args(argv)
     document = json.loads(args.results.read_text(encoding="utf-8"))

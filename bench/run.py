@@ -1,43 +1,48 @@
 """Measure this layer beside its peers on this machine: a progress bar, then Markdown tables.
 
-Run from the repository's root: python -m bench [options], or make bench, which also starts a
-private RabbitMQ when none answers at $AMQP_URL.
+Run from the repository's root: python -m bench [options] (make bench; make bench-plots runs
+--axes all; both start a private RabbitMQ when none answers at $AMQP_URL).
 
-Layers compared, each in a fresh subprocess per (round, scenario, layer):
-
-  channels_rabbitmq (this project)  at --amqp-url, from this interpreter
-  InMemoryChannelLayer              always (channels is a dependency); no I/O, one shared instance
-  RedisChannelLayer                 when channels_redis is installed (pip install channels-redis, or
-  RedisPubSubChannelLayer           this project's "bench" extra) and a Redis answers at --redis-url
-  channels_rabbitmq (PyPI)          with --old-python: the python of a virtualenv that holds the
-                                    released package (it has this project's import name, so it
-                                    needs a virtualenv of its own)
-
-A peer that cannot be measured is skipped, with one line saying why. Both RabbitMQ layers run
-with remote_capacity=100000 and local_capacity=10000 (and this project with capacity=100000, like
-the other layers), so the timed sends never hit ChannelFull nor a full channel.
+Layers: this project at --amqp-url; InMemoryChannelLayer; RedisChannelLayer and
+RedisPubSubChannelLayer when channels_redis is installed (pip install channels-redis, or this
+project's "bench" extra) and a Redis answers at --redis-url; channels_rabbitmq (PyPI) with
+--old-python, the python of a virtualenv that holds the released package (it has this project's
+import name). A layer that
+cannot be measured is skipped, with one line saying why. Each run is a fresh subprocess of
+bench/scenarios.py, in the layer's own interpreter.
 
 Scenarios (default sizes in brackets; --quick makes every N 5 to 10 times smaller):
 
   p2p     N messages [20,000] from one instance to one channel of another, 50 sends in flight
   many    the same, spread round-robin over 100 channels of the receiver
+  groups  the same as group_send to one of the 100 groups that the receiving channel is in
   fanout  N group_send() [50] one after another, to 500 members on each of 2 receiver instances
   rtt     ping-pong between two instances, N round trips [2,000]: median and p99 latency
   sync    N async_to_sync(group_send) calls [300] from a plain thread
+  storm   N [10,000] new channels at once, each joining a group of its own
 
-Every layer runs every scenario on each event loop of --loops: asyncio's own and uvloop (which
-uvicorn uses when it is installed), and the tables come once per loop.
+Axes (--axes; scaling curves, drawn as PNG files beside --out): each point is a scenario with
+one parameter set, a throughput phase in a time box of 0.7 s, then 200 latency probes one at a
+time (their p99 is plotted); --quick measures two points with shorter phases.
 
-Rounds are interleaved, and each cell of the tables is the median over the rounds. The progress
-goes to stderr (a bar redrawn in place on a terminal, else one line per finished run); the
-tables go to stdout, in Markdown: the figures per layer, then this project's figures divided by
-each peer's, then the machine and the command line that reproduces the run.
+  size      p2p, payload of 100 B to 1 MiB
+  groups    groups: 1 to 10,000 groups the receiving channel is a member of
+  channels  many: 10 to 50,000 channels on the receiver
+  servers   fanout: 1 to 4 receiver processes with 100 members each, 50 sends in flight
+
+Every layer runs every scenario on each loop of --loops (asyncio's own and uvloop, which uvicorn
+uses when it is installed); on the axes, the peers run on the first loop only, and
+InMemoryChannelLayer on the size axis only (it cannot reach another process, and goes over all
+its groups and channels on every call). Rounds are interleaved; each figure is the median over
+the rounds (the points of 10,000 groups or channels and more are measured once). Progress goes to
+stderr; the tables to stdout, in Markdown, with the machine and the command that reproduces the
+run. ``python -m bench e2e`` runs the end-to-end chat instead (bench/e2e.py).
 
 Examples:
 
-  python -m bench                          # one round, full sizes
   python -m bench --quick --scenarios p2p rtt
   python -m bench --rounds 3 > bench.md
+  python -m bench --axes all --rounds 3               # docs/img/bench/scaling.json and PNGs
   python3 -m venv /tmp/peers && /tmp/peers/bin/pip install channels-rabbitmq==4.0.1
   python -m bench --rounds 3 --old-python /tmp/peers/bin/python
 """
@@ -45,22 +50,428 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import datetime
 import json
 import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from bench import compare, scenarios
+from bench import layers, stages
+from bench.layers import OURS, LayerSpec
+from bench.scenarios import LOOPS, SCENARIOS
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPOSITORY / "docs" / "img" / "bench" / "scaling.json"
+QUICK_N = {"p2p": 2000, "many": 2000, "groups": 2000, "fanout": 10, "rtt": 200, "sync": 30, "storm": 1000}
+DEFAULT_TIMEOUT = 120.0
+KILL_GRACE = 60.0  # a run gets --timeout inside; its subprocess is killed this much later
+WAIT_TICK = 0.5
 INTERRUPTED_EXIT_STATUS = 130
 BAR_WIDTH = 24
-DEFAULT_TERMINAL_WIDTH = 80
+#: At most this many messages in one time-boxed throughput phase, and deliveries on the servers axis.
+MAX_MESSAGES, MAX_DELIVERIES = 500_000, 60_000
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the tables: which scenario, which JSON key, and which way is better."""
+
+    title: str
+    scenario: str
+    key: str
+    higher_is_better: bool
+
+
+COLUMNS = (
+    Column("p2p msgs/s", "p2p", "msgs_per_s", True),
+    Column("many msgs/s", "many", "msgs_per_s", True),
+    Column("groups msgs/s", "groups", "msgs_per_s", True),
+    Column("fanout deliveries/s", "fanout", "deliveries_per_s", True),
+    Column("rtt p50 µs", "rtt", "p50_us", False),
+    Column("rtt p99 µs", "rtt", "p99_us", False),
+    Column("sync calls/s", "sync", "calls_per_s", True),
+    Column("storm s", "storm", "seconds", False),
+    Column("storm join p99 ms", "storm", "p99_ms", False),
+)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A scaling axis: a scenario whose one parameter goes through the points."""
+
+    name: str
+    title: str
+    x_label: str
+    scenario: str
+    parameter: str
+    points: tuple[int, ...]
+    quick_points: tuple[int, ...]
+    throughput_key: str
+    throughput_label: str
+    log_x: bool
+    single_round_from: int | None  # points from this one on: one round (their setup takes long)
+    what: str
+
+
+AXES = (
+    Axis("size", "Message size", "payload per message", "p2p", "size", (100, 1024, 10240, 102400, 1048576),
+         (100, 10240), "msgs_per_s", "messages/s", True, None,
+         "one sender instance to one channel of a receiver instance, 50 sends in flight"),
+    Axis("groups", "Groups per process", "groups the receiving channel is a member of", "groups", "groups",
+         (1, 10, 100, 1000, 10000), (1, 100), "msgs_per_s", "group messages/s", True, 10000,
+         "group_send of 100 B to one of the groups, 50 in flight"),
+    Axis("channels", "Channels per process", "channels on the receiver, a receive() waiting on each", "many",
+         "channels", (10, 100, 1000, 10000, 50000), (10, 100), "msgs_per_s", "messages/s", True, 10000,
+         "100 B messages to the channels in turn, 50 sends in flight"),
+    Axis("servers", "Server processes (fan-out)", "receiver processes, 100 group members each", "fanout",
+         "receivers", (1, 2, 3, 4), (1, 2), "deliveries_per_s", "deliveries/s", False, None,
+         "group_send of 100 B from a sender process, 50 in flight"),
+)  # fmt: skip
+AXIS_NAMES = tuple(axis.name for axis in AXES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to measure, how often, and where the brokers are."""
+
+    rounds: int = 1
+    scenarios: tuple[str, ...] = SCENARIOS
+    axes: tuple[str, ...] = ()
+    quick: bool = False
+    old_python: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    amqp_url: str = layers.DEFAULT_AMQP_URL
+    redis_url: str = layers.DEFAULT_REDIS_URL
+    loops: tuple[str, ...] = LOOPS
+    profile: int = 0  # samples per second of this project's runs (py-spy), or 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """One subprocess: a layer on a loop in a scenario (at a point of an axis), in one round."""
+
+    round_no: int
+    scenario: str
+    layer: LayerSpec
+    loop: str
+    axis: Axis | None = None
+    x: int = 0
+
+    def describe(self, rounds: int) -> str:
+        what = self.scenario if self.axis is None else f"{self.axis.name}={self.x:,}"
+        return f"round {self.round_no}/{rounds}, {what}, {self.layer.label}, {self.loop}"
+
+    def options(self, settings: Settings) -> list[str]:
+        """The scenario's options: its size, or the axis' point and phases."""
+        if self.axis is None:
+            return ["--n", str(QUICK_N[self.scenario])] if settings.quick else []
+        n, extra = MAX_MESSAGES, []
+        if self.axis.name == "servers":
+            members = 10 if settings.quick else 100
+            n = MAX_DELIVERIES // (members * self.x)
+            extra = ["--processes", "--members", str(members), "--window", "50"]
+        if self.axis.name == "groups" and self.layer.key == "redis":  # its memberships outlive the run
+            extra.append("--discard-groups")
+        phases = [
+            "--seconds",
+            "0.2" if settings.quick else "0.7",
+            "--probes",
+            "20" if settings.quick else "200",
+        ]
+        return [*phases, "--n", str(n), f"--{self.axis.parameter}", str(self.x), *extra]
+
+    def run(self, settings: Settings, while_waiting: Callable[[], None]) -> dict[str, Any]:
+        """The subprocess' JSON line, or an "error" if it gave none (killed after the timeout)."""
+        command = [self.layer.python, str(layers.SCENARIO_SCRIPT), "--layer", self.layer.cls]
+        command += ["--scenario", self.scenario, "--label", self.layer.label, "--loop", self.loop]
+        command += ["--timeout", str(settings.timeout), *self.options(settings)]
+        if self.layer.shared_instance:
+            command.append("--shared-instance")
+        base = {
+            "layer": self.layer.label,
+            "scenario": self.scenario,
+            "loop": self.loop,
+            "round": self.round_no,
+        }
+        if self.axis is not None:
+            base.update(axis=self.axis.name, x=self.x)
+        profiled = bool(settings.profile) and self.layer.key == OURS and self.axis is None
+        if not profiled:
+            return {**base, **self._spawn(command, settings, while_waiting)}
+        broker = stages.broker_process(layers.amqp_port(settings.amqp_url))
+        before = stages.cpu_seconds(broker)
+        with tempfile.TemporaryDirectory() as folder:
+            raw = Path(folder) / "samples.txt"
+            result = self._spawn(
+                stages.command(settings.profile, str(raw)) + command, settings, while_waiting
+            )
+            samples = raw.read_text() if raw.exists() else ""
+        after = stages.cpu_seconds(broker)
+        result.update(stages=stages.stage_samples(samples), sample_rate=settings.profile)
+        result["broker_cpu_s"] = None if before is None or after is None else after - before
+        return {**base, **result}
+
+    def _spawn(
+        self, command: list[str], settings: Settings, while_waiting: Callable[[], None]
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + settings.timeout + KILL_GRACE
+        process = subprocess.Popen(
+            command,
+            cwd=REPOSITORY,
+            env=layers.config_environment(self.layer.config),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while True:
+                try:
+                    stdout, stderr = process.communicate(timeout=WAIT_TICK)
+                    break
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        process.kill()
+                        stdout, stderr = process.communicate()
+                        stderr = f"subprocess killed after {settings.timeout + KILL_GRACE:g} s"
+                        break
+                    while_waiting()
+        finally:
+            if process.poll() is None:  # interrupted (Ctrl-C): leave no benchmark running
+                process.kill()
+                process.communicate()
+        line = layers.last_json_line(stdout)
+        if line is None:
+            reason = layers.last_line(stderr) or f"exit status {process.returncode}, no output"
+            return {"error": f"no result: {reason}"}
+        return line
+
+
+def series_of(spec: LayerSpec, axis: Axis | None, settings: Settings) -> tuple[str, ...]:
+    """The loops a layer runs on: every one asked for, but for the peers on an axis (the first)."""
+    if axis is None or spec.key == OURS:
+        return settings.loops
+    return () if axis.name != "size" and spec.key == "inmemory" else settings.loops[:1]
+
+
+def plan(specs: list[LayerSpec], settings: Settings) -> list[Job]:
+    """Every run, rounds interleaved: each round runs everything once, layer after layer."""
+    jobs = []
+    for round_no in range(1, settings.rounds + 1):
+        if not settings.axes:
+            jobs += [
+                Job(round_no, scenario, spec, loop)
+                for scenario in settings.scenarios
+                for loop in settings.loops
+                for spec in specs
+            ]
+        for axis in (axis for axis in AXES if axis.name in settings.axes):
+            for x in axis.quick_points if settings.quick else axis.points:
+                if round_no > 1 and axis.single_round_from is not None and x >= axis.single_round_from:
+                    continue
+                jobs += [
+                    Job(round_no, axis.scenario, spec, loop, axis, x)
+                    for spec in specs
+                    for loop in series_of(spec, axis, settings)
+                ]
+    return jobs
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [run[key] for run in runs if "error" not in run and isinstance(run.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def fmt_number(value: float | None) -> str:
+    return "n/a" if value is None else f"{round(value):,}"
+
+
+def fmt_ratio(ours: float | None, peer: float | None) -> str:
+    return "n/a" if ours is None or not peer else f"{ours / peer:.2f}x"
+
+
+def summary(result: dict[str, Any]) -> str:
+    """The figures of one result, in one short line."""
+    if "error" in result:
+        return f"error: {result['error']}"
+    scenario = result.get("scenario")
+    keys = dict.fromkeys(
+        column.key for column in COLUMNS if column.scenario == scenario and column.key in result
+    )
+    return " ".join([f"{key}={result[key]}" for key in keys] + [f"({result.get('seconds')} s)"])
+
+
+# Tables -----------------------------------------------------------------------------------------
+
+
+class Results:
+    """Every result so far, by (layer key, scenario, loop), the axes' by (axis, x, layer key, loop)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        self.count = 0
+
+    def add(self, job: Job, result: dict[str, Any]) -> None:
+        key = (
+            (job.layer.key, job.scenario, job.loop)
+            if job.axis is None
+            else (job.axis, job.x, job.layer.key, job.loop)
+        )
+        self.runs.setdefault(key, []).append(result)
+        self.count += 1
+
+    def of(self, *key: Any) -> list[dict[str, Any]]:
+        return self.runs.get(key, [])
+
+
+def scenario_tables(
+    specs: list[LayerSpec], results: Results, settings: Settings, loop: str, notes: list[str]
+) -> tuple[list[str], list[str]]:
+    """Markdown lines of the figures on one loop, and of the ratios; error notes go to ``notes``."""
+    columns = [column for column in COLUMNS if column.scenario in settings.scenarios]
+    figures = ["| Layer | version | " + " | ".join(column.title for column in columns) + " |"]
+    figures.append("|---|---|" + "---:|" * len(columns))
+    for spec in specs:
+        row = [spec.label, spec.version or "?"]
+        for column in columns:
+            runs = results.of(spec.key, column.scenario, loop)
+            value, errors = median(runs, column.key), [str(run["error"]) for run in runs if "error" in run]
+            text = fmt_number(value)
+            if errors:
+                note = f"{spec.label}, {column.scenario}, {loop}: {errors[0]}"
+                if len(errors) > 1:
+                    note += f" ({len(errors)} of {len(runs)} rounds failed)"
+                notes += [note] if note not in notes else []
+                marker = f"[{notes.index(note) + 1}]"
+                text = f"error {marker}" if value is None else f"{text} {marker}"
+            row.append(text)
+        figures.append("| " + " | ".join(row) + " |")
+    titles = [f"{column.title} ({'↑' if column.higher_is_better else '↓'} better)" for column in columns]
+    ratios = ["| this project ÷ peer | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+    for spec in specs:
+        if spec.key != OURS:
+            cells = [
+                fmt_ratio(
+                    median(results.of(OURS, column.scenario, loop), column.key),
+                    median(results.of(spec.key, column.scenario, loop), column.key),
+                )
+                for column in columns
+            ]
+            ratios.append("| " + " | ".join([f"vs {spec.label}", *cells]) + " |")
+    return figures, ratios
+
+
+def report(specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float) -> list[str]:
+    """Per loop the figures and the ratios, then the error notes."""
+    mode = "quick (small N)" if settings.quick else "full N"
+    lines: list[str] = []
+    notes: list[str] = []
+    ours_measured = any(spec.key == OURS for spec in specs)
+    for loop in settings.loops:
+        figures, ratios = scenario_tables(specs, results, settings, loop, notes)
+        title = f"## Channel layers side by side on {loop} ({settings.rounds} round(s), median per cell, "
+        lines += [f"{title}{mode}, {elapsed:.0f} s in all)", "", *figures, ""]
+        if ours_measured:
+            lines += [f"## This project ÷ peer on {loop} (ratio of medians)", "", *ratios, ""]
+    if not ours_measured:
+        lines.append("- no ratio table: this project's layer was not measured")
+    return lines + [f"[{number}] {note}" for number, note in enumerate(notes, 1)]
+
+
+def axes_document(
+    specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float
+) -> dict[str, Any]:
+    """The axes' JSON: per axis per series (a layer on a loop) per point, the runs and their medians."""
+    document_axes = []
+    for axis in (axis for axis in AXES if axis.name in settings.axes):
+        all_series = []
+        for spec in specs:
+            for loop in series_of(spec, axis, settings):
+                points = []
+                for x in axis.quick_points if settings.quick else axis.points:
+                    runs = results.of(axis, x, spec.key, loop)
+                    errors = [str(run["error"]) for run in runs if "error" in run]
+                    throughput, p50, p99 = (
+                        median(runs, key) for key in (axis.throughput_key, "p50_us", "p99_us")
+                    )
+                    points.append(
+                        dict(x=x, throughput=throughput, p50_us=p50, p99_us=p99, errors=errors, runs=runs)
+                    )
+                label, version = f"{spec.label}, {loop}", spec.version
+                all_series.append(
+                    dict(
+                        label=label,
+                        layer_label=spec.label,
+                        layer=spec.key,
+                        version=version,
+                        loop=loop,
+                        points=points,
+                    )
+                )
+        document_axes.append({**asdict(axis), "series": all_series})
+    return {
+        "machine": machine_facts().removeprefix("Machine: "),
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed),
+        "command": reproduce_command(settings),
+        "sweep": {"rounds": settings.rounds, "quick": settings.quick, "loops": list(settings.loops)},
+        "axes": document_axes,
+    }
+
+
+def axes_tables(document: dict[str, Any]) -> list[str]:
+    """Markdown: per axis, the median throughput and p99 of every series at every point."""
+    lines: list[str] = []
+    for axis in document["axes"]:
+        xs = [point["x"] for point in axis["series"][0]["points"]] if axis["series"] else []
+        lines += [f"### {axis['title']}: {axis['throughput_label']} / p99 µs", ""]
+        lines += ["| series | " + " | ".join(f"{x:,}" for x in xs) + " |", "|---|" + "---:|" * len(xs)]
+        for series in axis["series"]:
+            cells = [
+                "error"
+                if point["throughput"] is None
+                else f"{point['throughput']:,.0f} / {point['p99_us'] or 0:,.0f}"
+                for point in series["points"]
+            ]
+            lines.append(f"| {series['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+# Command line -----------------------------------------------------------------------------------
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+        return value
+
+    return parse
+
+
+def names(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
+    """One word of a list option, which may hold several names separated by commas ("all": every one)."""
+
+    def parse(text: str) -> list[str]:
+        found = list(choices) if text == "all" else [name for name in text.split(",") if name.strip()]
+        if unknown := [name for name in found if name not in choices]:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(unknown)}; choose from {', '.join(choices)}"
+            )
+        return found
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,176 +479,103 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_arguments(parser)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run the benchmark; the exit status (1: no broker, 130: Ctrl-C).
-    ``python -m bench e2e ...`` runs the end-to-end scenario instead (:mod:`bench.e2e`)."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["e2e"]:
-        from bench import e2e
-
-        return e2e.main(arguments[1:])
-    return run(build_parser().parse_args(arguments))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--rounds",
-        type=positive_int,
+        type=positive(int),
         default=1,
         metavar="N",
-        help="interleaved rounds; each cell is the median over them (default: 1)",
+        help="interleaved rounds; each figure is the median over them (default: 1)",
     )
-    parser.add_argument(
+    add(
         "--scenarios",
         nargs="+",
-        type=scenario_names,
-        default=[list(compare.SCENARIO_NAMES)],
+        type=names(SCENARIOS, "scenario"),
+        default=[list(SCENARIOS)],
         metavar="NAME",
-        help=f"a subset of {', '.join(compare.SCENARIO_NAMES)}, as 'p2p rtt' or 'p2p,rtt' (default: all)",
+        help=f"a subset of {', '.join(SCENARIOS)}, as 'p2p rtt' or 'p2p,rtt' (default: all)",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes everywhere, for a smoke run")
-    parser.add_argument(
+    add(
+        "--axes",
+        nargs="+",
+        type=names(AXIS_NAMES, "axis"),
+        default=[],
+        metavar="AXIS",
+        help=f"scaling curves instead, along {', '.join(AXIS_NAMES)} (or all)",
+    )
+    add("--quick", action="store_true", help="small sizes everywhere, for a smoke run")
+    add(
+        "--profile",
+        type=positive(int),
+        nargs="?",
+        const=1000,
+        default=0,
+        metavar="HZ",
+        help="sample this project's runs with py-spy (HZ a second, default 1000): where the time goes, "
+        "by stage, per message (bench/stages.py)",
+    )
+    add(
         "--old-python",
-        default=os.environ.get(compare.OLD_PYTHON_ENV, ""),
+        default=os.environ.get(layers.OLD_PYTHON_ENV, ""),
         metavar="PYTHON",
         help="python of a virtualenv holding the PyPI channels_rabbitmq, to measure it too "
-        f"(default: ${compare.OLD_PYTHON_ENV}, else left out)",
+        f"(default: ${layers.OLD_PYTHON_ENV}, else left out)",
     )
-    parser.add_argument(
+    add(
         "--timeout",
-        type=positive_float,
-        default=compare.DEFAULT_TIMEOUT,
+        type=positive(float),
+        default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"limit of one scenario run (default: {compare.DEFAULT_TIMEOUT:g})",
+        help=f"limit of one run (default: {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument(
+    add(
         "--loops",
         nargs="+",
-        choices=scenarios.LOOPS,
-        default=list(scenarios.LOOPS),
+        choices=LOOPS,
+        default=list(LOOPS),
         metavar="LOOP",
-        help=f"event loops to measure every layer on, of {', '.join(scenarios.LOOPS)} (default: both)",
+        help=f"event loops, of {', '.join(LOOPS)} (default: both)",
     )
-    parser.add_argument(
-        "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
+    add("--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each")
+    add(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        metavar="FILE.json",
+        help="--axes: the results, and the PNG files beside them",
     )
-    parser.add_argument(
+    add("--no-plots", action="store_true", help="--axes: write the JSON only")
+    default_amqp, default_redis = layers.DEFAULT_AMQP_URL.replace("%", "%%"), layers.DEFAULT_REDIS_URL
+    add(
         "--amqp-url",
-        default=os.environ.get("AMQP_URL", compare.DEFAULT_AMQP_URL),
+        default=os.environ.get("AMQP_URL", layers.DEFAULT_AMQP_URL),
         metavar="URL",
-        help="the RabbitMQ of both RabbitMQ layers "
-        f"(default: $AMQP_URL, else {percent_escaped(compare.DEFAULT_AMQP_URL)})",
+        help=f"the RabbitMQ of both RabbitMQ layers (default: $AMQP_URL, else {default_amqp})",
     )
-    parser.add_argument(
+    add(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", compare.DEFAULT_REDIS_URL),
+        default=os.environ.get("REDIS_URL", layers.DEFAULT_REDIS_URL),
         metavar="URL",
-        help="the Redis of the channels_redis layers "
-        f"(default: $REDIS_URL, else {percent_escaped(compare.DEFAULT_REDIS_URL)})",
+        help=f"the Redis of the channels_redis layers (default: $REDIS_URL, else {default_redis})",
     )
+    return parser  # fmt: skip
 
 
-def percent_escaped(text: str) -> str:
-    """Text for an argparse help string, which is %-formatted."""
-    return text.replace("%", "%%")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
-
-
-def scenario_names(text: str) -> list[str]:
-    """One --scenarios word, which may hold several names separated by commas."""
-    names = [name for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in compare.SCENARIO_NAMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown scenario {', '.join(unknown)}; choose from {', '.join(compare.SCENARIO_NAMES)}"
-        )
-    return names
-
-
-def settings_from(args: argparse.Namespace) -> compare.Settings:
-    asked = {name for names in args.scenarios for name in names}
-    return compare.Settings(
+def settings_from(args: argparse.Namespace) -> Settings:
+    asked = {name for words in args.scenarios for name in words}
+    axes = {name for words in args.axes for name in words}
+    return Settings(
         rounds=args.rounds,
-        # The order of the tables, whatever the order on the command line.
-        scenarios=tuple(name for name in compare.SCENARIO_NAMES if name in asked),
+        scenarios=tuple(name for name in SCENARIOS if name in asked),  # the tables' order
+        axes=tuple(name for name in AXIS_NAMES if name in axes),
         quick=args.quick,
         old_python=args.old_python,
         timeout=args.timeout,
         amqp_url=args.amqp_url,
         redis_url=args.redis_url,
-        loops=tuple(loop for loop in scenarios.LOOPS if loop in args.loops),
+        loops=tuple(loop for loop in LOOPS if loop in args.loops),
+        profile=args.profile,
     )
-
-
-def run(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
-    progress_stream = sys.stderr
-    problem = compare.rabbitmq_problem(settings.amqp_url)
-    if problem is not None:
-        print(f"bench: {problem}; start it, or point --amqp-url at one", file=progress_stream)
-        return 1
-    print("bench: checking which layers can be measured here...", file=progress_stream, flush=True)
-    layers, skipped = compare.choose_layers(settings)
-    for skip in skipped:
-        print(f"bench: {skip}", file=progress_stream)
-    measured = ", ".join(
-        spec.label if spec.version and spec.version in spec.label else f"{spec.label} {spec.version or '?'}"
-        for spec in layers
-    )
-    print(f"bench: measuring {measured}", file=progress_stream, flush=True)
-
-    runs = compare.plan(layers, settings)
-    results = compare.Results()
-    progress = ProgressBar(len(runs), progress_stream)
-    interrupted = False
-    with json_lines(args.json_out) as json_out:
-        try:
-            for bench_run in runs:
-                what = bench_run.describe(settings.rounds)
-                progress.start(what)
-                result = compare.run_one(bench_run, settings, while_waiting=progress.redraw)
-                results.add(bench_run, result)
-                progress.finish(f"{what}: {compare.summary(result)}")
-                if json_out is not None:
-                    json_out.write(json.dumps(result) + "\n")
-                    json_out.flush()
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            progress.close(interrupted)
-
-    lines = compare.report(layers, results, settings, progress.elapsed(), skipped)
-    if interrupted:
-        lines.append(f"- interrupted: {results.count()} of {len(runs)} runs done")
-    lines += ["", machine_facts(), "", f"Reproduce: `{reproduce_command(settings)}`"]
-    print("\n".join(lines), flush=True)
-    return INTERRUPTED_EXIT_STATUS if interrupted else 0
-
-
-@contextlib.contextmanager
-def json_lines(path: Path | None) -> Iterator[TextIO | None]:
-    if path is None:
-        yield None
-        return
-    with path.open("w", encoding="utf-8") as stream:
-        yield stream
 
 
 def machine_facts() -> str:
@@ -247,33 +585,30 @@ def machine_facts() -> str:
     )
 
 
-def reproduce_command(settings: compare.Settings) -> str:
+def reproduce_command(settings: Settings) -> str:
     """The command line of this run, with every setting spelled out (passwords hidden)."""
-    words = [shown_path(sys.executable), "-m", "bench", "--rounds", str(settings.rounds)]
-    if settings.scenarios != compare.SCENARIO_NAMES:
+    relative = os.path.relpath(sys.executable)
+    words = [
+        sys.executable if relative.startswith("..") else relative,
+        "-m",
+        "bench",
+        "--rounds",
+        str(settings.rounds),
+    ]
+    if settings.axes:
+        words += ["--axes", *settings.axes]
+    elif settings.scenarios != SCENARIOS:
         words += ["--scenarios", *settings.scenarios]
-    if settings.quick:
-        words.append("--quick")
-    if settings.loops != scenarios.LOOPS:
-        words += ["--loops", *settings.loops]
-    if settings.timeout != compare.DEFAULT_TIMEOUT:
-        words += ["--timeout", f"{settings.timeout:g}"]
-    if settings.old_python:
-        words += ["--old-python", settings.old_python]
-    if settings.amqp_url != compare.DEFAULT_AMQP_URL:
-        words += ["--amqp-url", compare.without_password(settings.amqp_url)]
-    if settings.redis_url != compare.DEFAULT_REDIS_URL:
-        words += ["--redis-url", compare.without_password(settings.redis_url)]
+    words += ["--quick"] if settings.quick else []
+    words += ["--profile", str(settings.profile)] if settings.profile else []
+    words += ["--loops", *settings.loops] if settings.loops != LOOPS else []
+    words += ["--timeout", f"{settings.timeout:g}"] if settings.timeout != DEFAULT_TIMEOUT else []
+    words += ["--old-python", settings.old_python] if settings.old_python else []
+    if settings.amqp_url != layers.DEFAULT_AMQP_URL:
+        words += ["--amqp-url", layers.without_password(settings.amqp_url)]
+    if settings.redis_url != layers.DEFAULT_REDIS_URL:
+        words += ["--redis-url", layers.without_password(settings.redis_url)]
     return shlex.join(words)
-
-
-def shown_path(path: str) -> str:
-    """The path relative to the working folder when it is below it, else as it is."""
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive
-        return path
-    return path if relative.startswith("..") else relative
 
 
 def format_elapsed(seconds: float) -> str:
@@ -282,28 +617,12 @@ def format_elapsed(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def terminal_width(stream: TextIO) -> int:
-    """Columns of the terminal behind the stream; a terminal that does not say counts as 80."""
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError):
-        columns = 0
-    return columns or DEFAULT_TERMINAL_WIDTH
-
-
 class ProgressBar:
-    """Progress of the runs: one line redrawn in place on a terminal, else a plain line per run.
-
-    Each finished run gets a line of its own in both cases (its figures, or its error); on a
-    terminal the bar stays under them, with the count, the elapsed time and the run going on.
-    """
+    """One line redrawn in place on a terminal (else not drawn), and a line per finished run."""
 
     def __init__(self, total: int, stream: TextIO) -> None:
-        self.total = total
-        self.done = 0
-        self.stream = stream
+        self.total, self.done, self.stream, self.running = total, 0, stream, ""
         self.live = stream.isatty()
-        self.running = ""
         self._started = time.monotonic()
 
     def elapsed(self) -> float:
@@ -314,28 +633,29 @@ class ProgressBar:
         self.redraw()
 
     def redraw(self) -> None:
-        """Draw the bar again (on a terminal; elsewhere it is not drawn)."""
-        if not self.live:
-            return
-        filled = BAR_WIDTH * self.done // self.total if self.total else BAR_WIDTH
-        bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-        line = f"[{bar}] {self.done}/{self.total} {format_elapsed(self.elapsed())} {self.running}"
-        self._overwrite(line)
+        if self.live:
+            filled = BAR_WIDTH * self.done // self.total if self.total else BAR_WIDTH
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            self._overwrite(
+                f"[{bar}] {self.done}/{self.total} {format_elapsed(self.elapsed())} {self.running}"
+            )
 
     def finish(self, outcome: str) -> None:
-        """A run ended: its line, then the bar again."""
         self.done += 1
         self.running = ""
         self._write_line(f"[{self.done}/{self.total} {format_elapsed(self.elapsed())}] {outcome}")
         self.redraw()
 
     def close(self, interrupted: bool = False) -> None:
-        """The last line: how many runs were done, in how long."""
         state = "interrupted" if interrupted else "done"
         self._write_line(f"{state}: {self.done}/{self.total} runs in {format_elapsed(self.elapsed())}")
 
     def _overwrite(self, line: str) -> None:
-        width = terminal_width(self.stream) - 1  # never the last column: some terminals wrap there
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError):
+            columns = 80
+        width = columns - 1  # never the last column: some terminals wrap there
         self.stream.write("\r" + line[:width].ljust(width))
         self.stream.flush()
 
@@ -347,5 +667,70 @@ class ProgressBar:
         self.stream.flush()
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and measure; the exit status (1: no broker, 130: Ctrl-C).
+    ``python -m bench e2e ...`` runs the end-to-end chat instead (:mod:`bench.e2e`)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["e2e"]:
+        from bench import e2e
+
+        return e2e.main(arguments[1:])
+    settings = settings_from(args := build_parser().parse_args(arguments))
+    say = sys.stderr
+    if (problem := layers.rabbitmq_problem(settings.amqp_url)) is not None:
+        print(f"bench: {problem}; start it, or point --amqp-url at one", file=say)
+        return 1
+    print("bench: checking which layers can be measured here...", file=say, flush=True)
+    specs, skipped = layers.choose(settings.amqp_url, settings.redis_url, settings.old_python)
+    for skip in skipped:
+        print(f"bench: {skip}", file=say)
+    measured = [
+        spec.label if spec.version in spec.label else f"{spec.label} {spec.version or '?'}" for spec in specs
+    ]
+    print(f"bench: measuring {', '.join(measured)}", file=say, flush=True)
+    jobs, results = plan(specs, settings), Results()
+    progress, interrupted = ProgressBar(len(jobs), say), False
+    json_out = args.json_out.open("w", encoding="utf-8") if args.json_out else None
+    try:
+        for job in jobs:
+            progress.start(what := job.describe(settings.rounds))
+            result = job.run(settings, progress.redraw)
+            results.add(job, result)
+            progress.finish(f"{what}: {summary(result)}")
+            if json_out is not None:
+                json_out.write(json.dumps(result) + "\n")
+                json_out.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close(interrupted)
+        if json_out is not None:
+            json_out.close()
+    if settings.axes:
+        lines = write_axes(specs, results, settings, progress.elapsed(), args.out, not args.no_plots)
+    else:
+        lines = report(specs, results, settings, progress.elapsed())
+        if settings.profile:
+            ours = [result for runs in results.runs.values() for result in runs if "stages" in result]
+            lines += ["", "## Where this project's time goes (py-spy, --gil)", "", *stages.table(ours)]
+    lines += [f"- {skip}" for skip in skipped]
+    if interrupted:
+        lines.append(f"- interrupted: {results.count} of {len(jobs)} runs done")
+    lines += ["", machine_facts(), "", f"Reproduce: `{reproduce_command(settings)}`"]
+    print("\n".join(lines), flush=True)
+    return INTERRUPTED_EXIT_STATUS if interrupted else 0
+
+
+def write_axes(
+    specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float, out: Path, draw: bool
+) -> list[str]:
+    """The axes' JSON document at ``out`` and their PNG files beside it; the summary tables."""
+    document = axes_document(specs, results, settings, elapsed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    written = [out]
+    if draw:
+        from bench import plots  # matplotlib, only when drawing
+
+        written += plots.draw_all(document, out.parent)
+    return [*axes_tables(document), *(f"wrote {path}" for path in written)]

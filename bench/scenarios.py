@@ -1,46 +1,31 @@
-"""Measure one Django Channels layer in one scenario and print one JSON line.
+"""Measure one channel layer in one scenario and print one JSON line.
 
-The layer is named by the import path of its class and built as ``cls(**config)``,
-so any layer that follows the Channels layer API can be measured, from any
-virtualenv that has it installed. This file is run by its path, often by another
-virtualenv's python (the PyPI channels_rabbitmq has this project's import name), so
-it imports nothing from channels_rabbitmq but the layer class named by --layer.
-``python -m bench`` runs it once per (layer, scenario, round)::
+The layer is named by the import path of its class and built as ``cls(**config)`` (config as JSON
+in $CHANNELS_RABBITMQ_BENCH_CONFIG, which keeps a password out of the process list, or --config).
+This file runs by its path, often under another virtualenv's python (the PyPI channels_rabbitmq
+has this project's import name), so it imports only the standard library, asgiref and the layer.
+``python -m bench`` runs it once per (round, scenario, point, layer, loop)::
 
-    python bench/scenarios.py --scenario p2p \\
-        --layer channels_rabbitmq.core.RabbitmqChannelLayer \\
-        --config '{"host": "amqp://guest:guest@127.0.0.1:5672/%2F"}'
+    python bench/scenarios.py --layer channels_rabbitmq.core.RabbitmqChannelLayer --scenario p2p
 
-(``bench`` passes the config in $CHANNELS_RABBITMQ_BENCH_CONFIG rather than --config,
-so that a password never shows in the process list.)
+Scenarios; the first four have a throughput phase, then --probes latency probes:
 
-Scenarios (N is --n; the default depends on the scenario):
+  p2p     a sender and a receiver instance; messages of --size characters to one channel
+  many    the same, round-robin over --channels channels of the receiver, a receive() on each
+  groups  the receiver's one channel is a member of --groups groups; group_send to the last one
+  fanout  --receivers receiver instances (or processes, with --processes), --members channels
+          each in one group; group_send: deliveries_per_s counts every member's copy
+  rtt     ping-pong between two instances, N round trips: p50_us, p99_us, mean_us
+  sync    N ``async_to_sync(group_send)`` calls from a plain thread to a member on the main loop
+  storm   N new channels at once on one instance, each joining a group of its own: seconds until
+          every group_add returned, p50_ms and p99_ms of one group_add
 
-  p2p     a sender and a receiver instance (two connections, one process); N
-          messages to one channel of the receiver, at most --window sends in
-          flight. Reports msgs_per_s.
-  many    as p2p, but N messages spread round-robin over --channels channels of
-          the receiver. Reports msgs_per_s.
-  fanout  --servers receiver instances, each with --members channels in one
-          group; the sender awaits N group_sends one after the other. Reports
-          deliveries_per_s = N * members * servers / seconds.
-  rtt     ping-pong between two instances, N round trips. Reports p50_us and
-          p99_us (nearest rank) and mean_us.
-  sync    N calls of ``async_to_sync(layer.group_send)(group, message)`` from a
-          plain thread (no running loop there), while a receiver instance on the
-          main loop holds one member of the group and counts what it receives.
-          Reports calls_per_s and received; a layer that cannot be used from
-          another event loop reports "error" instead.
-  storm   a connect storm, as after a deploy: N websockets connect to one server
-          process at once, and each makes a channel and joins a group of its own
-          (``user-<i>``). Reports seconds (until every group_add has returned),
-          p50_ms and p99_ms of one group_add, and that a group_send to the last
-          group arrives.
-
-Every instance is warmed up before timing (group_add + group_discard on each,
-then one send + receive) and closed at the end. In-memory layers need
---shared-instance: one object then plays every role. A failure or a timeout
-gives a JSON line with an "error" key, never a traceback.
+Throughput: N messages (--n) from --window concurrent sends, each its own task, as in a server;
+with --seconds the sends stop at that time box too. The figure runs from the first send to the
+last arrival. Probes go one at a time, each once the previous one arrived everywhere: the
+one-way latency from the send call to the return of receive() (p50_us, p99_us, nearest rank).
+Every instance is warmed up first (a group_add and group_discard, then one message through the
+scenario's own path). A failure or a timeout gives an "error" key, never a traceback.
 """
 
 from __future__ import annotations
@@ -50,7 +35,6 @@ import asyncio
 import contextlib
 import importlib
 import importlib.metadata
-import inspect
 import json
 import os
 import secrets
@@ -59,9 +43,9 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 # Run by its path, from any virtualenv: the project's root (for testbed.measure, which needs only
 # the standard library) goes last on the path, after whatever that virtualenv has installed.
@@ -69,35 +53,89 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))
 from testbed.measure import percentile
 
 T = TypeVar("T")
+Layer = Any  # any object following the Channels layer API
 
-#: Where the layer's config (JSON) may come from instead of --config: an environment variable
-#: keeps a broker password out of the process list.
 CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
 LOOPS = ("asyncio", "uvloop")
-DEFAULT_N = {"p2p": 20000, "many": 20000, "fanout": 50, "rtt": 2000, "sync": 300, "storm": 10000}
+SCENARIOS = ("p2p", "many", "groups", "fanout", "rtt", "sync", "storm")
+DEFAULT_N = {"p2p": 20000, "many": 20000, "groups": 20000, "fanout": 50, "rtt": 2000, "sync": 300}
+DEFAULT_N["storm"] = 10000
+#: Sends in flight; fanout's group_sends go one after the other unless told otherwise.
+DEFAULT_WINDOW = {"fanout": 1}
 WARM_GROUP = "bench.warm"
 WARM_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 10.0
-SYNC_DRAIN_TIMEOUT = 10.0
-
-Layer = Any  # any object following the Channels layer API
+#: Concurrent calls while setting up channels and memberships (channels_redis pools 100 connections).
+SETUP_WINDOW = 50
+#: Seconds without any arrival after which the messages still awaited count as lost.
+IDLE_LIMIT = 10.0
+#: Message types: timed messages, latency probes, the warm-up.
+TIMED, PROBE, WARM = "m", "probe", "warm"
+#: The receive() loops, and the loop itself, are never cancelled nor closed (cancelling 50,000
+#: receive() calls takes channels_redis 20 s): kept from the garbage collector until os._exit.
+KEPT_UNTIL_EXIT: list[object] = []
+SCRIPT = str(Path(__file__).resolve())
 
 
 @dataclass(frozen=True)
 class Options:
-    """What to measure and how much of it."""
+    """What to measure, and how much of it."""
 
     layer: str
     config: dict[str, Any]
     scenario: str
     n: int
     window: int
-    size: int
-    channels: int
-    members: int
-    servers: int
-    timeout: float
-    shared_instance: bool
+    size: int = 100
+    channels: int = 100
+    groups: int = 100
+    members: int = 500
+    receivers: int = 2
+    processes: bool = False
+    seconds: float | None = None
+    probes: int = 0
+    discard_groups: bool = False
+    shared_instance: bool = False
+    timeout: float = 120.0
+    loop: str = "asyncio"
+
+
+def now() -> float:
+    """The stamp messages carry: CLOCK_MONOTONIC on Linux, one clock for every process of the machine."""
+    return time.monotonic()
+
+
+def short_reason(error: BaseException) -> str:
+    """``Type: first line of the message``, at most 200 characters."""
+    text = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return reason if len(reason) <= 200 else reason[:197] + "..."
+
+
+def per_second(count: int, seconds: float) -> int:
+    return round(count / seconds) if seconds > 0 else 0
+
+
+def unique_group(scenario: str) -> str:
+    """A group name no earlier run left members or bindings in."""
+    return f"bench.{scenario}.{os.getpid()}.{secrets.token_hex(4)}"
+
+
+def message(kind: str, i: int, payload: str) -> dict[str, Any]:
+    """A message of the scenario; a probe carries its send time in "t"."""
+    body: dict[str, Any] = {"type": kind, "i": i, "p": payload}
+    if kind == PROBE:
+        body["t"] = now()
+    return body
+
+
+def latency_figures(latencies: list[float]) -> dict[str, Any]:
+    """p50_us and p99_us (nearest rank) of latencies in seconds, and how many there were."""
+    ordered = sorted(latencies)
+    if not ordered:
+        return {}
+    p50, p99 = percentile(ordered, 0.5), percentile(ordered, 0.99)
+    return {"p50_us": round(p50 * 1e6), "p99_us": round(p99 * 1e6), "latency_n": len(ordered)}
 
 
 # Layers -----------------------------------------------------------------------------------------
@@ -122,220 +160,363 @@ def package_version(path: str) -> str:
 
 
 class LayerPool:
-    """Builds the layer instances of one scenario and closes each of them once."""
+    """Builds the instances of one scenario (one shared instance for in-memory layers); closes each once."""
 
-    def __init__(self, layer: str, config: dict[str, Any], shared_instance: bool) -> None:
-        self._cls = load_class(layer)
-        self._config = config
-        self._shared = shared_instance
+    def __init__(self, opts: Options) -> None:
+        self._cls = load_class(opts.layer)
+        self._config = opts.config
+        self._shared = opts.shared_instance
         self.instances: list[Layer] = []
 
     def make(self) -> Layer:
-        """A new instance, or the one shared instance with --shared-instance."""
-        if self._shared and self.instances:
-            return self.instances[0]
-        layer = self._cls(**self._config)
-        self.instances.append(layer)
-        return layer
+        if not (self._shared and self.instances):
+            self.instances.append(self._cls(**self._config))
+        return self.instances[-1]
+
+    async def warm(self) -> None:
+        """group_add + group_discard on a fresh channel of each instance: connects lazy layers."""
+        for layer in self.instances:
+            own = await layer.new_channel()
+            await layer.group_add(WARM_GROUP, own)
+            await layer.group_discard(WARM_GROUP, own)
 
     async def close_all(self) -> None:
         """``close()`` each instance, else ``close_pools()`` (channels_redis); errors are ignored."""
         for layer in self.instances:
             close = getattr(layer, "close", None) or getattr(layer, "close_pools", None)
-            if close is None:
-                continue
             with contextlib.suppress(Exception):
-                result = close()
-                if inspect.isawaitable(result):
+                result = close() if close is not None else None
+                if asyncio.iscoroutine(result):
                     await asyncio.wait_for(result, CLOSE_TIMEOUT)
 
 
-def distinct(layers: list[Layer]) -> list[Layer]:
-    """The layers without repeats (one shared instance may play several roles)."""
-    seen: dict[int, Layer] = {}
-    for layer in layers:
-        seen.setdefault(id(layer), layer)
-    return list(seen.values())
+async def windowed(
+    n: int, window: int, call: Callable[[int], Awaitable[None]], seconds: float | None = None
+) -> int:
+    """``call(i)`` for i = 0, 1, ..., each its own task, at most ``window`` running, until ``n`` were
+    started or ``seconds`` passed; how many were started. The first failure raises, once all ended."""
+    gate, running, failures = asyncio.Semaphore(window), set[asyncio.Future[None]](), []
+    deadline = None if seconds is None else now() + seconds
+    started = 0
 
-
-def unique_group(scenario: str) -> str:
-    """A group name no earlier run left members or bindings in."""
-    return f"bench.{scenario}.{os.getpid()}.{secrets.token_hex(4)}"
-
-
-def message(i: int, payload: str) -> dict[str, Any]:
-    """The benchmark message: {"type": "m", "i": i, "p": payload}."""
-    return {"type": "m", "i": i, "p": payload}
-
-
-async def touch_groups(layer: Layer) -> None:
-    """group_add + group_discard on a fresh channel: connects layers that connect lazily."""
-    own = await layer.new_channel()
-    await layer.group_add(WARM_GROUP, own)
-    await layer.group_discard(WARM_GROUP, own)
-
-
-async def warm_up(layers: list[Layer], pairs: list[tuple[Layer, Layer, str]]) -> None:
-    """Touch every instance's groups, then one send + receive per (sender, receiver, channel)."""
-    for layer in distinct(layers):
-        await touch_groups(layer)
-    for sender, receiver, channel in pairs:
-        await sender.send(channel, {"type": "warm"})
-        await asyncio.wait_for(receiver.receive(channel), WARM_TIMEOUT)
-
-
-async def send_windowed(sender: Layer, targets: list[str], n: int, window: int, payload: str) -> None:
-    """Send n messages round-robin over targets with at most ``window`` sends in flight.
-
-    Each message is its own task, gated by a semaphore, like a server where every request
-    sends on its own: the same method as the reference harness in shared/bench beside this
-    repository, so the figures compare with the peer figures published there.
-    """
-
-    async def send_one(i: int) -> None:
-        await sender.send(targets[i % len(targets)], message(i, payload))
-
-    await windowed(n, window, send_one)
-
-
-async def windowed(n: int, window: int, call: Callable[[int], Awaitable[None]]) -> None:
-    """``call(i)`` for i in range(n), each its own task, at most ``window`` of them running."""
-    gate = asyncio.Semaphore(window)
-
-    async def gated(i: int) -> None:
-        async with gate:
+    async def one(i: int) -> None:
+        try:
             await call(i)
+        except Exception as error:
+            failures.append(error)
+        finally:
+            gate.release()
 
-    await asyncio.gather(*(gated(i) for i in range(n)))
+    while started < n and (deadline is None or now() < deadline) and not failures:
+        await gate.acquire()
+        task = asyncio.ensure_future(one(started))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        started += 1
+    await asyncio.gather(*running)
+    if failures:
+        raise failures[0]
+    return started
 
 
-async def receive_n(layer: Layer, channel: str, n: int) -> None:
-    """Receive n messages on one channel."""
-    for _ in range(n):
-        await layer.receive(channel)
+# Arrivals: what reached the receiving channels ----------------------------------------------------
 
 
-def per_second(count: int, seconds: float) -> int:
-    return round(count / seconds) if seconds > 0 else 0
+class MessagesLost(Exception):
+    """Messages sent never arrived: the layer dropped them."""
+
+
+class Arrivals(Protocol):
+    """What reached the receiving channels, here or in receiver processes."""
+
+    last_arrival: float
+
+    async def until(self, kind: str, count: int) -> None:
+        """Wait until ``count`` messages of ``kind`` arrived in all, over every receiving channel."""
+
+    async def latencies(self) -> list[float]:
+        """The one-way latency of every probe's every copy, in seconds."""
+
+
+class Collector:
+    """A receive() loop on each channel: counts arrivals by type, times the probes."""
+
+    def __init__(self, layer: Layer, channels: list[str]) -> None:
+        self.layer = layer
+        self.counts: dict[str, int] = {}
+        self.last_arrival = 0.0
+        self.probe_latencies: list[float] = []
+        self._wanted: tuple[str, int] | None = None
+        self._reached = asyncio.Event()
+        self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Retrieved at once: a failure once the measurement is over (the instance closed) is none.
+        self._failure.add_done_callback(lambda failure: failure.exception())
+        KEPT_UNTIL_EXIT.append([asyncio.ensure_future(self._receive_loop(channel)) for channel in channels])
+
+    async def _receive_loop(self, channel: str) -> None:
+        try:
+            while True:
+                got = await self.layer.receive(channel)
+                self.last_arrival = arrived = now()
+                kind = str(got.get("type"))
+                if kind == PROBE:
+                    self.probe_latencies.append(arrived - float(got["t"]))
+                self.counts[kind] = self.counts.get(kind, 0) + 1
+                if self._wanted is not None and self.counts.get(self._wanted[0], 0) >= self._wanted[1]:
+                    self._reached.set()
+        except Exception as error:
+            if not self._failure.done():
+                self._failure.set_exception(error)
+
+    async def until(self, kind: str, count: int) -> None:
+        """Raises MessagesLost when nothing at all arrives for IDLE_LIMIT seconds meanwhile: a layer
+        that drops messages (RedisPubSubChannelLayer under load) would be waited for in vain."""
+        if self.counts.get(kind, 0) >= count:
+            return
+        self._wanted, waiter = (kind, count), asyncio.ensure_future(self._reached.wait())
+        self._reached.clear()
+        try:
+            while not waiter.done() and not self._failure.done():
+                seen = self.last_arrival
+                either: set[asyncio.Future[Any]] = {waiter, self._failure}
+                await asyncio.wait(either, timeout=IDLE_LIMIT, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done() and not self._failure.done() and self.last_arrival == seen:
+                    got = self.counts.get(kind, 0)
+                    raise MessagesLost(
+                        f"{got} of {count} {kind!r} messages arrived, then none for {IDLE_LIMIT:g} s"
+                    )
+        finally:
+            waiter.cancel()
+            self._wanted = None
+        if self._failure.done():
+            self._failure.result()  # raises the receive loop's error
+
+    async def latencies(self) -> list[float]:
+        return self.probe_latencies
+
+
+class ReceiverProcesses:
+    """Receivers in processes of their own (``--role receiver``), steered by lines on their stdin:
+    ``until KIND COUNT`` answers ``{"last": t}`` once the process counts COUNT of KIND, ``latencies``
+    answers ``{"latencies": [...]}``."""
+
+    def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
+        self.processes = processes
+        self.last_arrival = 0.0
+
+    @classmethod
+    async def start(cls, opts: Options, group: str) -> ReceiverProcesses:
+        command = [sys.executable, SCRIPT, "--role", "receiver", "--layer", opts.layer]
+        command += ["--group", group, "--members", str(opts.members), "--loop", opts.loop]
+        spawned = [
+            await asyncio.create_subprocess_exec(
+                *command,
+                env={**os.environ, CONFIG_VARIABLE: json.dumps(opts.config)},
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 24,
+            )
+            for _ in range(opts.receivers)
+        ]
+        KEPT_UNTIL_EXIT.append(spawned)
+        receivers = cls(spawned)
+        await receivers._ask_all("")  # each says {"ready": ...} once its members are in the group
+        return receivers
+
+    async def _ask(self, process: asyncio.subprocess.Process, line: str) -> dict[str, Any]:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        if line:
+            process.stdin.write(f"{line}\n".encode())
+            await process.stdin.drain()
+        raw = await process.stdout.readline()
+        answer = json.loads(raw) if raw else {"error": f"a receiver process ended ({await process.wait()})"}
+        if "error" in answer:
+            raise RuntimeError(f"receiver process: {answer['error']}")
+        return dict(answer)
+
+    async def _ask_all(self, line: str) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self._ask(process, line) for process in self.processes)))
+
+    async def until(self, kind: str, count: int) -> None:
+        answers = await self._ask_all(f"until {kind} {count // len(self.processes)}")
+        self.last_arrival = max(answer["last"] for answer in answers)
+
+    async def latencies(self) -> list[float]:
+        return [latency for answer in await self._ask_all("latencies") for latency in answer["latencies"]]
+
+
+async def serve_as_receiver(opts: Options, group: str) -> None:
+    """``--role receiver``: --members channels in ``group``, answering :class:`ReceiverProcesses`."""
+    pool = LayerPool(opts)
+    layer = pool.make()
+    await pool.warm()
+    members = [await layer.new_channel() for _ in range(opts.members)]
+    for channel in members:
+        await layer.group_add(group, channel)
+    collector = Collector(layer, members)
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
+    )
+
+    def say(**answer: Any) -> None:
+        print(json.dumps(answer), flush=True)
+
+    say(ready=len(members))
+    while words := (await reader.readline()).decode().split():
+        try:
+            if words[0] == "until":
+                await collector.until(words[1], int(words[2]))
+                say(last=collector.last_arrival)
+            else:
+                say(latencies=collector.probe_latencies)
+        except Exception as error:
+            say(error=short_reason(error))
+    await pool.close_all()
 
 
 # Scenarios --------------------------------------------------------------------------------------
 
 
-async def scenario_p2p(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """N messages from one instance to one channel of another."""
-    sender, receiver = pool.make(), pool.make()
-    channel = await receiver.new_channel()
-    await warm_up([sender, receiver], [(sender, receiver, channel)])
+async def flow(
+    opts: Options, send: Callable[[dict[str, Any]], Awaitable[None]], arrivals: Arrivals, copies: int
+) -> dict[str, Any]:
+    """The throughput phase, then the probes. ``send`` sends one message; each arrives ``copies`` times."""
     payload = "x" * opts.size
-    start = time.perf_counter()
-    await asyncio.gather(
-        receive_n(receiver, channel, opts.n),
-        send_windowed(sender, [channel], opts.n, opts.window, payload),
-    )
-    seconds = time.perf_counter() - start
-    return {"msgs_per_s": per_second(opts.n, seconds), "seconds": round(seconds, 3), "n": opts.n}
+    await send(message(WARM, 0, payload))
+    await arrivals.until(WARM, copies)
+    start = now()
+    sent = await windowed(opts.n, opts.window, lambda i: send(message(TIMED, i, payload)), opts.seconds)
+    await arrivals.until(TIMED, sent * copies)
+    seconds = arrivals.last_arrival - start
+    for k in range(opts.probes):
+        await send(message(PROBE, k, payload))
+        await arrivals.until(PROBE, (k + 1) * copies)
+    figures: dict[str, Any] = {
+        "msgs_per_s": per_second(sent, seconds),
+        "deliveries_per_s": per_second(sent * copies, seconds),
+    }
+    figures.update(seconds=round(seconds, 3), n=sent)
+    return {**figures, **latency_figures(await arrivals.latencies())}
+
+
+async def setup(count: int, call: Callable[[int], Awaitable[None]]) -> float:
+    """``call(i)`` for each i in range(count), SETUP_WINDOW at a time; the seconds it took."""
+    started = now()
+    await windowed(count, SETUP_WINDOW, call)
+    return round(now() - started, 6)
+
+
+async def scenario_p2p(opts: Options, pool: LayerPool) -> dict[str, Any]:
+    return await scenario_many(replace(opts, channels=1), pool)
 
 
 async def scenario_many(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """N messages spread over many channels of the receiver."""
     sender, receiver = pool.make(), pool.make()
-    channels = [await receiver.new_channel() for _ in range(opts.channels)]
-    await warm_up([sender, receiver], [(sender, receiver, channels[0])])
-    each = opts.n // len(channels)
-    total = each * len(channels)
-    payload = "x" * opts.size
-    start = time.perf_counter()
-    await asyncio.gather(
-        *(receive_n(receiver, channel, each) for channel in channels),
-        send_windowed(sender, channels, total, opts.window, payload),
-    )
-    seconds = time.perf_counter() - start
-    return {
-        "msgs_per_s": per_second(total, seconds),
-        "seconds": round(seconds, 3),
-        "n": total,
-        "channels": len(channels),
-    }
+    await pool.warm()
+    channels = [""] * opts.channels
+
+    async def make(i: int) -> None:
+        channels[i] = await receiver.new_channel()
+
+    setup_s = await setup(opts.channels, make)
+    turn = iter(range(1 << 62))
+
+    async def send(body: dict[str, Any]) -> None:
+        await sender.send(channels[next(turn) % len(channels)], body)
+
+    return {**await flow(opts, send, Collector(receiver, channels), 1), "setup_s": setup_s}
+
+
+async def scenario_groups(opts: Options, pool: LayerPool) -> dict[str, Any]:
+    sender, receiver = pool.make(), pool.make()
+    await pool.warm()
+    member = await receiver.new_channel()
+    groups = [f"{unique_group('groups')}.{k}" for k in range(opts.groups)]
+    setup_s = await setup(opts.groups, lambda k: receiver.group_add(groups[k], member))
+
+    async def send(body: dict[str, Any]) -> None:
+        await sender.group_send(groups[-1], body)
+
+    figures = await flow(opts, send, Collector(receiver, [member]), 1)
+    if opts.discard_groups:  # memberships kept in Redis would outlive the run
+        await setup(opts.groups, lambda k: receiver.group_discard(groups[k], member))
+    return {**figures, "setup_s": setup_s}
 
 
 async def scenario_fanout(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """N sequential group_sends to members on several receiver instances."""
-    sender = pool.make()
-    receivers = [pool.make() for _ in range(opts.servers)]
-    group = unique_group("fanout")
-    members: list[tuple[Layer, str]] = []
-    for receiver in receivers:
-        for _ in range(opts.members):
-            channel = await receiver.new_channel()
-            await receiver.group_add(group, channel)
-            members.append((receiver, channel))
-    firsts = {id(receiver): (sender, receiver, channel) for receiver, channel in reversed(members)}
-    await warm_up([sender, *receivers], list(firsts.values()))
-    # One group message that every member gets: the bindings are in place before timing.
-    await sender.group_send(group, {"type": "warm"})
-    await asyncio.wait_for(asyncio.gather(*(r.receive(c) for r, c in members)), WARM_TIMEOUT)
-    payload = "x" * opts.size
+    sender, group = pool.make(), unique_group("fanout")
+    arrivals: Arrivals
+    if opts.processes:
+        await pool.warm()
+        arrivals = await ReceiverProcesses.start(opts, group)
+    else:
+        receivers = [pool.make() for _ in range(opts.receivers)]
+        await pool.warm()
+        members = []
+        for receiver in receivers:
+            channels = [await receiver.new_channel() for _ in range(opts.members)]
+            for channel in channels:
+                await receiver.group_add(group, channel)
+            members.append(Collector(receiver, channels))
+        arrivals = Together(members)
 
-    async def send_all() -> None:
-        for i in range(opts.n):
-            await sender.group_send(group, message(i, payload))
+    async def send(body: dict[str, Any]) -> None:
+        await sender.group_send(group, body)
 
-    start = time.perf_counter()
-    await asyncio.gather(send_all(), *(receive_n(r, c, opts.n) for r, c in members))
-    seconds = time.perf_counter() - start
-    deliveries = opts.n * len(members)
-    return {
-        "deliveries_per_s": per_second(deliveries, seconds),
-        "group_sends_per_s": per_second(opts.n, seconds),
-        "seconds": round(seconds, 3),
-        "n": opts.n,
-        "members": len(members),
-    }
+    copies = opts.members * opts.receivers
+    figures = await flow(opts, send, arrivals, copies)
+    figures.update(group_sends_per_s=figures["msgs_per_s"], members=copies, receivers=opts.receivers)
+    return {**figures, "processes": opts.receivers if opts.processes else 0}
+
+
+class Together:
+    """Several collectors (one per receiver instance) as one."""
+
+    def __init__(self, collectors: list[Collector]) -> None:
+        self.collectors = collectors
+        self.last_arrival = 0.0
+
+    async def until(self, kind: str, count: int) -> None:
+        share = count // len(self.collectors)
+        await asyncio.gather(*(collector.until(kind, share) for collector in self.collectors))
+        self.last_arrival = max(collector.last_arrival for collector in self.collectors)
+
+    async def latencies(self) -> list[float]:
+        return [latency for collector in self.collectors for latency in collector.probe_latencies]
 
 
 async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """Ping-pong between two instances; latency of each round trip."""
     ping_layer, pong_layer = pool.make(), pool.make()
-    ping_channel = await ping_layer.new_channel()
-    pong_channel = await pong_layer.new_channel()
-    await warm_up(
-        [ping_layer, pong_layer],
-        [(ping_layer, pong_layer, pong_channel), (pong_layer, ping_layer, ping_channel)],
-    )
+    await pool.warm()
+    ping_channel, pong_channel = await ping_layer.new_channel(), await pong_layer.new_channel()
     samples: list[float] = []
 
-    async def pong() -> None:
-        for i in range(opts.n):
+    async def pong(rounds: int) -> None:
+        for i in range(rounds):
             await pong_layer.receive(pong_channel)
             await pong_layer.send(ping_channel, {"type": "pong", "i": i})
 
-    async def ping() -> None:
-        for i in range(opts.n):
+    async def ping(rounds: int) -> None:
+        for i in range(rounds):
             sent = time.perf_counter()
             await ping_layer.send(pong_channel, {"type": "ping", "i": i})
             await ping_layer.receive(ping_channel)
             samples.append(time.perf_counter() - sent)
 
+    await asyncio.wait_for(asyncio.gather(pong(1), ping(1)), WARM_TIMEOUT)
+    samples.clear()
     start = time.perf_counter()
-    await asyncio.gather(pong(), ping())
+    await asyncio.gather(pong(opts.n), ping(opts.n))
     seconds = time.perf_counter() - start
-    samples.sort()
-    return {
-        "p50_us": round(percentile(samples, 0.5) * 1e6),
-        "p99_us": round(percentile(samples, 0.99) * 1e6),
-        "mean_us": round(statistics.fmean(samples) * 1e6),
-        "seconds": round(seconds, 3),
-        "n": opts.n,
-    }
+    figures = {"mean_us": round(statistics.fmean(samples) * 1e6), "seconds": round(seconds, 3), "n": opts.n}
+    return {**latency_figures(samples), **figures}
 
 
 def in_thread(func: Callable[[], T]) -> asyncio.Future[T]:
-    """Run func in a daemon thread; a future on the running loop gets its outcome.
-
-    A daemon thread, not the loop's default executor: a call stuck in a layer must not
-    keep asyncio.run() (which joins the default executor) from returning.
-    """
+    """Run func in a daemon thread (not the default executor, which asyncio.run() joins: a call stuck
+    in a layer must not keep the process alive); a future on the running loop gets its outcome."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
@@ -344,14 +525,11 @@ def in_thread(func: Callable[[], T]) -> asyncio.Future[T]:
             outcome(value)
 
     def target() -> None:
-        value: Any
         try:
-            value = func()
+            value: Any = func()
+            outcome: Callable[[Any], None] = future.set_result
         except BaseException as error:
-            outcome: Callable[[Any], None] = future.set_exception
-            value = error
-        else:
-            outcome = future.set_result
+            value, outcome = error, future.set_exception
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
             loop.call_soon_threadsafe(settle, outcome, value)
 
@@ -364,17 +542,14 @@ class SyncCallError(Exception):
 
 
 async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """async_to_sync(group_send) from a plain thread to a member held on the main loop."""
     from asgiref.sync import async_to_sync
 
     receiver = pool.make()
-    sender = pool.make()
-    group = unique_group("sync")
-    member = await receiver.new_channel()
-    await touch_groups(receiver)
+    await pool.warm()
+    sender = pool.make()  # used from the thread only, as sync Django code would use it
+    group, member = unique_group("sync"), await receiver.new_channel()
     await receiver.group_add(group, member)
-    payload = "x" * opts.size
-    done = 0  # calls that returned, for the error report
+    payload, done = "x" * opts.size, 0
 
     def call(what: str, func: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         try:
@@ -383,93 +558,72 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
             raise SyncCallError(f"{what}: {short_reason(error)}") from error
 
     def warm_sender() -> None:
-        # The sender is only ever used from the thread, as sync Django code would use it.
         if sender is not receiver:
-            # One loop for the three calls: some layers keep channels per event loop.
+            # One loop for the three calls: some layers keep their connections per event loop.
             async def touch() -> None:
                 own = await sender.new_channel()
                 await sender.group_add(WARM_GROUP, own)
                 await sender.group_discard(WARM_GROUP, own)
 
             call("warm-up group_add/group_discard", touch)
-        call("warm-up group_send", sender.group_send, group, {"type": "warm"})
+        call("warm-up group_send", sender.group_send, group, {"type": WARM})
 
     def timed_calls() -> float:
         nonlocal done
         start = time.perf_counter()
         for i in range(opts.n):
-            call(f"timed group_send #{i + 1}", sender.group_send, group, message(i, payload))
+            call(f"timed group_send #{i + 1}", sender.group_send, group, message(TIMED, i, payload))
             done += 1
         return time.perf_counter() - start
 
     try:
         await in_thread(warm_sender)
-    except SyncCallError as error:
-        return {"error": str(error), "n": opts.n}
-    await asyncio.wait_for(receiver.receive(member), WARM_TIMEOUT)
-
-    received = 0
-
-    async def count() -> None:
-        nonlocal received
-        while received < opts.n:
-            got = await receiver.receive(member)
-            if got.get("type") == "m":
-                received += 1
-
-    counter = asyncio.ensure_future(count())
-    try:
+        await asyncio.wait_for(receiver.receive(member), WARM_TIMEOUT)
+        collector = Collector(receiver, [member])
         seconds = await in_thread(timed_calls)
     except SyncCallError as error:
-        counter.cancel()
         return {"error": str(error), "n": opts.n, "calls_ok": done}
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(counter), SYNC_DRAIN_TIMEOUT)
-    counter.cancel()
-    result: dict[str, Any] = {
-        "calls_per_s": per_second(opts.n, seconds),
-        "seconds": round(seconds, 3),
-        "n": opts.n,
-        "received": received,
-    }
+    with contextlib.suppress(MessagesLost):
+        await collector.until(TIMED, opts.n)
+    received = collector.counts.get(TIMED, 0)
+    result: dict[str, Any] = {"calls_per_s": per_second(opts.n, seconds), "seconds": round(seconds, 3)}
+    result.update(n=opts.n, received=received)
     if received != opts.n:
         result["error"] = f"only {received} of {opts.n} group messages delivered"
     return result
 
 
 async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    """N concurrent connects, each a new channel joining a group of its own."""
     server, sender = pool.make(), pool.make()
-    first = await server.new_channel()
-    await warm_up(distinct([server, sender]), [(sender, server, first)])
-    prefix = unique_group("storm")
+    await pool.warm()
+    prefix, channels = unique_group("storm"), [""] * opts.n
     latencies: list[float] = []
-    channels: dict[int, str] = {}
 
     async def connect(i: int) -> None:
-        channel = channels[i] = await server.new_channel()
+        channels[i] = await server.new_channel()
         started = time.perf_counter()
-        await server.group_add(f"{prefix}.{i}", channel)
+        await server.group_add(f"{prefix}.{i}", channels[i])
         latencies.append(time.perf_counter() - started)
 
     start = time.perf_counter()
     await asyncio.gather(*(connect(i) for i in range(opts.n)))
     seconds = time.perf_counter() - start
-    last = opts.n - 1
-    await sender.group_send(f"{prefix}.{last}", message(last, "x"))
-    await asyncio.wait_for(server.receive(channels[last]), WARM_TIMEOUT)
+    await sender.group_send(f"{prefix}.{opts.n - 1}", message(TIMED, opts.n - 1, "x"))
+    await asyncio.wait_for(server.receive(channels[-1]), WARM_TIMEOUT)
     latencies.sort()
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     return {
         "seconds": round(seconds, 3),
-        "p50_ms": round(percentile(latencies, 0.5) * 1e3, 2),
-        "p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),
+        "p50_ms": round(p50 * 1e3, 2),
+        "p99_ms": round(p99 * 1e3, 2),
         "n": opts.n,
     }
 
 
-SCENARIOS: dict[str, Callable[[Options, LayerPool], Awaitable[dict[str, Any]]]] = {
+RUNS: dict[str, Callable[[Options, LayerPool], Awaitable[dict[str, Any]]]] = {
     "p2p": scenario_p2p,
     "many": scenario_many,
+    "groups": scenario_groups,
     "fanout": scenario_fanout,
     "rtt": scenario_rtt,
     "sync": scenario_sync,
@@ -480,142 +634,126 @@ SCENARIOS: dict[str, Callable[[Options, LayerPool], Awaitable[dict[str, Any]]]] 
 # Running ----------------------------------------------------------------------------------------
 
 
-def short_reason(error: BaseException) -> str:
-    """``Type: first line of the message``, at most 200 characters."""
-    text = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-    return reason if len(reason) <= 200 else reason[:197] + "..."
-
-
-async def run(opts: Options) -> dict[str, Any]:
-    """Run one scenario under the timeout; any failure becomes an "error" entry."""
-    return await guarded(
-        opts.layer,
-        opts.config,
-        opts.shared_instance,
-        lambda pool: SCENARIOS[opts.scenario](opts, pool),
-        opts.timeout,
-    )
-
-
-async def guarded(
-    layer: str,
-    config: dict[str, Any],
-    shared_instance: bool,
-    body: Callable[[LayerPool], Awaitable[dict[str, Any]]],
-    timeout: float,
-) -> dict[str, Any]:
-    """``body(pool)`` under a timeout, every instance closed after; a failure becomes an "error" entry."""
+async def measure(opts: Options) -> dict[str, Any]:
+    """One scenario under the timeout, every instance closed after; a failure becomes an "error"."""
     try:
-        pool = LayerPool(layer, config, shared_instance)
+        pool = LayerPool(opts)
     except Exception as error:
         return {"error": f"cannot build the layer: {short_reason(error)}"}
     try:
-        return await asyncio.wait_for(body(pool), timeout)
+        return await asyncio.wait_for(RUNS[opts.scenario](opts, pool), opts.timeout)
     except asyncio.TimeoutError:
-        return {"error": f"timeout after {timeout:g} s"}
+        return {"error": f"timeout after {opts.timeout:g} s"}
     except Exception as error:
         return {"error": short_reason(error)}
     finally:
         await pool.close_all()
 
 
-def parse_args(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layer", required=True, help="import path of the layer class")
     parser.add_argument(
-        "--config",
-        default=os.environ.get(CONFIG_VARIABLE, "{}"),
-        help=f"constructor keyword arguments, as JSON (default: ${CONFIG_VARIABLE}, which keeps a "
-        "password off the command line, else {})",
+        "--config", default=os.environ.get(CONFIG_VARIABLE, "{}"), help="constructor kwargs (JSON)"
     )
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), help="required unless --check")
-    parser.add_argument("--n", type=int, help="messages / group_sends / round trips / calls")
-    parser.add_argument("--window", type=int, default=50, help="p2p, many: sends in flight")
-    parser.add_argument("--size", type=int, default=100, help="payload characters")
-    parser.add_argument("--channels", type=int, default=100, help="many: receiver channels")
-    parser.add_argument("--members", type=int, default=500, help="fanout: group members per receiver")
-    parser.add_argument("--servers", type=int, default=2, help="fanout: receiver instances")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
-    parser.add_argument("--shared-instance", action="store_true", help="one instance for every role")
-    parser.add_argument("--label", default="", help="name of the layer in the output")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="p2p")
     parser.add_argument(
-        "--loop",
-        choices=LOOPS,
-        default="asyncio",
-        help="the event loop: asyncio's own, or uvloop (as uvicorn runs when it is installed)",
+        "--n", type=int, help="messages, round trips, calls, connects (default: per scenario)"
     )
+    parser.add_argument("--window", type=int, help="sends in flight (default: 50; fanout 1)")
+    parser.add_argument("--seconds", type=float, help="a time box for the throughput phase")
+    parser.add_argument("--probes", type=int, default=0, help="latency probes after the throughput phase")
+    for name, default in (
+        ("size", 100),
+        ("channels", 100),
+        ("groups", 100),
+        ("members", 500),
+        ("receivers", 2),
+    ):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--processes", action="store_true", help="fanout: each receiver a process of its own")
+    parser.add_argument("--discard-groups", action="store_true", help="groups: leave the groups at the end")
+    parser.add_argument("--shared-instance", action="store_true", help="one instance for every role")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
+    parser.add_argument("--label", default="", help="name of the layer in the output")
+    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="asyncio's own loop, or uvloop")
     parser.add_argument("--check", action="store_true", help="only import the layer class, print its version")
-    args = parser.parse_args(argv)
-    if not args.check and args.scenario is None:
-        parser.error("--scenario is required")
+    parser.add_argument("--role", choices=("receiver",), help=argparse.SUPPRESS)
+    parser.add_argument("--group", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def options_from(args: argparse.Namespace) -> Options:
     config = json.loads(args.config)
     if not isinstance(config, dict):
-        parser.error("--config must be a JSON object")
-    scenario = args.scenario or "p2p"
-    opts = Options(
+        raise ValueError("the config must be a JSON object")
+    return Options(
         layer=args.layer,
         config=config,
-        scenario=scenario,
-        n=args.n if args.n is not None else DEFAULT_N[scenario],
-        window=args.window,
-        size=args.size,
-        channels=args.channels,
-        members=args.members,
-        servers=args.servers,
-        timeout=args.timeout,
+        scenario=args.scenario,
+        n=args.n if args.n is not None else DEFAULT_N[args.scenario],
+        window=args.window or DEFAULT_WINDOW.get(args.scenario, 50),
+        **{
+            key: getattr(args, key)
+            for key in ("size", "channels", "groups", "members", "receivers", "processes")
+        },
+        seconds=args.seconds,
+        probes=args.probes,
+        discard_groups=args.discard_groups,
         shared_instance=args.shared_instance,
+        timeout=args.timeout,
+        loop=args.loop,
     )
-    return opts, args
 
 
 def use_loop(name: str) -> None:
-    """Make every new event loop of this process one of ``name``'s, as a server would.
-
-    A policy, not one loop: async_to_sync() makes loops of its own in plain threads, and under
-    uvicorn with uvloop installed those are uvloop's too.
-    """
+    """Every new event loop of this process one of ``name``'s, as under a server: a policy, since
+    async_to_sync() makes loops of its own in plain threads."""
     if name == "uvloop":
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def run_and_keep(body: Awaitable[Any]) -> Any:
+    """Run on a new loop that is never closed (asyncio.run() would cancel every receive() left)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    KEPT_UNTIL_EXIT.append(loop)
+    return loop.run_until_complete(body)
+
+
 def main(argv: list[str] | None = None) -> int:
-    opts, args = parse_args(argv)
-    out: dict[str, Any] = {"layer": args.label or opts.layer, "class": opts.layer}
-    if args.check:
-        try:
-            load_class(opts.layer)
-        except Exception as error:
-            out["error"] = short_reason(error)
-        out["version"] = package_version(opts.layer)
-        print(json.dumps(out), flush=True)
-        return 0 if "error" not in out else 1
-    out["scenario"] = opts.scenario
-    out["loop"] = args.loop
+    args = parse_args(argv)
+    out: dict[str, Any] = {"layer": args.label or args.layer, "class": args.layer}
     try:
-        use_loop(args.loop)
-    except ImportError as error:
-        out["error"] = f"{args.loop} is not installed: {short_reason(error)}"
-        print(json.dumps(out), flush=True)
-        return 1
-    out.update(asyncio.run(run(opts)))
-    out["version"] = package_version(opts.layer)
-    out["python"] = sys.version.split()[0]
+        if args.check:
+            load_class(args.layer)
+        else:
+            out.update(scenario=args.scenario, loop=args.loop)
+            opts = options_from(args)
+            use_loop(args.loop)
+            if args.role == "receiver":
+                run_and_keep(serve_as_receiver(opts, args.group))
+                return 0
+            out.update(run_and_keep(measure(opts)))
+            out["python"] = sys.version.split()[0]
+    except Exception as error:  # the layer or uvloop cannot be imported, a bad config
+        out["error"] = short_reason(error)
+    out["version"] = package_version(args.layer)
     print(json.dumps(out), flush=True)
-    return 0
+    return 1 if "error" in out else 0
 
 
 if __name__ == "__main__":
-    # Run by its path, this file's folder comes first on sys.path: its sibling modules
-    # must not shadow anything the layer imports.
-    script_folder = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != script_folder]
+    # Run by its path, this file's folder comes first on sys.path: its siblings must not shadow
+    # anything the layer imports.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or ".") != here]
     code = main()
     sys.stderr.flush()
-    # os._exit: a layer call stuck in an async_to_sync worker thread (joined at normal
-    # interpreter exit) must not keep the process alive after the result is printed.
+    # os._exit: a call stuck in an async_to_sync thread, or the receive() loops left waiting, must
+    # not keep the process alive after the result is printed.
     os._exit(code)

@@ -1,4 +1,4 @@
-"""``python -m bench.scaling --quick`` (make bench-plots, small) against the real RabbitMQ and Redis.
+"""``python -m bench --axes all --quick`` (make bench-plots, small) against the real RabbitMQ and Redis.
 
 One quick sweep, on asyncio's loop only to stay within about a minute, is shared by the tests: its
 JSON must hold every axis, every measured layer and every point, with figures, and each axis must
@@ -45,7 +45,18 @@ def quick_sweep(broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Swe
     results = out_dir / "scaling.json"
     done = subprocess.run(
         [
-            *(sys.executable, "-m", "bench.scaling", "--quick", "--rounds", "1", "--loops", "asyncio"),
+            *(
+                sys.executable,
+                "-m",
+                "bench",
+                "--axes",
+                "all",
+                "--quick",
+                "--rounds",
+                "1",
+                "--loops",
+                "asyncio",
+            ),
             *("--out", str(results), "--amqp-url", broker.url),
         ],
         cwd=REPOSITORY,
@@ -95,7 +106,7 @@ def test_the_figures_mean_what_they_say(quick_sweep: Sweep) -> None:
                 assert only_run["n"] >= 1
                 if axis["name"] == "servers":
                     # Every probe is timed in every member of every receiver process.
-                    assert only_run["latency_n"] == 10 * 10 * point["x"]
+                    assert only_run["latency_n"] == 20 * 10 * point["x"]
                     assert only_run["processes"] == point["x"]
                 else:
                     assert only_run["latency_n"] == 20
