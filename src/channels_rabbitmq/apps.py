@@ -1,15 +1,19 @@
-"""The Django app: add ``"channels_rabbitmq"`` to ``INSTALLED_APPS`` for its system checks
-(``manage.py check``: :mod:`.checks`) and the ``manage.py rabbitmq_check`` command."""
+"""Why ``"channels_rabbitmq"`` in ``INSTALLED_APPS`` still loads the Django app, which lives in
+:mod:`channels_rabbitmq.django_app`: a compatibility shim, nothing else.
+
+For an entry ``"channels_rabbitmq"``, Django's ``AppConfig.create`` imports the package, then
+its ``apps`` submodule (this one), and takes the one ``AppConfig`` subclass it finds there. It
+then builds the app from that class's ``name``, ``"channels_rabbitmq.django_app"``: the app's
+module and path, and so its ``management/commands`` and ``ready()`` (which registers the
+checks), are those of :mod:`channels_rabbitmq.django_app`, and its label stays
+``"channels_rabbitmq"``. Without this module, Django would make a bare app of the package
+root: no checks and no ``rabbitmq_check``, and no error. Import no other ``AppConfig``
+subclass here: with two candidates and neither marked ``default = True``, Django falls back
+to that same bare app.
+"""
 
 from __future__ import annotations
 
-from django.apps import AppConfig
+from .django_app.apps import ChannelsRabbitmqConfig
 
-
-class ChannelsRabbitmqConfig(AppConfig):  # type: ignore[misc]  # Django ships no types
-    name = "channels_rabbitmq"
-    verbose_name = "Channels on RabbitMQ"
-
-    def ready(self) -> None:
-        """Register the system checks (importing the module does)."""
-        from . import checks  # noqa: F401
+__all__ = ["ChannelsRabbitmqConfig"]

@@ -12,7 +12,9 @@ SECRET_KEY = "channels-rabbitmq-tests-not-a-secret"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
 
-INSTALLED_APPS = ["channels", "channels_rabbitmq"]  # the app: system checks, rabbitmq_check
+# The documented entry: channels_rabbitmq/apps.py hands Django the app of channels_rabbitmq.django_app
+# (its system checks, rabbitmq_check).
+INSTALLED_APPS = ["channels", "channels_rabbitmq"]
 MIDDLEWARE: list[str] = []
 ROOT_URLCONF = "tests.django_project.urls"
 ASGI_APPLICATION = "tests.django_project.asgi.application"

@@ -28,7 +28,8 @@ URL_PASSWORD = "Pw%2FCheck%3AS3cret%401"
 
 @pytest.fixture(scope="module")
 def django_checks() -> Iterator[Any]:
-    """Django set up with the test project (its INSTALLED_APPS has "channels_rabbitmq")."""
+    """Django set up with the test project (its INSTALLED_APPS has "channels_rabbitmq", the
+    documented entry, which loads the app of ``channels_rabbitmq.django_app``)."""
     import django
     from django.apps import apps
 
@@ -163,12 +164,18 @@ def test_other_backends_are_not_checked(django_checks: Any) -> None:
 # In processes of their own -------------------------------------------------------------------------
 
 
-def settings_module(directory: Path, name: str, config: dict[str, Any]) -> str:
-    """A settings module: the test project's, with the default layer's CONFIG replaced."""
-    (directory / f"{name}.py").write_text(
+def settings_module(
+    directory: Path, name: str, config: dict[str, Any], *, installed_apps: list[str] | None = None
+) -> str:
+    """A settings module: the test project's, with the default layer's CONFIG replaced (and
+    INSTALLED_APPS, when given)."""
+    text = (
         f"from tests.django_project.settings import *  # noqa: F403\n"
         f"CHANNEL_LAYERS = {{'default': {{'BACKEND': {BACKEND!r}, 'CONFIG': {config!r}}}}}\n"
     )
+    if installed_apps is not None:
+        text += f"INSTALLED_APPS = {installed_apps!r}\n"
+    (directory / f"{name}.py").write_text(text)
     return name
 
 
@@ -198,6 +205,44 @@ def test_manage_py_check_reports_the_errors_and_fails(tmp_path: Path) -> None:
     assert "did you mean 'host'?" in checked.stderr
     assert PASSWORD not in checked.stderr + checked.stdout
     assert URL_PASSWORD not in checked.stderr + checked.stdout
+
+
+#: What Django made of the entry: the app's name, label and AppConfig module, and the app
+#: that provides rabbitmq_check (on the line that starts with "app:"; ``manage.py shell``
+#: may print lines of its own).
+DESCRIBE_APP = """
+from django.apps import apps
+from django.core.management import get_commands
+config = apps.get_app_config("channels_rabbitmq")
+print("app:", config.name, config.label, type(config).__module__, get_commands().get("rabbitmq_check"))
+"""
+
+
+@pytest.mark.parametrize("entry", ["channels_rabbitmq", "channels_rabbitmq.django_app"])
+def test_either_installed_apps_entry_gives_the_checks_and_rabbitmq_check(entry: str, tmp_path: Path) -> None:
+    """The documented entry goes through the shim ``channels_rabbitmq/apps.py`` to the app in
+    ``channels_rabbitmq.django_app``; naming that package does the same. Without the shim,
+    "channels_rabbitmq" would be a bare app: no checks, no command, and no error."""
+    name = settings_module(
+        tmp_path, "entry_settings", {"host": "http://localhost"}, installed_apps=["channels", entry]
+    )
+    described = run("-m", "django", "shell", "-c", DESCRIBE_APP, settings=name, directory=tmp_path)
+    assert described.returncode == 0, described.stdout + described.stderr
+    [app] = [line for line in described.stdout.splitlines() if line.startswith("app: ")]
+    assert app.split()[1:] == [
+        "channels_rabbitmq.django_app",
+        "channels_rabbitmq",
+        "channels_rabbitmq.django_app.apps",
+        "channels_rabbitmq.django_app",
+    ]
+    checked = run("-m", "django", "check", settings=name, directory=tmp_path)
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "(channels_rabbitmq.E004) host must start with amqp:// or amqps://" in checked.stderr
+    command = run("-m", "django", "rabbitmq_check", settings=name, directory=tmp_path)
+    assert command.returncode == 1, command.stdout + command.stderr
+    first, *_, last = command.stdout.splitlines()
+    assert first.startswith("FAIL  settings: the layer refuses the CONFIG of CHANNEL_LAYERS['default']")
+    assert last == "1 problem found"
 
 
 def steps(output: str) -> list[tuple[str, str]]:

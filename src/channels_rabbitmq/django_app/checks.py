@@ -1,11 +1,12 @@
 """Django system checks for the layer's CONFIG, without I/O: ``manage.py check`` runs them.
 
-Registered by the Django app (``"channels_rabbitmq"`` in ``INSTALLED_APPS``). For each
-``CHANNEL_LAYERS`` entry whose ``BACKEND`` is this layer, the CONFIG goes through the
-same checks as the layer's constructor (:meth:`.config.LayerConfig.build`), and each
-problem becomes a check message with a stable id; ``manage.py check --deploy`` adds
-warnings about what is fine on a laptop but not in production. No message quotes a
-password. Whether the broker answers is ``manage.py rabbitmq_check``'s job.
+Registered by the Django app's ``ready()`` (``"channels_rabbitmq"`` in ``INSTALLED_APPS``).
+For each ``CHANNEL_LAYERS`` entry whose ``BACKEND`` is this layer, the CONFIG goes through
+the same checks as the layer's constructor
+(:meth:`channels_rabbitmq.config.LayerConfig.build`), and each problem becomes a check
+message with a stable id; ``manage.py check --deploy`` adds warnings about what is fine on
+a laptop but not in production. No message quotes a password. Whether the broker answers
+is ``manage.py rabbitmq_check``'s job.
 
 Ids (see docs/operations/metrics.md):
 
@@ -31,8 +32,8 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
 from django.core.checks import Warning as CheckWarning
 
-from .backend import is_this_layer
-from .config import BrokerAddress, LayerConfig
+from ..backend import is_this_layer
+from ..config import BrokerAddress, LayerConfig
 
 TAG = "channels_rabbitmq"
 CONFIG_HINT = "every CONFIG key is described in the documentation's Configuration page"

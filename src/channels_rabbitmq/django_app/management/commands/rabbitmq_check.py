@@ -11,7 +11,7 @@ from typing import Any, TextIO, cast
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from ... import deployment_check as check
+from .... import deployment_check as check
 
 
 class Command(BaseCommand):  # type: ignore[misc]  # Django ships no types
