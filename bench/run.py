@@ -479,86 +479,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add = parser.add_argument
-    add(
-        "--rounds",
-        type=positive(int),
-        default=1,
-        metavar="N",
-        help="interleaved rounds; each figure is the median over them (default: 1)",
-    )
-    add(
-        "--scenarios",
-        nargs="+",
-        type=names(SCENARIOS, "scenario"),
-        default=[list(SCENARIOS)],
-        metavar="NAME",
-        help=f"a subset of {', '.join(SCENARIOS)}, as 'p2p rtt' or 'p2p,rtt' (default: all)",
-    )
-    add(
-        "--axes",
-        nargs="+",
-        type=names(AXIS_NAMES, "axis"),
-        default=[],
-        metavar="AXIS",
-        help=f"scaling curves instead, along {', '.join(AXIS_NAMES)} (or all)",
-    )
+    add, amqp, redis = parser.add_argument, layers.DEFAULT_AMQP_URL, layers.DEFAULT_REDIS_URL
+    # fmt: off
+    add("--rounds", type=positive(int), default=1, metavar="N",
+        help="interleaved rounds; each figure is the median over them (default: 1)")
+    add("--scenarios", nargs="+", type=names(SCENARIOS, "scenario"), default=[SCENARIOS], metavar="NAME",
+        help=f"a subset of {', '.join(SCENARIOS)}, as 'p2p rtt' or 'p2p,rtt' (default: all)")
+    add("--axes", nargs="+", type=names(AXIS_NAMES, "axis"), default=[], metavar="AXIS",
+        help=f"scaling curves instead, along {', '.join(AXIS_NAMES)} (or all)")
     add("--quick", action="store_true", help="small sizes everywhere, for a smoke run")
-    add(
-        "--profile",
-        type=positive(int),
-        nargs="?",
-        const=1000,
-        default=0,
-        metavar="HZ",
-        help="sample this project's runs with py-spy (HZ a second, default 1000): where the time goes, "
-        "by stage, per message (bench/stages.py)",
-    )
-    add(
-        "--old-python",
-        default=os.environ.get(layers.OLD_PYTHON_ENV, ""),
-        metavar="PYTHON",
+    add("--profile", type=positive(int), nargs="?", const=1000, default=0, metavar="HZ",
+        help="sample this project's runs with py-spy, HZ a second (default 1000): time per message by stage")
+    add("--old-python", default=os.environ.get(layers.OLD_PYTHON_ENV, ""), metavar="PYTHON",
         help="python of a virtualenv holding the PyPI channels_rabbitmq, to measure it too "
-        f"(default: ${layers.OLD_PYTHON_ENV}, else left out)",
-    )
-    add(
-        "--timeout",
-        type=positive(float),
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"limit of one run (default: {DEFAULT_TIMEOUT:g})",
-    )
-    add(
-        "--loops",
-        nargs="+",
-        choices=LOOPS,
-        default=list(LOOPS),
-        metavar="LOOP",
-        help=f"event loops, of {', '.join(LOOPS)} (default: both)",
-    )
+        f"(default: ${layers.OLD_PYTHON_ENV}, else left out)")
+    add("--timeout", type=positive(float), default=DEFAULT_TIMEOUT, metavar="SECONDS",
+        help=f"limit of one run (default: {DEFAULT_TIMEOUT:g})")
+    add("--loops", nargs="+", choices=LOOPS, default=list(LOOPS), metavar="LOOP",
+        help=f"event loops, of {', '.join(LOOPS)} (default: both)")
     add("--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each")
-    add(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        metavar="FILE.json",
-        help="--axes: the results, and the PNG files beside them",
-    )
+    add("--out", type=Path, default=DEFAULT_OUT, metavar="FILE.json",
+        help="--axes: the results, and the PNG files beside them")
     add("--no-plots", action="store_true", help="--axes: write the JSON only")
-    default_amqp, default_redis = layers.DEFAULT_AMQP_URL.replace("%", "%%"), layers.DEFAULT_REDIS_URL
-    add(
-        "--amqp-url",
-        default=os.environ.get("AMQP_URL", layers.DEFAULT_AMQP_URL),
-        metavar="URL",
-        help=f"the RabbitMQ of both RabbitMQ layers (default: $AMQP_URL, else {default_amqp})",
-    )
-    add(
-        "--redis-url",
-        default=os.environ.get("REDIS_URL", layers.DEFAULT_REDIS_URL),
-        metavar="URL",
-        help=f"the Redis of the channels_redis layers (default: $REDIS_URL, else {default_redis})",
-    )
-    return parser  # fmt: skip
+    add("--amqp-url", default=os.environ.get("AMQP_URL", amqp), metavar="URL",
+        help=f"the RabbitMQ of both RabbitMQ layers (default: $AMQP_URL, else {amqp.replace('%', '%%')})")
+    add("--redis-url", default=os.environ.get("REDIS_URL", redis), metavar="URL",
+        help=f"the Redis of the channels_redis layers (default: $REDIS_URL, else {redis})")
+    # fmt: on
+    return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
