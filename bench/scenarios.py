@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 # Run by its path, from any virtualenv: the project's root (for testbed.measure, which needs only
 # the standard library) goes last on the path, after whatever that virtualenv has installed.
@@ -226,23 +226,10 @@ class MessagesLost(Exception):
     """Messages sent never arrived: the layer dropped them."""
 
 
-class Arrivals(Protocol):
-    """What reached the receiving channels, here or in receiver processes."""
-
-    last_arrival: float
-
-    async def until(self, kind: str, count: int) -> None:
-        """Wait until ``count`` messages of ``kind`` arrived in all, over every receiving channel."""
-
-    async def latencies(self) -> list[float]:
-        """The one-way latency of every probe's every copy, in seconds."""
-
-
 class Collector:
-    """A receive() loop on each channel: counts arrivals by type, times the probes."""
+    """A receive() loop on each (layer, channel): counts arrivals by type, times the probes."""
 
-    def __init__(self, layer: Layer, channels: list[str]) -> None:
-        self.layer = layer
+    def __init__(self, receivers: list[tuple[Layer, str]]) -> None:
         self.counts: dict[str, int] = {}
         self.last_arrival = 0.0
         self.probe_latencies: list[float] = []
@@ -251,12 +238,12 @@ class Collector:
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Retrieved at once: a failure once the measurement is over (the instance closed) is none.
         self._failure.add_done_callback(lambda failure: failure.exception())
-        KEPT_UNTIL_EXIT.append([asyncio.ensure_future(self._receive_loop(channel)) for channel in channels])
+        KEPT_UNTIL_EXIT.append([asyncio.ensure_future(self._receive_loop(*pair)) for pair in receivers])
 
-    async def _receive_loop(self, channel: str) -> None:
+    async def _receive_loop(self, layer: Layer, channel: str) -> None:
         try:
             while True:
-                got = await self.layer.receive(channel)
+                got = await layer.receive(channel)
                 self.last_arrival = arrived = now()
                 kind = str(got.get("type"))
                 if kind == PROBE:
@@ -269,8 +256,8 @@ class Collector:
                 self._failure.set_exception(error)
 
     async def until(self, kind: str, count: int) -> None:
-        """Raises MessagesLost when nothing at all arrives for IDLE_LIMIT seconds meanwhile: a layer
-        that drops messages (RedisPubSubChannelLayer under load) would be waited for in vain."""
+        """Wait until ``count`` messages of ``kind`` arrived in all. Raises MessagesLost when nothing
+        arrives for IDLE_LIMIT seconds meanwhile (RedisPubSubChannelLayer drops messages under load)."""
         if self.counts.get(kind, 0) >= count:
             return
         self._wanted, waiter = (kind, count), asyncio.ensure_future(self._reached.wait())
@@ -354,7 +341,7 @@ async def serve_as_receiver(opts: Options, group: str) -> None:
     members = [await layer.new_channel() for _ in range(opts.members)]
     for channel in members:
         await layer.group_add(group, channel)
-    collector = Collector(layer, members)
+    collector = Collector([(layer, channel) for channel in members])
     reader = asyncio.StreamReader()
     await asyncio.get_running_loop().connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), sys.stdin
@@ -380,7 +367,10 @@ async def serve_as_receiver(opts: Options, group: str) -> None:
 
 
 async def flow(
-    opts: Options, send: Callable[[dict[str, Any]], Awaitable[None]], arrivals: Arrivals, copies: int
+    opts: Options,
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+    arrivals: Collector | ReceiverProcesses,
+    copies: int,
 ) -> dict[str, Any]:
     """The throughput phase, then the probes. ``send`` sends one message; each arrives ``copies`` times."""
     payload = "x" * opts.size
@@ -426,7 +416,8 @@ async def scenario_many(opts: Options, pool: LayerPool) -> dict[str, Any]:
     async def send(body: dict[str, Any]) -> None:
         await sender.send(channels[next(turn) % len(channels)], body)
 
-    return {**await flow(opts, send, Collector(receiver, channels), 1), "setup_s": setup_s}
+    collector = Collector([(receiver, channel) for channel in channels])
+    return {**await flow(opts, send, collector, 1), "setup_s": setup_s}
 
 
 async def scenario_groups(opts: Options, pool: LayerPool) -> dict[str, Any]:
@@ -439,7 +430,7 @@ async def scenario_groups(opts: Options, pool: LayerPool) -> dict[str, Any]:
     async def send(body: dict[str, Any]) -> None:
         await sender.group_send(groups[-1], body)
 
-    figures = await flow(opts, send, Collector(receiver, [member]), 1)
+    figures = await flow(opts, send, Collector([(receiver, member)]), 1)
     if opts.discard_groups:  # memberships kept in Redis would outlive the run
         await setup(opts.groups, lambda k: receiver.group_discard(groups[k], member))
     return {**figures, "setup_s": setup_s}
@@ -447,20 +438,19 @@ async def scenario_groups(opts: Options, pool: LayerPool) -> dict[str, Any]:
 
 async def scenario_fanout(opts: Options, pool: LayerPool) -> dict[str, Any]:
     sender, group = pool.make(), unique_group("fanout")
-    arrivals: Arrivals
+    arrivals: Collector | ReceiverProcesses
     if opts.processes:
         await pool.warm()
         arrivals = await ReceiverProcesses.start(opts, group)
     else:
         receivers = [pool.make() for _ in range(opts.receivers)]
         await pool.warm()
-        members = []
-        for receiver in receivers:
-            channels = [await receiver.new_channel() for _ in range(opts.members)]
-            for channel in channels:
-                await receiver.group_add(group, channel)
-            members.append(Collector(receiver, channels))
-        arrivals = Together(members)
+        members = [
+            (receiver, await receiver.new_channel()) for receiver in receivers for _ in range(opts.members)
+        ]
+        for receiver, channel in members:
+            await receiver.group_add(group, channel)
+        arrivals = Collector(members)
 
     async def send(body: dict[str, Any]) -> None:
         await sender.group_send(group, body)
@@ -469,22 +459,6 @@ async def scenario_fanout(opts: Options, pool: LayerPool) -> dict[str, Any]:
     figures = await flow(opts, send, arrivals, copies)
     figures.update(group_sends_per_s=figures["msgs_per_s"], members=copies, receivers=opts.receivers)
     return {**figures, "processes": opts.receivers if opts.processes else 0}
-
-
-class Together:
-    """Several collectors (one per receiver instance) as one."""
-
-    def __init__(self, collectors: list[Collector]) -> None:
-        self.collectors = collectors
-        self.last_arrival = 0.0
-
-    async def until(self, kind: str, count: int) -> None:
-        share = count // len(self.collectors)
-        await asyncio.gather(*(collector.until(kind, share) for collector in self.collectors))
-        self.last_arrival = max(collector.last_arrival for collector in self.collectors)
-
-    async def latencies(self) -> list[float]:
-        return [latency for collector in self.collectors for latency in collector.probe_latencies]
 
 
 async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
@@ -579,7 +553,7 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
     try:
         await in_thread(warm_sender)
         await asyncio.wait_for(receiver.receive(member), WARM_TIMEOUT)
-        collector = Collector(receiver, [member])
+        collector = Collector([(receiver, member)])
         seconds = await in_thread(timed_calls)
     except SyncCallError as error:
         return {"error": str(error), "n": opts.n, "calls_ok": done}
