@@ -50,17 +50,6 @@ class LayerSpec:
     version: str = ""
 
 
-@dataclass(frozen=True)
-class Skipped:
-    """A layer that is not measured, and why."""
-
-    label: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"skipped {self.label}: {self.reason}"
-
-
 def without_password(url: str) -> str:
     """The URL with its password shown as ``***``. The credentials end at the last "@" (a password
     may hold "/", "#", "?", ":" and "@", as the layer's URL parser allows), the password starts
@@ -108,48 +97,6 @@ def redis_problem(url: str) -> str | None:
     return None
 
 
-def candidates(amqp_url: str, redis_url: str, old_python: str) -> tuple[list[LayerSpec], list[Skipped]]:
-    """The layers worth checking, peers first and this project last but one; and those left out."""
-    amqp = {"host": amqp_url, "remote_capacity": 100000, "local_capacity": 10000}
-    layers = [
-        LayerSpec(
-            "inmemory",
-            "InMemoryChannelLayer",
-            "channels.layers.InMemoryChannelLayer",
-            {"capacity": 100000},
-            shared_instance=True,
-        )
-    ]
-    redis = {"hosts": [redis_url]}
-    redis_layers = [
-        LayerSpec(
-            "redis",
-            "RedisChannelLayer",
-            "channels_redis.core.RedisChannelLayer",
-            {**redis, "capacity": 100000},
-        ),
-        LayerSpec(
-            "redis-pubsub", "RedisPubSubChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer", redis
-        ),
-    ]
-    skipped: list[Skipped] = []
-    if (reason := redis_problem(redis_url)) is None:
-        layers += redis_layers
-    else:
-        skipped += [Skipped(spec.label, reason) for spec in redis_layers]
-    # The capacity per channel, like the other layers' (the old release has no such key).
-    layers.append(
-        LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, {**amqp, "capacity": 100000})
-    )
-    if old_python:
-        layers.append(LayerSpec(OLD_RELEASE, "channels_rabbitmq (PyPI)", RABBITMQ_CLASS, amqp, old_python))
-    else:
-        skipped.append(
-            Skipped("channels_rabbitmq (PyPI)", f"not asked for: --old-python PYTHON or {OLD_PYTHON_ENV}")
-        )
-    return layers, skipped
-
-
 def config_environment(config: dict[str, Any]) -> dict[str, str]:
     """This environment, plus the layer's config (which holds the broker's password: not on the
     command line, which every local user can read) for a measuring subprocess."""
@@ -179,14 +126,7 @@ def check(spec: LayerSpec) -> str | None:
         return f"python {spec.python} not found"
     command = [spec.python, str(SCENARIO_SCRIPT), "--layer", spec.cls, "--check"]
     try:
-        done = subprocess.run(
-            command,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=CHECK_TIMEOUT,
-            check=False,
-        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT, check=False)
     except (subprocess.TimeoutExpired, OSError) as error:
         return f"cannot run {spec.python}: {scenarios.short_reason(error)}"
     line = last_json_line(done.stdout)
@@ -202,13 +142,33 @@ def check(spec: LayerSpec) -> str | None:
     return None
 
 
-def choose(amqp_url: str, redis_url: str, old_python: str = "") -> tuple[list[LayerSpec], list[Skipped]]:
-    """The layers that will be measured (with their versions), and the ones skipped with the reason."""
-    found, skipped = candidates(amqp_url, redis_url, old_python)
-    layers = []
-    for spec in found:
-        if (problem := check(spec)) is None:
-            layers.append(spec)
+def choose(amqp_url: str, redis_url: str, old_python: str = "") -> tuple[list[LayerSpec], list[str]]:
+    """The layers that will be measured, with their versions (peers first, then this project and its
+    PyPI release), and a line for each one skipped, with the reason."""
+    amqp, redis, big = (
+        {"host": amqp_url, "remote_capacity": 100000, "local_capacity": 10000},
+        [redis_url],
+        100000,
+    )
+    no_redis, no_old = (
+        redis_problem(redis_url),
+        "" if old_python else f"not asked for: --old-python or ${OLD_PYTHON_ENV}",
+    )
+    candidates = [
+        (LayerSpec("inmemory", "InMemoryChannelLayer", "channels.layers.InMemoryChannelLayer",
+                   {"capacity": big}, shared_instance=True), None),
+        (LayerSpec("redis", "RedisChannelLayer", "channels_redis.core.RedisChannelLayer",
+                   {"hosts": redis, "capacity": big}), no_redis),
+        (LayerSpec("redis-pubsub", "RedisPubSubChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer",
+                   {"hosts": redis}), no_redis),
+        # The capacity per channel, like the other layers' (the old release has no such key).
+        (LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, amqp | {"capacity": big}), None),
+        (LayerSpec(OLD_RELEASE, "channels_rabbitmq (PyPI)", RABBITMQ_CLASS, amqp, old_python), no_old),
+    ]  # fmt: skip
+    chosen, skipped = [], []
+    for spec, reason in candidates:
+        if reason := reason or check(spec):
+            skipped.append(f"skipped {spec.label}: {reason}")
         else:
-            skipped.append(Skipped(spec.label, problem))
-    return layers, skipped
+            chosen.append(spec)
+    return chosen, skipped

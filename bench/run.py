@@ -181,12 +181,11 @@ class Job:
             extra = ["--processes", "--members", str(members), "--window", "50"]
         if self.axis.name == "groups" and self.layer.key == "redis":  # its memberships outlive the run
             extra.append("--discard-groups")
-        phases = [
-            "--seconds",
-            "0.2" if settings.quick else "0.7",
-            "--probes",
-            "20" if settings.quick else "200",
-        ]
+        phases = (
+            ["--seconds", "0.2", "--probes", "20"]
+            if settings.quick
+            else ["--seconds", "0.7", "--probes", "200"]
+        )
         return [*phases, "--n", str(n), f"--{self.axis.parameter}", str(self.x), *extra]
 
     def run(self, settings: Settings, while_waiting: Callable[[], None]) -> dict[str, Any]:
@@ -396,32 +395,22 @@ def axes_document(
         all_series = []
         for spec in specs:
             for loop in series_of(spec, axis, settings):
-                points = []
+                points: list[dict[str, Any]] = []
                 for x in axis.quick_points if settings.quick else axis.points:
                     runs = results.of(axis, x, spec.key, loop)
-                    errors = [str(run["error"]) for run in runs if "error" in run]
-                    throughput, p50, p99 = (
-                        median(runs, key) for key in (axis.throughput_key, "p50_us", "p99_us")
-                    )
-                    points.append(
-                        dict(x=x, throughput=throughput, p50_us=p50, p99_us=p99, errors=errors, runs=runs)
-                    )
-                label, version = f"{spec.label}, {loop}", spec.version
-                all_series.append(
-                    dict(
-                        label=label,
-                        layer_label=spec.label,
-                        layer=spec.key,
-                        version=version,
-                        loop=loop,
-                        points=points,
-                    )
-                )
+                    points.append({"x": x, "throughput": median(runs, axis.throughput_key)})
+                    points[-1].update(p50_us=median(runs, "p50_us"), p99_us=median(runs, "p99_us"))
+                    points[-1].update(errors=[run["error"] for run in runs if "error" in run], runs=runs)
+                series = {"label": f"{spec.label}, {loop}", "layer_label": spec.label, "layer": spec.key}
+                all_series.append({**series, "version": spec.version, "loop": loop, "points": points})
         document_axes.append({**asdict(axis), "series": all_series})
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {
-        "machine": machine_facts().removeprefix("Machine: "),
-        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(elapsed),
+        **{
+            "machine": machine_facts().removeprefix("Machine: "),
+            "measured_at": when,
+            "elapsed_s": round(elapsed),
+        },
         "command": reproduce_command(settings),
         "sweep": {"rounds": settings.rounds, "quick": settings.quick, "loops": list(settings.loops)},
         "axes": document_axes,

@@ -43,7 +43,6 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,27 +76,8 @@ KEPT_UNTIL_EXIT: list[object] = []
 SCRIPT = str(Path(__file__).resolve())
 
 
-@dataclass(frozen=True)
-class Options:
-    """What to measure, and how much of it."""
-
-    layer: str
-    config: dict[str, Any]
-    scenario: str
-    n: int
-    window: int
-    size: int = 100
-    channels: int = 100
-    groups: int = 100
-    members: int = 500
-    receivers: int = 2
-    processes: bool = False
-    seconds: float | None = None
-    probes: int = 0
-    discard_groups: bool = False
-    shared_instance: bool = False
-    timeout: float = 120.0
-    loop: str = "asyncio"
+#: What to measure, as parsed by :func:`parse_args` (its config parsed as JSON, N and window filled in).
+Options = argparse.Namespace
 
 
 def now() -> float:
@@ -399,7 +379,7 @@ async def setup(count: int, call: Callable[[int], Awaitable[None]]) -> float:
 
 
 async def scenario_p2p(opts: Options, pool: LayerPool) -> dict[str, Any]:
-    return await scenario_many(replace(opts, channels=1), pool)
+    return await scenario_many(Options(**{**vars(opts), "channels": 1}), pool)
 
 
 async def scenario_many(opts: Options, pool: LayerPool) -> dict[str, Any]:
@@ -624,62 +604,36 @@ async def measure(opts: Options) -> dict[str, Any]:
         await pool.close_all()
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> Options:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--layer", required=True, help="import path of the layer class")
-    parser.add_argument(
-        "--config", default=os.environ.get(CONFIG_VARIABLE, "{}"), help="constructor kwargs (JSON)"
-    )
-    parser.add_argument("--scenario", choices=SCENARIOS, default="p2p")
-    parser.add_argument(
-        "--n", type=int, help="messages, round trips, calls, connects (default: per scenario)"
-    )
-    parser.add_argument("--window", type=int, help="sends in flight (default: 50; fanout 1)")
-    parser.add_argument("--seconds", type=float, help="a time box for the throughput phase")
-    parser.add_argument("--probes", type=int, default=0, help="latency probes after the throughput phase")
-    for name, default in (
-        ("size", 100),
-        ("channels", 100),
-        ("groups", 100),
-        ("members", 500),
-        ("receivers", 2),
-    ):
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--processes", action="store_true", help="fanout: each receiver a process of its own")
-    parser.add_argument("--discard-groups", action="store_true", help="groups: leave the groups at the end")
-    parser.add_argument("--shared-instance", action="store_true", help="one instance for every role")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
-    parser.add_argument("--label", default="", help="name of the layer in the output")
-    parser.add_argument("--loop", choices=LOOPS, default="asyncio", help="asyncio's own loop, or uvloop")
-    parser.add_argument("--check", action="store_true", help="only import the layer class, print its version")
-    parser.add_argument("--role", choices=("receiver",), help=argparse.SUPPRESS)
-    parser.add_argument("--group", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def options_from(args: argparse.Namespace) -> Options:
-    config = json.loads(args.config)
-    if not isinstance(config, dict):
-        raise ValueError("the config must be a JSON object")
-    return Options(
-        layer=args.layer,
-        config=config,
-        scenario=args.scenario,
-        n=args.n if args.n is not None else DEFAULT_N[args.scenario],
-        window=args.window or DEFAULT_WINDOW.get(args.scenario, 50),
-        **{
-            key: getattr(args, key)
-            for key in ("size", "channels", "groups", "members", "receivers", "processes")
-        },
-        seconds=args.seconds,
-        probes=args.probes,
-        discard_groups=args.discard_groups,
-        shared_instance=args.shared_instance,
-        timeout=args.timeout,
-        loop=args.loop,
-    )
+    add = parser.add_argument
+    # fmt: off
+    add("--layer", required=True, help="import path of the layer class")
+    add("--config", default=os.environ.get(CONFIG_VARIABLE, "{}"), help="constructor kwargs (JSON)")
+    add("--scenario", choices=SCENARIOS, default="p2p")
+    add("--n", type=int, help="messages, round trips, calls, connects (default: per scenario)")
+    add("--window", type=int, help="sends in flight (default: 50; fanout 1)")
+    add("--seconds", type=float, help="a time box for the throughput phase")
+    add("--probes", type=int, default=0, help="latency probes after the throughput phase")
+    sizes = {"size": 100, "channels": 100, "groups": 100, "members": 500, "receivers": 2}
+    for name, default in sizes.items():
+        add(f"--{name}", type=int, default=default)
+    add("--processes", action="store_true", help="fanout: each receiver a process of its own")
+    add("--discard-groups", action="store_true", help="groups: leave the groups at the end")
+    add("--shared-instance", action="store_true", help="one instance for every role")
+    add("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
+    add("--label", default="", help="name of the layer in the output")
+    add("--loop", choices=LOOPS, default="asyncio", help="asyncio's own loop, or uvloop")
+    add("--check", action="store_true", help="only import the layer class, print its version")
+    add("--role", choices=("receiver",), help=argparse.SUPPRESS)
+    add("--group", help=argparse.SUPPRESS)
+    # fmt: on
+    opts = parser.parse_args(argv)
+    opts.n = DEFAULT_N[opts.scenario] if opts.n is None else opts.n
+    opts.window = opts.window or DEFAULT_WINDOW.get(opts.scenario, 50)
+    return opts
 
 
 def use_loop(name: str) -> None:
@@ -700,23 +654,25 @@ def run_and_keep(body: Awaitable[Any]) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out: dict[str, Any] = {"layer": args.label or args.layer, "class": args.layer}
+    opts = parse_args(argv)
+    out: dict[str, Any] = {"layer": opts.label or opts.layer, "class": opts.layer}
     try:
-        if args.check:
-            load_class(args.layer)
+        if opts.check:
+            load_class(opts.layer)
         else:
-            out.update(scenario=args.scenario, loop=args.loop)
-            opts = options_from(args)
-            use_loop(args.loop)
-            if args.role == "receiver":
-                run_and_keep(serve_as_receiver(opts, args.group))
+            out.update(scenario=opts.scenario, loop=opts.loop)
+            opts.config = json.loads(opts.config)
+            if not isinstance(opts.config, dict):
+                raise ValueError("the config must be a JSON object")
+            use_loop(opts.loop)
+            if opts.role == "receiver":
+                run_and_keep(serve_as_receiver(opts, opts.group))
                 return 0
             out.update(run_and_keep(measure(opts)))
             out["python"] = sys.version.split()[0]
     except Exception as error:  # the layer or uvloop cannot be imported, a bad config
         out["error"] = short_reason(error)
-    out["version"] = package_version(args.layer)
+    out["version"] = package_version(opts.layer)
     print(json.dumps(out), flush=True)
     return 1 if "error" in out else 0
 
