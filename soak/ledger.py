@@ -1,58 +1,34 @@
-"""The soak's end-to-end ledger: what was sent, what arrived where, and what that adds up to.
+"""The soak's end-to-end ledger and its Markdown tables: pure bookkeeping, no I/O and no clock.
 
-Pure bookkeeping, no I/O and no clock: the orchestrator feeds it sends, send outcomes,
-receipts and fault windows, all stamped with ``time.monotonic()`` (one clock for every
-process on Linux), and asks for a :class:`Summary` at the end.
-
-For each send that returned normally, the expected receivers are its channel (a direct
-send) or every member of its group (memberships are fixed for the whole run). Each
-(message, receiver) pair is then received exactly once, more than once (duplicates), or
-never. A pair never received is:
-
-- not counted when the receiver is a *dead* channel (one that never reads);
-- an expected drop when the receiver is a *slow* channel (it reads slower than it is
-  sent to, so its excess is dropped or expires by design);
-- lost in a fault window when it was sent while a fault was on (from ``margin`` seconds
-  before the fault started until ``margin`` seconds after the layer had recovered):
-  RabbitMQ deletes a dropped connection's exclusive queue with what waited in it;
-- lost outside any fault otherwise: the layer promises that never happens.
-
-Each lost pair also gets a cause, from what the processes reported while it was on its way:
-
-- QUEUE_GONE (inherent): the receiving process's consuming connection was down at some
-  moment between the send and the end of its fault window. RabbitMQ deleted its exclusive
-  queue, with what waited in it, and its groups were unbound until it set up again;
-- REFUSED (avoidable): a group send during which the sender's layer counted a publish
-  that RabbitMQ refused (a member's queue at ``remote_capacity``; ``group_send()`` does not
-  raise for that);
-- UNEXPLAINED (avoidable): neither. The layer has no loss of this kind by design.
+:mod:`soak.run` feeds it sends, their outcomes, receipts, outages, refusals and fault windows, stamped
+with ``time.monotonic()``. Each send that returned is expected exactly once at its channel, or at each
+member of its group. A delivery that never came is set apart for the *dead* and the *slow* channel, lost
+in a fault window when sent from ``margin`` s before a fault until ``margin`` s after messages flowed
+again, or else lost outside any fault; and it gets a cause from what the processes reported meanwhile:
+QUEUE_GONE (inherent), REFUSED or UNEXPLAINED (avoidable). See docs/operations/soak.md.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from testbed.measure import percentile
 
 DIRECT = "direct"
 GROUP = "group"
-
-QUEUE_GONE = "queue gone with its connection"
-REFUSED = "refused by a full queue"
-UNEXPLAINED = "unexplained"
+QUEUE_GONE = "queue gone with its connection"  # the receiver's consuming connection was down meanwhile
+REFUSED = "refused by a full queue"  # a group send while the sender's layer counted a refused publish
+UNEXPLAINED = "unexplained"  # neither of them: none by design
 INHERENT_CAUSES = frozenset({QUEUE_GONE})  # the design loses these; the others are avoidable
+MUST_BE_ZERO_FAILED = r"^\| ([^|]+) \| \*\*(\d+)\*\* \(must be 0\)"  # a table row, with its label and count
 
 
 @dataclass(frozen=True)
 class FaultWindow:
-    """One injected fault: ``started_at`` to ``ended_at``, and when messages flowed again.
-
-    ``recovered_at`` is None when no probe got through within ``waited`` seconds after the
-    end: the window then closes ``waited`` seconds after the end, and what was lost later
-    counts as lost outside any fault.
-    """
+    """One fault, and when messages flowed again (None: not within ``waited`` seconds after its end)."""
 
     kind: str
     target: str
@@ -69,23 +45,10 @@ class FaultWindow:
         return self.started_at - margin <= sent_at <= max(self.closes_at, self.ended_at) + margin
 
 
-@dataclass(frozen=True)
-class Outage:
-    """A receiving process's consuming connection was down from ``started_at`` to ``ended_at``
-    (None: still down at the end): its queue was gone and its groups unbound meanwhile."""
-
-    channels: frozenset[str]
-    started_at: float
-    ended_at: float | None
-
-    def overlaps(self, start: float, end: float) -> bool:
-        return self.started_at <= end and (self.ended_at is None or self.ended_at >= start)
-
-
 @dataclass
 class _Send:
     kind: str
-    target: str
+    receivers: Collection[str]
     sent_at: float
     outcome: str | None = None  # None while pending; "returned", or the exception's type name
     answered_at: float | None = None  # when the call returned or raised
@@ -115,7 +78,8 @@ class Summary:
     lost_in_fault: int = 0
     lost_in_fault_by_kind: Counter[str] = field(default_factory=Counter)  # the first fault covering it
     lost_in_fault_by_cause: Counter[str] = field(default_factory=Counter)
-    avoidable_in_fault_by_kind: Counter[str] = field(default_factory=Counter)  # causes not inherent
+    avoidable_in_fault: int = 0  # lost in a fault window to a cause that is not inherent
+    avoidable_in_fault_by_kind: Counter[str] = field(default_factory=Counter)
     lost_outside_fault: int = 0
     lost_outside_by_channel: Counter[str] = field(default_factory=Counter)
     lost_outside_by_cause: Counter[str] = field(default_factory=Counter)
@@ -124,6 +88,7 @@ class Summary:
     received_after_raise: int = 0  # allowed: a send that raised "may or may not have been delivered"
     slow_expected: int = 0
     slow_received: int = 0
+    slow_dropped: int = 0  # sent to the slow channel and never received: expected drops
     dead_sent: int = 0
     dead_received: int = 0
     latency_outside: Percentiles = Percentiles(0, None, None)
@@ -133,60 +98,34 @@ class Summary:
     unrecovered_faults: int = 0  # faults after which no probe reached every process in time
 
     @property
-    def slow_dropped(self) -> int:
-        return self.slow_expected - self.slow_received
-
-    @property
-    def avoidable_in_fault(self) -> int:
-        return sum(self.avoidable_in_fault_by_kind.values())
-
-    @property
     def failures(self) -> list[str]:
-        checks = {
-            "lost outside any fault": self.lost_outside_fault,
-            "lost in a fault window to an avoidable cause": self.avoidable_in_fault,
-            "duplicates": self.duplicates,
-            "deliveries to a channel that was not a receiver": self.unexpected,
-            "sends that neither returned nor raised": self.unanswered,
-            "sends that raised an undocumented exception": self.undocumented_errors,
-            "receive() calls that raised": self.receive_errors,
-            "faults after which messages did not flow again in time": self.unrecovered_faults,
-        }
-        return [f"{name}: {count}" for name, count in checks.items() if count]
+        """``row: count`` for each row of the table marked "must be 0" that is not zero."""
+        table = summary_table(self, memory=(), error_examples={}, receive_errors={})
+        return [f"{row}: {count}" for row, count in re.findall(MUST_BE_ZERO_FAILED, table, re.MULTILINE)]
 
 
 def percentiles(values: Iterable[float]) -> Percentiles:
     """Nearest-rank p50 and p99 (:func:`testbed.measure.percentile`)."""
     ordered = sorted(values)
-    if not ordered:
-        return Percentiles(0, None, None)
-    return Percentiles(len(ordered), percentile(ordered, 0.50), percentile(ordered, 0.99))
+    p50, p99 = (percentile(ordered, 0.50), percentile(ordered, 0.99)) if ordered else (None, None)
+    return Percentiles(len(ordered), p50, p99)
 
 
+@dataclass
 class Ledger:
     """Sends and receipts of one soak run, keyed by message id."""
 
-    def __init__(
-        self,
-        memberships: Mapping[str, Iterable[str]],
-        *,
-        slow_channels: Iterable[str] = (),
-        dead_channels: Iterable[str] = (),
-        margin: float = 2.0,
-    ) -> None:
-        self.memberships = {group: frozenset(members) for group, members in memberships.items()}
-        self.slow_channels = frozenset(slow_channels)
-        self.dead_channels = frozenset(dead_channels)
-        self.receive_errors: Counter[str] = Counter()
-        self.margin = margin
-        self.faults: list[FaultWindow] = []
-        self.error_examples: dict[str, str] = {}  # exception type -> the first message seen
-        self.outages: list[Outage] = []
-        self.refusals: list[float] = []  # when the sender's layer counted a refused publish
-        self._sends: dict[int, _Send] = {}
-        self._receipts: dict[tuple[int, str], list[float]] = {}
-
-    # Feeding -------------------------------------------------------------------------------------
+    memberships: Mapping[str, Collection[str]]  # group -> its channels, fixed for the run
+    slow_channels: Collection[str] = ()
+    dead_channels: Collection[str] = ()
+    margin: float = 2.0
+    faults: list[FaultWindow] = field(default_factory=list)
+    error_examples: dict[str, str] = field(default_factory=dict)  # exception type -> the first message
+    receive_errors: Counter[str] = field(default_factory=Counter)
+    outages: list[tuple[Collection[str], float, float | None]] = field(default_factory=list)  # down, up
+    refusals: list[float] = field(default_factory=list)  # when the sender's layer counted a refused publish
+    sends: dict[int, _Send] = field(default_factory=dict)
+    receipts: dict[tuple[int, str], list[float]] = field(default_factory=dict)
 
     def sent(self, message_id: int, kind: str, target: str, sent_at: float) -> None:
         """A send is starting (``kind`` is DIRECT with a channel, or GROUP with a group)."""
@@ -194,33 +133,26 @@ class Ledger:
             raise ValueError(f"kind must be {DIRECT!r} or {GROUP!r}, got {kind!r}")
         if kind == GROUP and target not in self.memberships:
             raise ValueError(f"unknown group {target!r}")
-        if message_id in self._sends:
+        if message_id in self.sends:
             raise ValueError(f"message id {message_id} was already sent")
-        self._sends[message_id] = _Send(kind, target, sent_at)
+        receivers = [target] if kind == DIRECT else self.memberships[target]
+        self.sends[message_id] = _Send(kind, receivers, sent_at)
 
     def returned(self, message_id: int, at: float | None = None) -> None:
-        send = self._sends[message_id]
+        send = self.sends[message_id]
         send.outcome, send.answered_at = "returned", at
 
     def raised(
-        self,
-        message_id: int,
-        error_type: str,
-        text: str = "",
-        *,
-        documented: bool = True,
-        at: float | None = None,
+        self, message_id: int, error: str, text: str = "", *, documented: bool = True, at: float | None = None
     ) -> None:
-        """The send raised ``error_type``; ``documented``: the layer documents it for send() (the
-        caller decides by isinstance, so subclasses of documented errors count as documented)."""
-        send = self._sends[message_id]
-        send.outcome, send.documented, send.answered_at = error_type, documented, at
-        self.error_examples.setdefault(error_type, text)
+        """The send raised ``error`` (a type name); ``documented``: an exception the layer documents."""
+        send = self.sends[message_id]
+        send.outcome, send.documented, send.answered_at = error, documented, at
+        self.error_examples.setdefault(error, text)
 
     def outage(self, channels: Iterable[str], started_at: float, ended_at: float | None) -> None:
-        """The process that reads ``channels`` lost its consuming connection at ``started_at`` and
-        had set up a new one at ``ended_at`` (None: not by the end)."""
-        self.outages.append(Outage(frozenset(channels), started_at, ended_at))
+        """The process that reads ``channels`` had no consuming connection (``ended_at`` None: at the end)."""
+        self.outages.append((frozenset(channels), started_at, ended_at))
 
     def refused(self, at: float, count: int = 1) -> None:
         """The sender's layer counted ``count`` more publishes refused by RabbitMQ (seen at ``at``)."""
@@ -231,33 +163,17 @@ class Ledger:
         self.receive_errors[error_type] += 1
 
     def received(self, message_id: int, channel: str, received_at: float) -> None:
-        self._receipts.setdefault((message_id, channel), []).append(received_at)
+        self.receipts.setdefault((message_id, channel), []).append(received_at)
 
     def fault(self, window: FaultWindow) -> None:
         self.faults.append(window)
 
-    # Reading -------------------------------------------------------------------------------------
-
-    def receivers(self, message_id: int) -> frozenset[str]:
-        send = self._sends[message_id]
-        return frozenset((send.target,)) if send.kind == DIRECT else self.memberships[send.target]
-
-    def fault_at(self, sent_at: float) -> FaultWindow | None:
-        """The first fault whose window covers a send at ``sent_at``, if any."""
-        return next((window for window in self.faults if window.covers(sent_at, self.margin)), None)
-
-    def in_fault(self, sent_at: float) -> bool:
-        return self.fault_at(sent_at) is not None
-
-    def cause(self, message_id: int, channel: str, fault: FaultWindow | None) -> str:
-        """Why ``channel`` never received ``message_id``, from the outages and refusals reported
-        between the send and the end of its fault window (or the send's answer, outside faults)."""
-        send = self._sends[message_id]
+    def cause(self, send: _Send, channel: str, fault: FaultWindow | None) -> str:
+        """Why ``channel`` never received ``send``: the outages and refusals until its window's end."""
         answered = send.answered_at if send.answered_at is not None else send.sent_at
         until = (fault.closes_at if fault is not None else answered) + self.margin
-        if any(
-            channel in outage.channels and outage.overlaps(send.sent_at, until) for outage in self.outages
-        ):
+        outages = ((start, end) for channels, start, end in self.outages if channel in channels)
+        if any(start <= until and (end is None or end >= send.sent_at) for start, end in outages):
             return QUEUE_GONE
         if send.kind == GROUP and any(send.sent_at <= at <= answered + 0.1 for at in self.refusals):
             return REFUSED  # 0.1 s: slack for the sender's bookkeeping
@@ -265,65 +181,159 @@ class Ledger:
 
     def summarize(self) -> Summary:
         """Add everything up."""
-        summary = Summary()
+        summary = Summary(sends=len(self.sends), receive_errors=sum(self.receive_errors.values()))
         summary.unrecovered_faults = sum(window.recovered_at is None for window in self.faults)
-        outside: list[float] = []
-        in_fault: list[float] = []
-        for message_id, send in self._sends.items():
-            summary.sends += 1
-            if send.kind == DIRECT:
-                summary.direct_sends += 1
-            else:
-                summary.group_sends += 1
+        latencies: dict[bool, list[float]] = {False: [], True: []}  # by "sent in a fault window"
+        for message_id, send in self.sends.items():
+            summary.direct_sends += send.kind == DIRECT
+            summary.group_sends += send.kind == GROUP
+            fault = next((fault for fault in self.faults if fault.covers(send.sent_at, self.margin)), None)
             if send.outcome is None:
                 summary.unanswered += 1
                 continue
             if send.outcome != "returned":
                 summary.raised[send.outcome] += 1
-                if not self.in_fault(send.sent_at):
+                if fault is None:
                     summary.raised_outside_fault[send.outcome] += 1
-                if not send.documented:
-                    summary.undocumented_errors += 1
+                summary.undocumented_errors += not send.documented
                 continue
             summary.returned += 1
-            fault = self.fault_at(send.sent_at)
-            during_fault = fault is not None
-            for channel in self.receivers(message_id):
-                times = self._receipts.get((message_id, channel), [])
+            for channel in send.receivers:
+                times = self.receipts.get((message_id, channel), [])
                 if channel in self.dead_channels:
                     summary.dead_sent += 1
                     summary.dead_received += bool(times)
                     continue
+                summary.duplicates += max(0, len(times) - 1)
                 if channel in self.slow_channels:
                     summary.slow_expected += 1
                     summary.slow_received += bool(times)
-                    summary.duplicates += max(0, len(times) - 1)
+                    summary.slow_dropped += not times
                     continue
                 summary.expected += 1
-                if not times:
-                    cause = self.cause(message_id, channel, fault)
-                    if fault is not None:
-                        summary.lost_in_fault += 1
-                        summary.lost_in_fault_by_kind[fault.kind] += 1
-                        summary.lost_in_fault_by_cause[cause] += 1
-                        if cause not in INHERENT_CAUSES:
-                            summary.avoidable_in_fault_by_kind[fault.kind] += 1
-                    else:
-                        summary.lost_outside_fault += 1
-                        summary.lost_outside_by_channel[channel] += 1
-                        summary.lost_outside_by_cause[cause] += 1
-                    continue
-                summary.exactly_once += len(times) == 1
-                summary.duplicates += len(times) - 1
-                (in_fault if during_fault else outside).append(min(times) - send.sent_at)
-        for (message_id, channel), times in self._receipts.items():
-            send = self._sends.get(message_id)
-            if send is None or channel not in self.receivers(message_id):
+                if times:
+                    summary.exactly_once += len(times) == 1
+                    latencies[fault is not None].append(min(times) - send.sent_at)
+                elif fault is not None:
+                    cause = self.cause(send, channel, fault)
+                    summary.lost_in_fault += 1
+                    summary.lost_in_fault_by_kind[fault.kind] += 1
+                    summary.lost_in_fault_by_cause[cause] += 1
+                    if cause not in INHERENT_CAUSES:
+                        summary.avoidable_in_fault += 1
+                        summary.avoidable_in_fault_by_kind[fault.kind] += 1
+                else:
+                    summary.lost_outside_fault += 1
+                    summary.lost_outside_by_channel[channel] += 1
+                    summary.lost_outside_by_cause[self.cause(send, channel, None)] += 1
+        for (message_id, channel), times in self.receipts.items():
+            sent = self.sends.get(message_id)
+            if sent is None or channel not in sent.receivers:
                 summary.unexpected += len(times)
-            elif send.outcome != "returned":
+            elif sent.outcome != "returned":
                 summary.received_after_raise += len(times)
                 summary.duplicates += len(times) - 1
-        summary.receive_errors = sum(self.receive_errors.values())
-        summary.latency_outside = percentiles(outside)
-        summary.latency_in_fault = percentiles(in_fault)
+        summary.latency_outside = percentiles(latencies[False])
+        summary.latency_in_fault = percentiles(latencies[True])
         return summary
+
+
+# The tables ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    name: str
+    start_kib: int | None
+    end_kib: int | None
+
+
+def summary_table(
+    summary: Summary,
+    *,
+    memory: Sequence[ProcessMemory],
+    error_examples: Mapping[str, str],
+    receive_errors: Mapping[str, int],
+    lost_outside_by_process: Mapping[str, int] | None = None,
+) -> str:
+    """Sends, deliveries, losses, latency, memory; rows with nothing to show (an empty value) left out."""
+
+    def details(counts: Mapping[str, int], *, causes: bool = False) -> str:
+        """``kind count, ...``, zero counts left out; ``causes``: each one marked inherent or avoidable."""
+        return ", ".join(
+            f"{key} {count}"
+            + (f" ({'inherent' if key in INHERENT_CAUSES else 'avoidable'})" if causes else "")
+            for key, count in sorted(counts.items())
+            if count
+        )
+
+    def kinds(counts: Mapping[str, int]) -> str:
+        return f" ({details(counts)})" if details(counts) else ""
+
+    def zero(count: int) -> str:
+        return f"**{count}** (must be 0)" if count else "0 (must be 0)"
+
+    def latency(values: Percentiles) -> str:
+        ms = ["-" if value is None else f"{value * 1000:.1f}" for value in (values.p50, values.p99)]
+        return f"p50 {ms[0]} ms, p99 {ms[1]} ms ({values.count} deliveries)"
+
+    def mib(kib: int | None) -> str:
+        return "-" if kib is None else f"{kib / 1024:.1f} MiB"
+
+    s = summary
+    raised = "\n".join(
+        f"| sends that raised {error} | {count}, {s.raised_outside_fault[error]} of them outside fault "
+        f"windows (e.g. {error_examples.get(error) or 'no message'}) |"
+        for error, count in s.raised.most_common()
+    )
+    by_process = "\n".join(
+        f"| &nbsp;&nbsp;of which to channels of {process} | {count} |"
+        for process, count in sorted((lost_outside_by_process or {}).items())
+        if count
+    )
+    receive_raised = "\n".join(
+        f"| &nbsp;&nbsp;receive() raised {e} | {n} |" for e, n in sorted(receive_errors.items())
+    )
+    memory_rows = "\n".join(
+        f"| resident memory, {row.name} | {mib(row.start_kib)} at start, {mib(row.end_kib)} at end |"
+        for row in memory
+    )
+    avoidable = zero(s.avoidable_in_fault) + kinds(s.avoidable_in_fault_by_kind)
+    slow = f"{s.slow_received} / {s.slow_expected} ({s.slow_dropped} not received)"
+    table = f"""| | |
+|---|---|
+| sends | {s.sends} ({s.direct_sends} direct, {s.group_sends} group) |
+| sends that returned | {s.returned} |
+{raised}
+| sends that raised an undocumented exception | {zero(s.undocumented_errors)} |
+| sends that neither returned nor raised in time | {zero(s.unanswered)} |
+| expected deliveries (returned sends times receivers, slow and dead channels apart) | {s.expected} |
+| received exactly once | {s.exactly_once} |
+| lost in a fault window | {s.lost_in_fault}{kinds(s.lost_in_fault_by_kind)} |
+| &nbsp;&nbsp;by cause | {details(s.lost_in_fault_by_cause, causes=True)} |
+| lost in a fault window to an avoidable cause | {avoidable} |
+| lost outside any fault | {zero(s.lost_outside_fault)} |
+| &nbsp;&nbsp;by cause | {details(s.lost_outside_by_cause, causes=True)} |
+{by_process}
+| duplicates | {zero(s.duplicates)} |
+| deliveries to a channel that was not a receiver | {zero(s.unexpected)} |
+| deliveries of sends that raised (allowed: may or may not be delivered) | {s.received_after_raise} |
+| receive() calls that raised | {zero(s.receive_errors)} |
+| faults after which messages did not flow again in time | {zero(s.unrecovered_faults)} |
+{receive_raised}
+| slow channel: received / sent to it (the rest: expected drops) | {slow} |
+| dead channel: messages sent to it (never read, not counted) | {s.dead_sent} |
+| delivery latency outside faults | {latency(s.latency_outside)} |
+| delivery latency in fault windows | {latency(s.latency_in_fault)} |
+{memory_rows}"""
+    return "\n".join(line for line in table.splitlines() if line and not line.endswith("|  |"))
+
+
+def faults_table(faults: Sequence[FaultWindow], run_start: float) -> str:
+    """One row per fault: what, where, when (seconds into the run), and how long recovery took."""
+    lines = ["| fault | target | at (s) | lasted (s) | flowing again after (s) |", "|---|---|---|---|---|"]
+    for f in faults:
+        recovered = "never seen" if f.recovered_at is None else f"{f.recovered_at - f.ended_at:.1f}"
+        at, lasted = f.started_at - run_start, f.ended_at - f.started_at
+        lines.append(f"| {f.kind} | {f.target} | {at:.1f} | {lasted:.1f} | {recovered} |")
+    return "\n".join(lines)

@@ -1,11 +1,22 @@
-"""The soak's ledger (soak/ledger.py): how sends and receipts add up, with explicit times."""
+"""The soak's ledger and its tables (soak/ledger.py): how sends and receipts add up, with explicit times."""
 
 from __future__ import annotations
 
 import pytest
 
-from soak.ledger import DIRECT, GROUP, QUEUE_GONE, REFUSED, UNEXPLAINED, FaultWindow, Ledger, percentiles
-from soak.report import ProcessMemory, faults_table, summary_table
+from soak.ledger import (
+    DIRECT,
+    GROUP,
+    QUEUE_GONE,
+    REFUSED,
+    UNEXPLAINED,
+    FaultWindow,
+    Ledger,
+    ProcessMemory,
+    faults_table,
+    percentiles,
+    summary_table,
+)
 from testbed.measure import percentile
 
 MEMBERS = {"room": ["a", "b", "slow", "dead"], "hall": ["c"]}
