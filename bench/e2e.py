@@ -39,7 +39,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,24 +133,16 @@ async def servers(layer: Layer, loop: str, count: int = 2) -> AsyncIterator[list
 # Clients -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Client:
-    connection: Any  # websockets' ClientConnection
-    room: int
+async def read(connection: Any, by_step: dict[int, list[float]]) -> None:
+    """Note the latency of every frame a client gets (``"<step> <send time>"``), by step."""
+    with contextlib.suppress(Exception):  # the connection closes at the end
+        async for text in connection:
+            arrived, (step, _, sent) = time.monotonic(), str(text).partition(" ")
+            by_step.setdefault(int(step), []).append(arrived - float(sent))
 
 
-@dataclass
-class Receipts:
-    """Latencies (seconds) of the deliveries of each step, by step."""
-
-    by_step: dict[int, list[float]] = field(default_factory=dict)
-
-    async def read(self, client: Client) -> None:
-        with contextlib.suppress(Exception):  # the connection closes at the end
-            async for text in client.connection:
-                now = time.monotonic()
-                step, _, sent = str(text).partition(" ")
-                self.by_step.setdefault(int(step), []).append(now - float(sent))
+def milliseconds(values: list[float], fraction: float) -> float | None:
+    return percentile(sorted(values), fraction) * 1000 if values else None
 
 
 async def connect(port: int, room: str) -> Any:
@@ -174,69 +166,56 @@ def cpu_now(processes: Sequence[psutil.Process | None]) -> float:
 
 async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:
     """One round of the load steps for one layer on one loop: a result per rate."""
-    rng = random.Random(round_)
+    rng, results = random.Random(round_), []
     broker = [process for process in [broker_process(layer.broker_port)] if process is not None]
-    results = []
     async with servers(layer, loop) as running:
-        ports, server_pids = [port for port, _ in running], [psutil.Process(pid) for _, pid in running]
+        ports, server_processes = [port for port, _ in running], [psutil.Process(pid) for _, pid in running]
         rooms = args.clients // args.room_size
         members = [(index % rooms, ports[(index // rooms) % len(ports)]) for index in range(args.clients)]
-        clients = [Client(await connect(port, str(room)), room) for room, port in members]
-        size = {room: sum(1 for client in clients if client.room == room) for room in range(rooms)}
-        receipts = Receipts()
-        readers = [asyncio.ensure_future(receipts.read(client)) for client in clients]
+        clients = [(await connect(port, str(room)), room) for room, port in members]
+        size = Counter(room for _, room in clients)
+        by_step: dict[int, list[float]] = {}
+        readers = [asyncio.ensure_future(read(connection, by_step)) for connection, _ in clients]
         try:
             # Warm-up (step 0): one message per room, until each member had it (the groups are bound).
             for room in range(rooms):
-                sender = next(client for client in clients if client.room == room)
-                await sender.connection.send(f"0 {time.monotonic():.6f}")
-            if not await wait_for(lambda: len(receipts.by_step.get(0, ())) >= args.clients, 30):
+                await next(connection for connection, its in clients if its == room).send(
+                    f"0 {time.monotonic()}"
+                )
+            if not await wait_for(lambda: len(by_step.get(0, ())) >= args.clients, 30):
                 raise RuntimeError(f"{layer.name}: the warm-up messages did not all arrive")
             for step, rate in enumerate(args.rates, start=1):
-                expected = 0
-                cpu_servers, cpu_broker, cpu_clients = (
-                    cpu_now(server_pids),
-                    cpu_now(broker),
-                    time.process_time(),
-                )
-                total = int(rate * args.seconds)
+                expected, total = 0, int(rate * args.seconds)
+                cpu = cpu_now(server_processes), cpu_now(broker), time.process_time()
                 started = time.monotonic()
                 for sent in range(total):
-                    delay = started + sent / rate - time.monotonic()
-                    if delay > 0:
+                    if (delay := started + sent / rate - time.monotonic()) > 0:
                         await asyncio.sleep(delay)
-                    client = rng.choice(clients)
-                    await client.connection.send(f"{step} {time.monotonic():.6f}")
-                    expected += size[client.room]
+                    connection, room = rng.choice(clients)
+                    await connection.send(f"{step} {time.monotonic():.6f}")
+                    expected += size[room]
                 offered_for = time.monotonic() - started
-                await wait_for(lambda: len(receipts.by_step.get(step, ())) >= expected, DRAIN)  # noqa: B023
-                latencies = sorted(receipts.by_step.get(step, []))
-                delivered = len(latencies)
-                servers_cpu, broker_cpu = cpu_now(server_pids) - cpu_servers, cpu_now(broker) - cpu_broker
-                clients_cpu = time.process_time() - cpu_clients
-                results.append(
-                    {
-                        "mode": "load",
-                        "layer": layer.name,
-                        "loop": loop,
-                        "round": round_,
-                        "rate": rate,
-                        "offered_rate": total / offered_for,
-                        "expected": expected,
-                        "delivered": delivered,
-                        "share": delivered / expected if expected else 1.0,
-                        "p50_ms": percentile(latencies, 0.5) * 1000 if latencies else None,
-                        "p99_ms": percentile(latencies, 0.99) * 1000 if latencies else None,
-                        "servers_cpu_us": servers_cpu / max(delivered, 1) * 1e6,
-                        "broker_cpu_us": broker_cpu / max(delivered, 1) * 1e6 if broker else None,
-                        # The clients share the machine: when they are near a core, the rate is theirs.
-                        "clients_cpu_share": clients_cpu / (time.monotonic() - started),
-                    }
-                )
-                print(brief(results[-1]), file=sys.stderr, flush=True)
+                await wait_for(lambda: len(by_step.get(step, ())) >= expected, DRAIN)  # noqa: B023
+                latencies = by_step.get(step, [])
+                delivered = max(len(latencies), 1)
+                servers_cpu, broker_cpu = cpu_now(server_processes) - cpu[0], cpu_now(broker) - cpu[1]
+                result = {"mode": "load", "layer": layer.name, "loop": loop, "round": round_, "rate": rate}
+                result |= {
+                    "offered_rate": total / offered_for,
+                    "expected": expected,
+                    "delivered": len(latencies),
+                }
+                result |= {"share": len(latencies) / expected if expected else 1.0}
+                result |= {"p50_ms": milliseconds(latencies, 0.5), "p99_ms": milliseconds(latencies, 0.99)}
+                result |= {"servers_cpu_us": servers_cpu / delivered * 1e6}
+                result |= {"broker_cpu_us": broker_cpu / delivered * 1e6 if broker else None}
+                # The clients share the machine: when they are near a core, the rate is theirs.
+                result |= {"clients_cpu_share": (time.process_time() - cpu[2]) / (time.monotonic() - started)}
+                results.append(result)
+                print(brief(result), file=sys.stderr, flush=True)
         finally:
-            for client in clients:
-                await client.connection.close()
+            for connection, _ in clients:
+                await connection.close()
             await asyncio.gather(*readers, return_exceptions=True)
     return results
 
@@ -264,25 +243,14 @@ async def storm(layer: Layer, loop: str, args: argparse.Namespace, round_: int) 
     accepted = sorted(outcome[0] for outcome in outcomes if isinstance(outcome, tuple))
     # A client the server refused (it closed the websocket: its consumer's connect() raised).
     refused = Counter(type(outcome).__name__ for outcome in outcomes if isinstance(outcome, BaseException))
-    echoes = sorted(
-        echo for outcome in outcomes if isinstance(outcome, tuple) for echo in [outcome[1]] if echo
-    )
-    result = {
-        "mode": "storm",
-        "layer": layer.name,
-        "loop": loop,
-        "round": round_,
-        "clients": args.storm,
-        "connected": len(accepted),
-        "refused": dict(refused),
-        "echoed": len(echoes),
-        "all_accepted_s": accepted[-1] if accepted else None,
-        "echo_p50_ms": percentile(echoes, 0.5) * 1000 if echoes else None,
-        "echo_p99_ms": percentile(echoes, 0.99) * 1000 if echoes else None,
-    }
+    echoes = [outcome[1] for outcome in outcomes if isinstance(outcome, tuple) and outcome[1]]
+    result = {"mode": "storm", "layer": layer.name, "loop": loop, "round": round_, "clients": args.storm}
+    result |= {"connected": len(accepted), "refused": dict(refused), "echoed": len(echoes)}
+    result |= {"all_accepted_s": accepted[-1] if accepted else None}
+    result |= {"echo_p50_ms": milliseconds(echoes, 0.5), "echo_p99_ms": milliseconds(echoes, 0.99)}
     if refused:
         print(
-            f"{layer.name} on {loop}: refused {dict(refused)}; the servers' logs are in {LOG_DIR}",
+            f"{layer.name} on {loop}: refused {dict(refused)}; see the servers' logs in {LOG_DIR}",
             file=sys.stderr,
         )
     print(brief(result), file=sys.stderr, flush=True)
@@ -426,31 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench e2e", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=1, metavar="N")
-    parser.add_argument("--rates", type=int, nargs="+", default=[250, 500, 750, 1000], metavar="MSGS_PER_S")
-    parser.add_argument("--seconds", type=float, default=10.0, help="length of each load step (default: 10)")
-    parser.add_argument("--clients", type=int, default=80, help="websocket clients (default: 80)")
-    parser.add_argument("--room-size", type=int, default=4, help="clients per room (default: 4)")
-    parser.add_argument(
-        "--storm", type=int, default=0, metavar="N", help="a connect storm of N clients instead"
-    )
-    parser.add_argument("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
-    parser.add_argument("--layers", nargs="+", metavar="NAME", help="a subset of the layers, by name")
-    parser.add_argument(
-        "--plot", type=Path, metavar="PNG", help="also draw the load steps into this PNG file"
-    )
-    parser.add_argument(
-        "--from-json", type=Path, metavar="FILE", help="do not measure: report (and plot) a --json-out file"
-    )
-    parser.add_argument(
-        "--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each"
-    )
-    parser.add_argument(
-        "--amqp-url", default=os.environ.get("AMQP_URL", peers.DEFAULT_AMQP_URL), metavar="URL"
-    )
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL", peers.DEFAULT_REDIS_URL), metavar="URL"
-    )
+    add = parser.add_argument
+    # fmt: off
+    add("--rounds", type=int, default=1, metavar="N")
+    add("--rates", type=int, nargs="+", default=[250, 500, 750, 1000], metavar="MSGS_PER_S")
+    add("--seconds", type=float, default=10.0, help="length of each load step (default: 10)")
+    add("--clients", type=int, default=80, help="websocket clients (default: 80)")
+    add("--room-size", type=int, default=4, help="clients per room (default: 4)")
+    add("--storm", type=int, default=0, metavar="N", help="a connect storm of N clients instead")
+    add("--loops", nargs="+", choices=LOOPS, default=list(LOOPS))
+    add("--layers", nargs="+", metavar="NAME", help="a subset of the layers, by name")
+    add("--plot", type=Path, metavar="PNG", help="also draw the load steps into this PNG file")
+    add("--from-json", type=Path, metavar="FILE", help="do not measure: report (and plot) a --json-out file")
+    add("--json-out", type=Path, metavar="FILE", help="also write every result to FILE, one JSON line each")
+    add("--amqp-url", default=os.environ.get("AMQP_URL", peers.DEFAULT_AMQP_URL), metavar="URL")
+    add("--redis-url", default=os.environ.get("REDIS_URL", peers.DEFAULT_REDIS_URL), metavar="URL")
+    # fmt: on
     return parser
 
 
@@ -480,10 +439,8 @@ async def run(args: argparse.Namespace) -> int:
         from bench import plots  # matplotlib, only when drawing
 
         print(f"Plot: {plots.draw_e2e(results, args.plot, KNEE_P99_MS)}")
-    print(
-        f"Command: python -m bench e2e {' '.join(sys.argv[2:])}; {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d')}."
-    )
+    command = " ".join(["python -m bench e2e", *sys.argv[2:]])
+    print(f"Command: {command}; {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}.")
     return 0
 
 

@@ -53,45 +53,27 @@ def tick_label(axis_name: str, value: int) -> str:
     return bytes_label(value) if axis_name == "size" else f"{value:,}"
 
 
-def spread(runs: list[dict[str, Any]], key: str, scale: float = 1.0) -> tuple[float, float, float] | None:
-    """(median, lowest, highest) of ``key`` over the runs without error, times ``scale``; None if none."""
-    values = [
-        run[key] * scale for run in runs if "error" not in run and isinstance(run.get(key), (int, float))
-    ]
-    if not values:
-        return None
-    return statistics.median(values), min(values), max(values)
-
-
 def draw_curve(panel: Axes, series: dict[str, Any], key: str, scale: float, label: str) -> None:
     """One series on one panel: medians joined by a line, bars from the lowest to the highest round."""
-    xs: list[int] = []
-    medians: list[float] = []
-    below: list[float] = []
-    above: list[float] = []
+    xs, medians, below, above = [], [], [], []
     for point in series["points"]:
-        figures = spread(point["runs"], key, scale)
-        if figures is None:
-            continue
-        middle, low, high = figures
-        xs.append(point["x"])
-        medians.append(middle)
-        below.append(middle - low)
-        above.append(high - middle)
-    if not xs:
-        return
-    panel.errorbar(
-        xs,
-        medians,
-        yerr=[below, above],
-        label=label,
-        color=COLOURS.get(series["layer"], "tab:purple"),
-        marker=MARKERS.get(series["layer"], "v"),
-        linestyle=LINE_STYLES.get(series["loop"], ":"),
-        capsize=3,
-        markersize=5,
-        linewidth=1.6,
-    )
+        values = [run[key] * scale for run in point["runs"] if isinstance(run.get(key), (int, float))]
+        if values:
+            middle = statistics.median(values)
+            xs.append(point["x"])
+            medians.append(middle)
+            below.append(middle - min(values))
+            above.append(max(values) - middle)
+    style: dict[str, Any] = {"color": COLOURS.get(series["layer"], "tab:purple")}
+    style |= {"marker": MARKERS.get(series["layer"], "v")}
+    style |= {
+        "linestyle": LINE_STYLES.get(series["loop"], ":"),
+        "capsize": 3,
+        "markersize": 5,
+        "linewidth": 1.6,
+    }
+    if xs:
+        panel.errorbar(xs, medians, yerr=[below, above], label=label, **style)
 
 
 def series_label(axis_name: str, series: dict[str, Any]) -> str:
@@ -136,15 +118,10 @@ def draw_axis(document: dict[str, Any], axis: dict[str, Any], path: Path) -> Pat
     right.set_title("p99 latency, one message at a time (lower is better)", fontsize=10)
     quick = ", quick mode" if document["sweep"]["quick"] else ""
     figure.suptitle(f"{axis['title']}: {axis['what']}", fontsize=12)
-    figure.text(
-        0.5,
-        0.905,
-        f"{document['machine']}; RabbitMQ and Redis on the same machine; "
-        f"{rounds_note(document, axis)}{quick}",
-        ha="center",
-        fontsize=8.5,
-        color="dimgray",
+    note = (
+        f"{document['machine']}; RabbitMQ and Redis on the same machine; {rounds_note(document, axis)}{quick}"
     )
+    figure.text(0.5, 0.905, note, ha="center", fontsize=8.5, color="dimgray")
     handles, labels = left.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
     figure.tight_layout(rect=(0, 0.1, 1, 0.9))

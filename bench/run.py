@@ -139,20 +139,8 @@ AXES = (
 AXIS_NAMES = tuple(axis.name for axis in AXES)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What to measure, how often, and where the brokers are."""
-
-    rounds: int = 1
-    scenarios: tuple[str, ...] = SCENARIOS
-    axes: tuple[str, ...] = ()
-    quick: bool = False
-    old_python: str = ""
-    timeout: float = DEFAULT_TIMEOUT
-    amqp_url: str = layers.DEFAULT_AMQP_URL
-    redis_url: str = layers.DEFAULT_REDIS_URL
-    loops: tuple[str, ...] = LOOPS
-    profile: int = 0  # samples per second of this project's runs (py-spy), or 0
+#: What to measure, how often, where the brokers are: the options, as :func:`parse` returns them.
+Settings = argparse.Namespace
 
 
 @dataclass(frozen=True)
@@ -257,9 +245,10 @@ class Job:
 
 def series_of(spec: LayerSpec, axis: Axis | None, settings: Settings) -> tuple[str, ...]:
     """The loops a layer runs on: every one asked for, but for the peers on an axis (the first)."""
+    loops: tuple[str, ...] = settings.loops
     if axis is None or spec.key == OURS:
-        return settings.loops
-    return () if axis.name != "size" and spec.key == "inmemory" else settings.loops[:1]
+        return loops
+    return () if axis.name != "size" and spec.key == "inmemory" else loops[:1]
 
 
 def plan(specs: list[LayerSpec], settings: Settings) -> list[Job]:
@@ -498,21 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    asked = {name for words in args.scenarios for name in words}
-    axes = {name for words in args.axes for name in words}
-    return Settings(
-        rounds=args.rounds,
-        scenarios=tuple(name for name in SCENARIOS if name in asked),  # the tables' order
-        axes=tuple(name for name in AXIS_NAMES if name in axes),
-        quick=args.quick,
-        old_python=args.old_python,
-        timeout=args.timeout,
-        amqp_url=args.amqp_url,
-        redis_url=args.redis_url,
-        loops=tuple(loop for loop in LOOPS if loop in args.loops),
-        profile=args.profile,
-    )
+def parse(arguments: Sequence[str]) -> Settings:
+    """The options, with the scenarios, axes and loops asked for in the tables' order."""
+    settings = build_parser().parse_args(arguments)
+    for name, choices in (("scenarios", SCENARIOS), ("axes", AXIS_NAMES), ("loops", LOOPS)):
+        asked = {
+            word for words in getattr(settings, name) for word in ([words] if name == "loops" else words)
+        }
+        setattr(settings, name, tuple(choice for choice in choices if choice in asked))
+    return settings
 
 
 def machine_facts() -> str:
@@ -524,9 +507,9 @@ def machine_facts() -> str:
 
 def reproduce_command(settings: Settings) -> str:
     """The command line of this run, with every setting spelled out (passwords hidden)."""
-    relative = os.path.relpath(sys.executable)
+    python = os.path.relpath(sys.executable)
     words = [
-        sys.executable if relative.startswith("..") else relative,
+        sys.executable if python.startswith("..") else python,
         "-m",
         "bench",
         "--rounds",
@@ -612,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import e2e
 
         return e2e.main(arguments[1:])
-    settings = settings_from(args := build_parser().parse_args(arguments))
+    settings = parse(arguments)
     say = sys.stderr
     if (problem := layers.rabbitmq_problem(settings.amqp_url)) is not None:
         print(f"bench: {problem}; start it, or point --amqp-url at one", file=say)
@@ -627,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bench: measuring {', '.join(measured)}", file=say, flush=True)
     jobs, results = plan(specs, settings), Results()
     progress, interrupted = ProgressBar(len(jobs), say), False
-    json_out = args.json_out.open("w", encoding="utf-8") if args.json_out else None
+    json_out = settings.json_out.open("w", encoding="utf-8") if settings.json_out else None
     try:
         for job in jobs:
             progress.start(what := job.describe(settings.rounds))
@@ -644,7 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if json_out is not None:
             json_out.close()
     if settings.axes:
-        lines = write_axes(specs, results, settings, progress.elapsed(), args.out, not args.no_plots)
+        lines = write_axes(specs, results, settings, progress.elapsed())
     else:
         lines = report(specs, results, settings, progress.elapsed())
         if settings.profile:
@@ -658,15 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return INTERRUPTED_EXIT_STATUS if interrupted else 0
 
 
-def write_axes(
-    specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float, out: Path, draw: bool
-) -> list[str]:
-    """The axes' JSON document at ``out`` and their PNG files beside it; the summary tables."""
-    document = axes_document(specs, results, settings, elapsed)
+def write_axes(specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float) -> list[str]:
+    """The axes' JSON document at --out and their PNG files beside it; the summary tables."""
+    document, out = axes_document(specs, results, settings, elapsed), settings.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     written = [out]
-    if draw:
+    if not settings.no_plots:
         from bench import plots  # matplotlib, only when drawing
 
         written += plots.draw_all(document, out.parent)

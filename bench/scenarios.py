@@ -8,17 +8,8 @@ has this project's import name), so it imports only the standard library, asgire
 
     python bench/scenarios.py --layer channels_rabbitmq.core.RabbitmqChannelLayer --scenario p2p
 
-Scenarios; the first four have a throughput phase, then --probes latency probes:
-
-  p2p     a sender and a receiver instance; messages of --size characters to one channel
-  many    the same, round-robin over --channels channels of the receiver, a receive() on each
-  groups  the receiver's one channel is a member of --groups groups; group_send to the last one
-  fanout  --receivers receiver instances (or processes, with --processes), --members channels
-          each in one group; group_send: deliveries_per_s counts every member's copy
-  rtt     ping-pong between two instances, N round trips: p50_us, p99_us, mean_us
-  sync    N ``async_to_sync(group_send)`` calls from a plain thread to a member on the main loop
-  storm   N new channels at once on one instance, each joining a group of its own: seconds until
-          every group_add returned, p50_ms and p99_ms of one group_add
+Scenarios (see :mod:`bench.run`): p2p, many, groups and fanout have a throughput phase, then
+--probes latency probes; rtt, sync and storm are timed calls.
 
 Throughput: N messages (--n) from --window concurrent sends, each its own task, as in a server;
 with --seconds the sends stop at that time box too. The figure runs from the first send to the
@@ -40,18 +31,16 @@ import os
 import secrets
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 # Run by its path, from any virtualenv: the project's root (for testbed.measure, which needs only
 # the standard library) goes last on the path, after whatever that virtualenv has installed.
 sys.path.append(str(Path(__file__).resolve().parent.parent))
 from testbed.measure import percentile
 
-T = TypeVar("T")
 Layer = Any  # any object following the Channels layer API
 
 CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
@@ -468,29 +457,6 @@ async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
     return {**latency_figures(samples), **figures}
 
 
-def in_thread(func: Callable[[], T]) -> asyncio.Future[T]:
-    """Run func in a daemon thread (not the default executor, which asyncio.run() joins: a call stuck
-    in a layer must not keep the process alive); a future on the running loop gets its outcome."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(outcome: Callable[[Any], None], value: Any) -> None:
-        if not future.done():
-            outcome(value)
-
-    def target() -> None:
-        try:
-            value: Any = func()
-            outcome: Callable[[Any], None] = future.set_result
-        except BaseException as error:
-            value, outcome = error, future.set_exception
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-            loop.call_soon_threadsafe(settle, outcome, value)
-
-    threading.Thread(target=target, name="bench-sync-caller", daemon=True).start()
-    return future
-
-
 class SyncCallError(Exception):
     """A layer call made through async_to_sync failed."""
 
@@ -531,10 +497,10 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
         return time.perf_counter() - start
 
     try:
-        await in_thread(warm_sender)
+        await asyncio.to_thread(warm_sender)  # this process ends with os._exit: never joined
         await asyncio.wait_for(receiver.receive(member), WARM_TIMEOUT)
         collector = Collector([(receiver, member)])
-        seconds = await in_thread(timed_calls)
+        seconds = await asyncio.to_thread(timed_calls)
     except SyncCallError as error:
         return {"error": str(error), "n": opts.n, "calls_ok": done}
     with contextlib.suppress(MessagesLost):
