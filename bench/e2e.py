@@ -48,7 +48,6 @@ import psutil
 
 from bench import layers as peers
 from bench.run import fmt_ratio
-from bench.stages import broker_process, cpu_seconds
 from testbed.brokers.nodes import free_ports
 from testbed.measure import percentile
 
@@ -162,6 +161,29 @@ async def wait_for(condition: Any, timeout: float) -> bool:
 
 def cpu_now(processes: Sequence[psutil.Process | None]) -> float:
     return sum(cpu_seconds(process) or 0.0 for process in processes)
+
+
+def broker_process(port: int) -> psutil.Process | None:
+    """The process listening on ``port`` on this machine (the broker), if it may be seen."""
+    with contextlib.suppress(psutil.Error):
+        for connection in psutil.net_connections("tcp"):
+            address = connection.laddr
+            if (
+                connection.status == psutil.CONN_LISTEN
+                and address
+                and address.port == port
+                and connection.pid
+            ):
+                return psutil.Process(connection.pid)
+    return None
+
+
+def cpu_seconds(process: psutil.Process | None) -> float | None:
+    """User and system CPU seconds of a process so far, or None."""
+    with contextlib.suppress(psutil.Error, AttributeError):
+        times = process.cpu_times()  # type: ignore[union-attr]
+        return float(times.user + times.system)
+    return None
 
 
 async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:

@@ -58,14 +58,13 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from bench import layers, stages
+from bench import layers
 from bench.layers import OURS, LayerSpec
 from bench.scenarios import LOOPS, SCENARIOS
 
@@ -191,21 +190,7 @@ class Job:
         }
         if self.axis is not None:
             base.update(axis=self.axis.name, x=self.x)
-        profiled = bool(settings.profile) and self.layer.key == OURS and self.axis is None
-        if not profiled:
-            return {**base, **self._spawn(command, settings, while_waiting)}
-        broker = stages.broker_process(layers.amqp_port(settings.amqp_url))
-        before = stages.cpu_seconds(broker)
-        with tempfile.TemporaryDirectory() as folder:
-            raw = Path(folder) / "samples.txt"
-            result = self._spawn(
-                stages.command(settings.profile, str(raw)) + command, settings, while_waiting
-            )
-            samples = raw.read_text() if raw.exists() else ""
-        after = stages.cpu_seconds(broker)
-        result.update(stages=stages.stage_samples(samples), sample_rate=settings.profile)
-        result["broker_cpu_s"] = None if before is None or after is None else after - before
-        return {**base, **result}
+        return {**base, **self._spawn(command, settings, while_waiting)}
 
     def _spawn(
         self, command: list[str], settings: Settings, while_waiting: Callable[[], None]
@@ -466,8 +451,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--axes", nargs="+", type=names(AXIS_NAMES, "axis"), default=[], metavar="AXIS",
         help=f"scaling curves instead, along {', '.join(AXIS_NAMES)} (or all)")
     add("--quick", action="store_true", help="small sizes everywhere, for a smoke run")
-    add("--profile", type=positive(int), nargs="?", const=1000, default=0, metavar="HZ",
-        help="sample this project's runs with py-spy, HZ a second (default 1000): time per message by stage")
     add("--old-python", default=os.environ.get(layers.OLD_PYTHON_ENV, ""), metavar="PYTHON",
         help="python of a virtualenv holding the PyPI channels_rabbitmq, to measure it too "
         f"(default: ${layers.OLD_PYTHON_ENV}, else left out)")
@@ -520,7 +503,6 @@ def reproduce_command(settings: Settings) -> str:
     elif settings.scenarios != SCENARIOS:
         words += ["--scenarios", *settings.scenarios]
     words += ["--quick"] if settings.quick else []
-    words += ["--profile", str(settings.profile)] if settings.profile else []
     words += ["--loops", *settings.loops] if settings.loops != LOOPS else []
     words += ["--timeout", f"{settings.timeout:g}"] if settings.timeout != DEFAULT_TIMEOUT else []
     words += ["--old-python", settings.old_python] if settings.old_python else []
@@ -630,9 +612,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = write_axes(specs, results, settings, progress.elapsed())
     else:
         lines = report(specs, results, settings, progress.elapsed())
-        if settings.profile:
-            ours = [result for runs in results.runs.values() for result in runs if "stages" in result]
-            lines += ["", "## Where this project's time goes (py-spy, --gil)", "", *stages.table(ours)]
     lines += [f"- {skip}" for skip in skipped]
     if interrupted:
         lines.append(f"- interrupted: {results.count} of {len(jobs)} runs done")

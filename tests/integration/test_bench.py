@@ -230,39 +230,6 @@ def test_each_loop_has_its_own_figures_and_ratios(quick_run: BenchRun) -> None:
         assert row["p2p msgs/s"] == f"{ours[0]['msgs_per_s']:,}"
 
 
-def test_profile_says_where_this_projects_time_goes_by_stage(broker: Broker, tmp_path: Path) -> None:
-    json_out = tmp_path / "results.jsonl"
-    dead_redis = f"redis://127.0.0.1:{free_port()}"
-    done = subprocess.run(
-        bench_command(
-            *("--quick", "--scenarios", "p2p,fanout", "--loops", "uvloop", "--profile", "1000"),
-            *("--amqp-url", broker.url, "--redis-url", dead_redis, "--json-out", str(json_out)),
-        ),
-        cwd=REPOSITORY,
-        env=bench_environment(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    profiled = [json.loads(line) for line in json_out.read_text().splitlines()]
-    profiled = [line for line in profiled if "stages" in line]
-    # This project's runs only: a peer's frames are none of the layer's stages.
-    assert [(line["layer"], line["scenario"]) for line in profiled] == [
-        (THIS_PROJECT, "p2p"),
-        (THIS_PROJECT, "fanout"),
-    ]
-    for line in profiled:
-        layer_stages = ("encode", "frame", "write", "confirm", "read", "parse", "route", "ack")
-        assert sum(line["stages"].get(stage, 0) for stage in layer_stages) > 0, line["stages"]
-        assert line["broker_cpu_s"] is None or line["broker_cpu_s"] >= 0
-    rows = markdown_table(done.stdout, "µs per message")
-    assert [row["µs per message"] for row in rows][-2:] == ["Python, in all", "broker CPU µs per message"]
-    assert set(rows[0]) == {"µs per message", "p2p uvloop", "fanout uvloop"}
-
-
 def test_help_names_the_layers_and_the_options() -> None:
     done = subprocess.run(
         bench_command("--help"), cwd=REPOSITORY, capture_output=True, text=True, timeout=30, check=False
@@ -279,7 +246,6 @@ def test_help_names_the_layers_and_the_options() -> None:
         "--timeout",
         "--json-out",
         "--axes",
-        "--profile",
     ):
         assert option in done.stdout
     for option in ("--amqp-url", "--redis-url", "OLD_CHANNELS_RABBITMQ_PYTHON", "AMQP_URL", "REDIS_URL"):
