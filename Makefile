@@ -26,7 +26,7 @@ PYTEST_WORKERS ?= -n 4 --dist loadfile
 # scripts/with-broker bootstrap, the Chromium demo) and the benchmarks, which measure, not check.
 BROKER_TESTS := tests/integration --ignore=tests/integration/test_with_broker.py \
 	--ignore=tests/integration/test_demo_browser.py --ignore=tests/integration/test_bench.py \
-	--ignore=tests/integration/test_bench_scaling.py --ignore=tests/integration/test_bench_e2e.py
+	--ignore=tests/integration/test_bench_axes.py --ignore=tests/integration/test_bench_e2e.py
 
 .PHONY: demo test test-brokers test-matrix dist lint typecheck docs format bench bench-plots soak clean
 
