@@ -18,10 +18,6 @@
   (:mod:`bench.e2e_app`) with real websocket clients: stepped load and a connect storm, for this
   layer and channels_redis's two, with the servers' and the broker's CPU per delivered message.
 
-- ``memory.py`` and ``stuck_channel.py``: scripts run by their path
-  (``.venv/bin/python bench/memory.py``), about memory under unread channels and about
-  latency beside a stuck channel.
-
 Only the layer's stable surface is used: ``channels_rabbitmq.core.RabbitmqChannelLayer``,
 ``channels_rabbitmq.__version__`` and ``channels_rabbitmq.config.parse_amqp_url``.
 """
