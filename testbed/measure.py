@@ -1,4 +1,4 @@
-"""The measurements the benchmarks and the soak share: one percentile, one memory reading."""
+"""The measurements the benchmarks, the soak and the tests share: one percentile, one memory reading."""
 
 from __future__ import annotations
 

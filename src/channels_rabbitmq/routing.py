@@ -266,14 +266,14 @@ class LocalRouter:
         return alive
 
     def held_by(self, channel: str) -> int:
-        """Messages buffered for one channel (bench/stuck_channel.py reports it)."""
+        """Messages buffered for one channel."""
         inbox = self._inboxes.get(channel)
         return 0 if inbox is None else len(inbox.entries)
 
     @property
     def inbox_count(self) -> int:
-        """Channels with an inbox (buffered messages or a waiting receive); ``layer.stats()`` and
-        bench/memory.py report it."""
+        """Channels with an inbox (buffered messages or a waiting receive); ``layer.stats()``
+        reports it."""
         return len(self._inboxes)
 
     # Groups -----------------------------------------------------------------------------------
