@@ -1,11 +1,7 @@
-"""The soak's end-to-end ledger and its Markdown tables: pure bookkeeping, no I/O and no clock.
-
-:mod:`soak.run` feeds it sends, their outcomes, receipts, outages, refusals and fault windows, stamped
-with ``time.monotonic()``. Each send that returned is expected exactly once at its channel, or at each
-member of its group. A delivery that never came is set apart for the *dead* and the *slow* channel, lost
-in a fault window when sent from ``margin`` s before a fault until ``margin`` s after messages flowed
-again, or else lost outside any fault; and it gets a cause from what the processes reported meanwhile:
-QUEUE_GONE (inherent), REFUSED or UNEXPLAINED (avoidable). See docs/operations/soak.md.
+"""The soak's end-to-end ledger and its Markdown tables: bookkeeping of what :mod:`soak.run` saw, with
+its ``time.monotonic()`` times, and no I/O. A delivery that never came is lost in a fault window (sent
+from ``margin`` s before a fault until ``margin`` s after messages flowed again) or outside any, with a
+cause: QUEUE_GONE (inherent), REFUSED or UNEXPLAINED (avoidable). See docs/operations/soak.md.
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ import re
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from testbed.measure import percentile
 
@@ -26,8 +23,7 @@ INHERENT_CAUSES = frozenset({QUEUE_GONE})  # the design loses these; the others 
 MUST_BE_ZERO_FAILED = r"^\| ([^|]+) \| \*\*(\d+)\*\* \(must be 0\)"  # a table row, with its label and count
 
 
-@dataclass(frozen=True)
-class FaultWindow:
+class FaultWindow(NamedTuple):
     """One fault, and when messages flowed again (None: not within ``waited`` seconds after its end)."""
 
     kind: str
@@ -62,13 +58,17 @@ class Percentiles:
     p99: float | None
 
 
+class ProcessMemory(NamedTuple):
+    name: str
+    start_kib: int | None
+    end_kib: int | None
+
+
 @dataclass
 class Summary:
     """Every figure of the soak's table; ``failures`` names the must-be-zero rows that are not."""
 
-    sends: int = 0
-    direct_sends: int = 0
-    group_sends: int = 0
+    sends: Counter[str] = field(default_factory=Counter)  # by kind: DIRECT or GROUP
     returned: int = 0
     raised: Counter[str] = field(default_factory=Counter)
     raised_outside_fault: Counter[str] = field(default_factory=Counter)
@@ -180,72 +180,59 @@ class Ledger:
         return UNEXPLAINED
 
     def summarize(self) -> Summary:
-        """Add everything up."""
-        summary = Summary(sends=len(self.sends), receive_errors=sum(self.receive_errors.values()))
-        summary.unrecovered_faults = sum(window.recovered_at is None for window in self.faults)
+        kinds = Counter(send.kind for send in self.sends.values())
+        s = Summary(kinds, receive_errors=self.receive_errors.total())
+        s.unrecovered_faults = sum(window.recovered_at is None for window in self.faults)
         latencies: dict[bool, list[float]] = {False: [], True: []}  # by "sent in a fault window"
         for message_id, send in self.sends.items():
-            summary.direct_sends += send.kind == DIRECT
-            summary.group_sends += send.kind == GROUP
             fault = next((fault for fault in self.faults if fault.covers(send.sent_at, self.margin)), None)
             if send.outcome is None:
-                summary.unanswered += 1
+                s.unanswered += 1
                 continue
             if send.outcome != "returned":
-                summary.raised[send.outcome] += 1
+                s.raised[send.outcome] += 1
                 if fault is None:
-                    summary.raised_outside_fault[send.outcome] += 1
-                summary.undocumented_errors += not send.documented
+                    s.raised_outside_fault[send.outcome] += 1
+                s.undocumented_errors += not send.documented
                 continue
-            summary.returned += 1
+            s.returned += 1
             for channel in send.receivers:
                 times = self.receipts.get((message_id, channel), [])
                 if channel in self.dead_channels:
-                    summary.dead_sent += 1
-                    summary.dead_received += bool(times)
+                    s.dead_sent += 1
+                    s.dead_received += bool(times)
                     continue
-                summary.duplicates += max(0, len(times) - 1)
+                s.duplicates += max(0, len(times) - 1)
                 if channel in self.slow_channels:
-                    summary.slow_expected += 1
-                    summary.slow_received += bool(times)
-                    summary.slow_dropped += not times
+                    s.slow_expected += 1
+                    s.slow_received += bool(times)
+                    s.slow_dropped += not times
                     continue
-                summary.expected += 1
+                s.expected += 1
                 if times:
-                    summary.exactly_once += len(times) == 1
+                    s.exactly_once += len(times) == 1
                     latencies[fault is not None].append(min(times) - send.sent_at)
                 elif fault is not None:
                     cause = self.cause(send, channel, fault)
-                    summary.lost_in_fault += 1
-                    summary.lost_in_fault_by_kind[fault.kind] += 1
-                    summary.lost_in_fault_by_cause[cause] += 1
+                    s.lost_in_fault += 1
+                    s.lost_in_fault_by_kind[fault.kind] += 1
+                    s.lost_in_fault_by_cause[cause] += 1
                     if cause not in INHERENT_CAUSES:
-                        summary.avoidable_in_fault += 1
-                        summary.avoidable_in_fault_by_kind[fault.kind] += 1
+                        s.avoidable_in_fault += 1
+                        s.avoidable_in_fault_by_kind[fault.kind] += 1
                 else:
-                    summary.lost_outside_fault += 1
-                    summary.lost_outside_by_channel[channel] += 1
-                    summary.lost_outside_by_cause[self.cause(send, channel, None)] += 1
+                    s.lost_outside_fault += 1
+                    s.lost_outside_by_channel[channel] += 1
+                    s.lost_outside_by_cause[self.cause(send, channel, None)] += 1
         for (message_id, channel), times in self.receipts.items():
             sent = self.sends.get(message_id)
             if sent is None or channel not in sent.receivers:
-                summary.unexpected += len(times)
+                s.unexpected += len(times)
             elif sent.outcome != "returned":
-                summary.received_after_raise += len(times)
-                summary.duplicates += len(times) - 1
-        summary.latency_outside = percentiles(latencies[False])
-        summary.latency_in_fault = percentiles(latencies[True])
-        return summary
-
-
-# The tables ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessMemory:
-    name: str
-    start_kib: int | None
-    end_kib: int | None
+                s.received_after_raise += len(times)
+                s.duplicates += len(times) - 1
+        s.latency_outside, s.latency_in_fault = percentiles(latencies[False]), percentiles(latencies[True])
+        return s
 
 
 def summary_table(
@@ -254,24 +241,15 @@ def summary_table(
     memory: Sequence[ProcessMemory],
     error_examples: Mapping[str, str],
     receive_errors: Mapping[str, int],
-    lost_outside_by_process: Mapping[str, int] | None = None,
+    lost_by_process: Mapping[str, int] | None = None,  # lost outside any fault, by process
 ) -> str:
     """Sends, deliveries, losses, latency, memory; rows with nothing to show (an empty value) left out."""
 
-    def details(counts: Mapping[str, int], *, causes: bool = False) -> str:
-        """``kind count, ...``, zero counts left out; ``causes``: each one marked inherent or avoidable."""
-        return ", ".join(
-            f"{key} {count}"
-            + (f" ({'inherent' if key in INHERENT_CAUSES else 'avoidable'})" if causes else "")
-            for key, count in sorted(counts.items())
-            if count
-        )
-
-    def kinds(counts: Mapping[str, int]) -> str:
-        return f" ({details(counts)})" if details(counts) else ""
-
-    def zero(count: int) -> str:
-        return f"**{count}** (must be 0)" if count else "0 (must be 0)"
+    def details(counts: Mapping[str, int], *, causes: bool = False, parens: bool = False) -> str:
+        """``key count, ...`` but zeros (``parens``: in parentheses, if any; ``causes``: each one's kind)."""
+        marks = {True: " (inherent)", False: " (avoidable)"} if causes else {True: "", False: ""}
+        text = ", ".join(f"{k} {n}{marks[k in INHERENT_CAUSES]}" for k, n in sorted(counts.items()) if n)
+        return f" ({text})" if parens and text else text
 
     def latency(values: Percentiles) -> str:
         ms = ["-" if value is None else f"{value * 1000:.1f}" for value in (values.p50, values.p99)]
@@ -280,53 +258,50 @@ def summary_table(
     def mib(kib: int | None) -> str:
         return "-" if kib is None else f"{kib / 1024:.1f} MiB"
 
-    s = summary
+    s, by_process = summary, sorted((lost_by_process or {}).items())
     raised = "\n".join(
         f"| sends that raised {error} | {count}, {s.raised_outside_fault[error]} of them outside fault "
         f"windows (e.g. {error_examples.get(error) or 'no message'}) |"
         for error, count in s.raised.most_common()
     )
-    by_process = "\n".join(
-        f"| &nbsp;&nbsp;of which to channels of {process} | {count} |"
-        for process, count in sorted((lost_outside_by_process or {}).items())
-        if count
-    )
+    of_process = "\n".join(f"| &nbsp;&nbsp;of which to channels of {p} | {n or ''} |" for p, n in by_process)
     receive_raised = "\n".join(
         f"| &nbsp;&nbsp;receive() raised {e} | {n} |" for e, n in sorted(receive_errors.items())
     )
     memory_rows = "\n".join(
-        f"| resident memory, {row.name} | {mib(row.start_kib)} at start, {mib(row.end_kib)} at end |"
-        for row in memory
+        f"| resident memory, {m.name} | {mib(m.start_kib)} at start, {mib(m.end_kib)} at end |"
+        for m in memory
     )
-    avoidable = zero(s.avoidable_in_fault) + kinds(s.avoidable_in_fault_by_kind)
+    avoidable_kinds = details(s.avoidable_in_fault_by_kind, parens=True)
     slow = f"{s.slow_received} / {s.slow_expected} ({s.slow_dropped} not received)"
     table = f"""| | |
 |---|---|
-| sends | {s.sends} ({s.direct_sends} direct, {s.group_sends} group) |
+| sends | {s.sends.total()} ({s.sends[DIRECT]} direct, {s.sends[GROUP]} group) |
 | sends that returned | {s.returned} |
 {raised}
-| sends that raised an undocumented exception | {zero(s.undocumented_errors)} |
-| sends that neither returned nor raised in time | {zero(s.unanswered)} |
+| sends that raised an undocumented exception | {s.undocumented_errors} (must be 0) |
+| sends that neither returned nor raised in time | {s.unanswered} (must be 0) |
 | expected deliveries (returned sends times receivers, slow and dead channels apart) | {s.expected} |
 | received exactly once | {s.exactly_once} |
-| lost in a fault window | {s.lost_in_fault}{kinds(s.lost_in_fault_by_kind)} |
+| lost in a fault window | {s.lost_in_fault}{details(s.lost_in_fault_by_kind, parens=True)} |
 | &nbsp;&nbsp;by cause | {details(s.lost_in_fault_by_cause, causes=True)} |
-| lost in a fault window to an avoidable cause | {avoidable} |
-| lost outside any fault | {zero(s.lost_outside_fault)} |
+| lost in a fault window to an avoidable cause | {s.avoidable_in_fault} (must be 0){avoidable_kinds} |
+| lost outside any fault | {s.lost_outside_fault} (must be 0) |
 | &nbsp;&nbsp;by cause | {details(s.lost_outside_by_cause, causes=True)} |
-{by_process}
-| duplicates | {zero(s.duplicates)} |
-| deliveries to a channel that was not a receiver | {zero(s.unexpected)} |
+{of_process}
+| duplicates | {s.duplicates} (must be 0) |
+| deliveries to a channel that was not a receiver | {s.unexpected} (must be 0) |
 | deliveries of sends that raised (allowed: may or may not be delivered) | {s.received_after_raise} |
-| receive() calls that raised | {zero(s.receive_errors)} |
-| faults after which messages did not flow again in time | {zero(s.unrecovered_faults)} |
+| receive() calls that raised | {s.receive_errors} (must be 0) |
+| faults after which messages did not flow again in time | {s.unrecovered_faults} (must be 0) |
 {receive_raised}
 | slow channel: received / sent to it (the rest: expected drops) | {slow} |
 | dead channel: messages sent to it (never read, not counted) | {s.dead_sent} |
 | delivery latency outside faults | {latency(s.latency_outside)} |
 | delivery latency in fault windows | {latency(s.latency_in_fault)} |
 {memory_rows}"""
-    return "\n".join(line for line in table.splitlines() if line and not line.endswith("|  |"))
+    table = "\n".join(line for line in table.splitlines() if line and not line.endswith("|  |"))
+    return re.sub(r"\| ([1-9]\d*) \(must be 0\)", r"| **\1** (must be 0)", table)  # in bold when not 0
 
 
 def faults_table(faults: Sequence[FaultWindow], run_start: float) -> str:

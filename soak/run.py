@@ -1,13 +1,9 @@
-"""``make soak``: several server processes, steady traffic, random faults, an end-to-end ledger.
-
-A private 3-node RabbitMQ cluster (testbed.brokers.nodes), each node behind a fault proxy
-(testbed.faults.proxy); ``--servers`` processes (:mod:`soak.server`) with ``--channels`` channels in
-``--groups`` groups (in the busy one, a slow and a dead channel); a driver sending ``--rate`` direct
-and group sends a second; one fault at a time, seeded by ``--seed`` (proxy cut or stall, rabbitmqctl
-close_all_connections, kill -9 and restart of a node, memory alarm), each followed by probes until
-messages flow to every process again. Then the ledger (:mod:`soak.ledger`): Markdown tables, printed
-and written with the logs to ``--out``; exit status 1 when a must-be-zero row is not zero. Only the
-layer's public API is used. See docs/operations/soak.md.
+"""``make soak``: a private 3-node RabbitMQ cluster behind fault proxies; ``--servers`` processes
+(soak.server) with ``--channels`` channels each in ``--groups`` groups (the busy one has a slow and a dead
+channel); ``--rate`` direct and group sends a second; one seeded fault at a time (proxy cut or stall,
+close_all_connections, kill -9 and restart of a node, memory alarm), then probes until messages flow to
+every process again. Then the ledger's tables (soak.ledger), printed and written with the logs to ``--out``;
+exit status 1 when a must-be-zero row is not. Uses only the layer's public API. See docs/operations/soak.md.
 
     .venv/bin/python -m soak.run --seconds 60 --seed 7
 """
@@ -27,9 +23,8 @@ import time
 from argparse import RawDescriptionHelpFormatter
 from asyncio.subprocess import PIPE
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from channels.exceptions import ChannelFull
 
@@ -44,9 +39,9 @@ PROJECT = Path(__file__).resolve().parent.parent
 SERVER = (sys.executable, "-m", "soak.server")
 PROBE_GROUP = "soak-probe"
 BUSY_GROUP = "soak-busy"
-FAULT_KINDS = ("cut", "stall", "close_all_connections", "kill_node", "memory_alarm")
-# Rough upper bounds of each fault's length, so that none starts too close to the end.
+# The fault kinds, with rough upper bounds of their lengths so that none starts too close to the end.
 FAULT_LENGTH = {"cut": 1, "stall": 6, "close_all_connections": 5, "kill_node": 30, "memory_alarm": 15}
+FAULT_KINDS = tuple(FAULT_LENGTH)
 END_ROOM = 15  # seconds left after the last fault's end, to see the layer recover before sends stop
 ALARM_SECONDS = 10
 STALL_SECONDS = (3.0, 6.0)
@@ -62,27 +57,10 @@ def say(text: str) -> None:
     print(f"soak: {text}", file=sys.stderr, flush=True)
 
 
-def make_plan(servers: int, channels: int, groups: int) -> list[list[dict[str, Any]]]:
-    """Each server's channels, dealt round-robin into groups; the busy group's first slow, its last dead."""
-    names = [BUSY_GROUP, *(f"soak-{number}" for number in range(1, groups))]
-    plan: list[list[dict[str, Any]]] = [[] for _ in range(servers)]
-    for number in range(servers * channels):
-        plan[number // channels].append({"groups": [names[number % groups]], "mode": "normal"})
-    busy = [channel for server_plan in plan for channel in server_plan if BUSY_GROUP in channel["groups"]]
-    busy[0]["mode"], busy[-1]["mode"] = "slow", "dead"
-    return plan
-
-
-@dataclass
-class Server:
-    """One soak.server subprocess and what it told us."""
-
+class Server(NamedTuple):  # a soak.server subprocess, and its channels' names once it is ready
     number: int
     process: asyncio.subprocess.Process
-    channels: list[dict[str, Any]]  # its plan's channels, each with its "name" once it is ready
-    names: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-    down_since: float | None = None  # its consuming connection is down since then
+    names: list[str]
 
     async def stop(self, timeout: float = 30) -> None:
         """Close stdin (the server closes its layer and exits); kill it if it takes too long."""
@@ -95,49 +73,49 @@ class Server:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
-        if self.reader is not None:
-            await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class Soak:
-    """Traffic, faults and bookkeeping of one run."""
-
-    ledger: Ledger  # once the servers have named their channels
+    """Traffic, faults and bookkeeping of one run (its ``ledger`` once the servers named their channels)."""
 
     def __init__(self, options: argparse.Namespace, nodes: Nodes) -> None:
         self.options, self.nodes = options, nodes
+        # Each channel's group (dealt round-robin) and mode, server after server: the busy group's first
+        # channel is slow, its last dead.
+        count, groups = options.servers * options.channels, options.groups
+        self.plan = [(f"soak-{n % groups}" if n % groups else BUSY_GROUP, "normal") for n in range(count)]
+        self.plan[0], self.plan[(count - 1) // groups * groups] = (BUSY_GROUP, "slow"), (BUSY_GROUP, "dead")
+        self.channels: dict[str, tuple[str, str]] = {}  # name -> (group, mode), once its server is ready
         self.servers: list[Server] = []
         self.proxies: list[FaultProxy] = []
-        self.probes_sent: dict[int, float] = {}  # probe id -> when
-        self.probes_seen: dict[int, dict[int, float]] = {}  # probe id -> server number -> when
+        self.probes: list[dict[int, float]] = []  # by probe id: who saw it when, by server number
         self.last_receipt = time.monotonic()
 
-    async def start_server(self, number: int, hosts: list[str], channels: list[dict[str, Any]]) -> Server:
-        """Start a soak.server, give it its plan, and wait for its channels' names."""
-        config = json.dumps({**self.options.layer_config, "host": hosts})
-        env = {**os.environ, "SOAK_LAYER_CONFIG": config, "PYTHONPATH": str(PROJECT)}
+    async def start_server(self, number: int, hosts: list[str]) -> Server:
+        """Start a soak.server with its part of the plan, and wait for its channels' names."""
+        channels = self.plan[number * self.options.channels : (number + 1) * self.options.channels]
+        plan = {"channels": channels, "probe_group": PROBE_GROUP, "slow_delay": self.options.slow_delay}
+        setup = json.dumps({"config": {**self.options.layer_config, "host": hosts}, **plan})
+        env = {**os.environ, "SOAK_SERVER": setup, "PYTHONPATH": str(PROJECT)}
         # A session of its own: Ctrl-C reaches the orchestrator only, which stops the servers.
         with (self.options.out / f"server-{number}.log").open("ab") as log:
             process = await asyncio.create_subprocess_exec(
                 *SERVER, stdin=PIPE, stdout=PIPE, stderr=log, env=env, start_new_session=True, limit=1 << 20
             )
-        server = Server(number, process, channels)
+        server = Server(number, process, [])
         self.servers.append(server)  # to be stopped, whatever happens next
-        plan = {"channels": channels, "probe_group": PROBE_GROUP, "slow_delay": self.options.slow_delay}
-        assert process.stdin is not None
         assert process.stdout is not None
-        process.stdin.write(json.dumps(plan).encode() + b"\n")
         line = (await process.stdout.readline()).decode()
         if not line.startswith("ready "):
             raise RuntimeError(f"server {number} did not start (exit {process.returncode}); see its log")
-        server.names = json.loads(line.split()[1])
-        for channel, name in zip(channels, server.names, strict=True):
-            channel["name"] = name
+        server.names.extend(json.loads(line.split()[1]))
+        self.channels.update(zip(server.names, channels, strict=True))
         return server
 
     async def read(self, server: Server) -> None:
         """A server's report, line by line (see soak.server)."""
         assert server.process.stdout is not None
+        down_since: float | None = None  # its consuming connection is down since then
         async for line in server.process.stdout:
             kind, *fields = line.decode().split()
             if kind == "r":
@@ -145,34 +123,30 @@ class Soak:
                 if fields[1] not in self.ledger.slow_channels:  # the slow one reads its backlog for long
                     self.last_receipt = time.monotonic()
             elif kind == "p":
-                self.probes_seen.setdefault(int(fields[0]), {})[server.number] = float(fields[2])
+                self.probes[int(fields[0])][server.number] = float(fields[2])
             elif kind == "x":
                 self.ledger.receive_failed(fields[0], fields[1])
             elif kind == "down":
-                server.down_since = float(fields[0])
-            elif kind == "up" and server.down_since is not None:
-                self.ledger.outage(server.names, server.down_since, float(fields[0]))
-                server.down_since = None
-        if server.down_since is not None:  # still down at the end: its queue is gone for good
-            self.ledger.outage(server.names, server.down_since, None)
+                down_since = float(fields[0])
+            elif kind == "up" and down_since is not None:
+                self.ledger.outage(server.names, down_since, float(fields[0]))
+                down_since = None
+        if down_since is not None:  # still down at the end: its queue is gone for good
+            self.ledger.outage(server.names, down_since, None)
 
-    async def flowing_since(self, layer: RabbitmqChannelLayer, since: float, timeout: float) -> float | None:
-        """When a probe sent after ``since`` had reached every server; None if none did in time."""
-        deadline = time.monotonic() + timeout
+    async def flowing_again(self, layer: RabbitmqChannelLayer, timeout: float) -> float | None:
+        """When a probe sent from now on first reached every server; None if none did within ``timeout``."""
+        first, deadline = len(self.probes), time.monotonic() + timeout
         sending: list[asyncio.Future[Any]] = []
-        last_sent = float("-inf")
         try:
-            while time.monotonic() < deadline:
-                for probe_id, sent_at in self.probes_sent.items():
-                    seen = self.probes_seen.get(probe_id, {})
-                    if sent_at >= since and len(seen) == len(self.servers):
-                        return max(seen.values())
-                if time.monotonic() - last_sent >= PROBE_EVERY:  # a failed probe is just not seen
-                    last_sent = self.probes_sent[len(self.probes_sent) + 1] = time.monotonic()
-                    message = {"type": "soak.probe", "id": len(self.probes_sent)}
-                    probe = asyncio.wait_for(layer.group_send(PROBE_GROUP, message), self.options.send_bound)
-                    sending.append(asyncio.gather(probe, return_exceptions=True))
-                await asyncio.sleep(0.05)
+            while time.monotonic() < deadline:  # a probe every PROBE_EVERY s; one that fails is just not seen
+                self.probes.append({})
+                probe = layer.group_send(PROBE_GROUP, {"type": "soak.probe", "id": len(self.probes) - 1})
+                probe = asyncio.wait_for(probe, self.options.send_bound)
+                sending.append(asyncio.gather(probe, return_exceptions=True))
+                await asyncio.sleep(PROBE_EVERY)
+                if reached := [max(p.values()) for p in self.probes[first:] if len(p) == len(self.servers)]:
+                    return min(reached)
             return None
         finally:
             for task in sending:
@@ -213,8 +187,7 @@ class Soak:
                 kind, target = DIRECT, pick.choice(channels)
             if len(in_flight) >= options.max_in_flight:
                 await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-            sent_at = time.monotonic()
-            ledger.sent(message_id, kind, target, sent_at)
+            ledger.sent(message_id, kind, target, sent_at := time.monotonic())
             message = {"type": "soak.message", "id": message_id, "sent_at": sent_at}
             call = layer.send(target, message) if kind == DIRECT else layer.group_send(target, message)
             in_flight.add(task := asyncio.ensure_future(send_one(message_id, call)))
@@ -222,15 +195,15 @@ class Soak:
             next_at = max(next_at + 1 / options.rate, time.monotonic() - 1)  # no burst after a stall
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         await asyncio.gather(*in_flight)
+        say("sends finished; waiting for the fault in progress, if any, and the last deliveries")
 
     async def chaos(self, layer: RabbitmqChannelLayer, run_start: float, stop_at: float) -> None:
         """Faults, one at a time with quiet periods between, until shortly before ``stop_at``, in rounds
         that have every kind once in a random order; after each, probes until messages flow again."""
-        options, pick = self.options, random.Random(self.options.seed)
+        options, pick, deck = self.options, random.Random(self.options.seed), list[str]()
         if not options.faults:
             return
         await asyncio.sleep(options.warmup)
-        deck: list[str] = []
         while True:
             quiet = pick.uniform(options.quiet_min, options.quiet_max)
             await asyncio.sleep(max(0.0, min(quiet, stop_at - time.monotonic())))
@@ -240,8 +213,7 @@ class Soak:
             if kind is None:
                 return
             deck.remove(kind)
-            index = pick.randrange(len(self.nodes.nodes))
-            stall_seconds = pick.uniform(*STALL_SECONDS)
+            index, stall_seconds = pick.randrange(len(self.nodes.nodes)), pick.uniform(*STALL_SECONDS)
             target = f"node {index + 1}" + (" (its proxy)" if kind in ("cut", "stall") else "")
             started = time.monotonic()
             say(f"{started - run_start:6.1f}s  {kind} on {target}")
@@ -257,14 +229,10 @@ class Soak:
             elif kind == "close_all_connections":
                 await asyncio.to_thread(node.ctl, "close_all_connections", "soak chaos")
             elif kind == "kill_node":
-                pid = node.pid
-                if pid is None:
+                if (pid := node.pid) is None:
                     raise NodeError(f"{node.name} has no pid to kill")
                 os.kill(pid, signal.SIGKILL)
-                for _ in range(200):  # its Erlang VM exits at once; 10 s at most
-                    if not node.is_running:
-                        break
-                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(node.terminate)  # returns once its Erlang VM is gone
                 await asyncio.to_thread(node.start)
             else:  # memory_alarm
                 await asyncio.to_thread(node.ctl, "set_vm_memory_high_watermark", "0.000001")
@@ -272,83 +240,61 @@ class Soak:
                     await asyncio.sleep(ALARM_SECONDS)
                 finally:
                     await asyncio.to_thread(node.ctl, "set_vm_memory_high_watermark", "0.4")
-            ended = time.monotonic()
-            recovered = await self.flowing_since(layer, ended, options.recovery_timeout)
-            self.ledger.fault(FaultWindow(kind, target, started, ended, recovered, options.recovery_timeout))
-            if recovered is None:
-                say(f"{'':9}not flowing to every server {options.recovery_timeout:g}s after the fault")
-            else:
-                say(f"{'':9}over after {ended - started:.1f}s, flowing again {recovered - ended:.1f}s later")
+            ended, waited = time.monotonic(), options.recovery_timeout
+            recovered = await self.flowing_again(layer, waited)
+            self.ledger.fault(FaultWindow(kind, target, started, ended, recovered, waited))
+            again = "not flowing" if recovered is None else f"flowing again {recovered - ended:.1f}s later"
+            say(f"{'':9}over after {ended - started:.1f}s, {again}")
 
     async def run(self) -> int:
         """Proxies, servers, the driver's layer, traffic and faults, the final wait; then the report."""
         task, options = asyncio.current_task(), self.options
         assert task is not None
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)  # then exit status 143
-        plan = make_plan(options.servers, options.channels, options.groups)
         async with contextlib.AsyncExitStack() as stack:
             for node in self.nodes:
                 self.proxies.append(await stack.enter_async_context(FaultProxy("127.0.0.1", node.port)))
             urls = [proxy.url(node.url()) for proxy, node in zip(self.proxies, self.nodes, strict=True)]
-            hosts = [urls[start % len(urls) :] + urls[: start % len(urls)] for start in range(len(plan) + 1)]
+            hosts = [urls[n % len(urls) :] + urls[: n % len(urls)] for n in range(options.servers + 1)]
             stack.push_async_callback(lambda: asyncio.gather(*(server.stop() for server in self.servers)))
-            starting = [self.start_server(number, hosts[number], plan[number]) for number in range(len(plan))]
+            starting = [self.start_server(number, hosts[number]) for number in range(options.servers)]
             self.servers = list(await asyncio.wait_for(asyncio.gather(*starting), 120))  # in number order
-            named = [channel for server in self.servers for channel in server.channels]
-            groups = {group for channel in named for group in channel["groups"]}
-            memberships = {group: {c["name"] for c in named if group in c["groups"]} for group in groups}
-            slow, dead = ([c["name"] for c in named if c["mode"] == mode] for mode in ("slow", "dead"))
-            self.ledger = Ledger(memberships, slow_channels=slow, dead_channels=dead, margin=options.margin)
-            for server in self.servers:
-                server.reader = asyncio.ensure_future(self.read(server))
-            layer = RabbitmqChannelLayer(host=hosts[len(plan)], **options.layer_config)
+            groups = {g: [n for n, (group, _) in self.channels.items() if group == g] for g, _ in self.plan}
+            slow, dead = ([n for n, c in self.channels.items() if c[1] == mode] for mode in ("slow", "dead"))
+            self.ledger = Ledger(groups, slow_channels=slow, dead_channels=dead, margin=options.margin)
+            readers = [asyncio.ensure_future(self.read(server)) for server in self.servers]
+            layer = RabbitmqChannelLayer(host=hosts[-1], **options.layer_config)
             stack.push_async_callback(layer.close)
-            if await self.flowing_since(layer, time.monotonic(), 60) is None:
+            if await self.flowing_again(layer, 60) is None:
                 raise RuntimeError("probes did not reach every server before the start")
             memory_start = [resident_kib(server.process.pid) for server in self.servers]
             run_start = time.monotonic()
             stop_at = run_start + options.seconds
-            faults = ", ".join(options.faults)
-            say(f"sending for {options.seconds:g}s (seed {options.seed}); faults: {faults}")
+            say(f"sending for {options.seconds:g}s, seed {options.seed}, faults: {', '.join(options.faults)}")
             chaos = asyncio.ensure_future(self.chaos(layer, run_start, stop_at))
             drive = asyncio.ensure_future(self.drive(layer, stop_at))
-            try:
-                await asyncio.wait({chaos, drive}, return_when=asyncio.FIRST_EXCEPTION)
-                if chaos.done():
-                    chaos.result()  # a fault that could not be injected or undone ends the run
-                await drive
-                say("sends finished; waiting for the fault in progress, if any, and the last deliveries")
-                await chaos  # it starts no new fault now, and returns once the last one is over
-                deadline = time.monotonic() + DRAIN_MAX  # until no delivery for DRAIN_QUIET seconds
-                for _ in range(int(DRAIN_MAX / 0.2) + 1):
-                    if time.monotonic() > deadline or time.monotonic() - self.last_receipt > DRAIN_QUIET:
-                        break
-                    await asyncio.sleep(0.2)
-            finally:
-                for job in (chaos, drive):
-                    job.cancel()
-                await asyncio.gather(chaos, drive, return_exceptions=True)
+            for job in (chaos, drive):  # a fault that could not be injected or undone ends the run
+                stack.callback(job.cancel)
+            await asyncio.gather(chaos, drive)  # chaos starts no fault after the sends
+            for _ in range(int(DRAIN_MAX / 0.2)):  # the last deliveries: until none for DRAIN_QUIET s
+                if time.monotonic() - self.last_receipt > DRAIN_QUIET:
+                    break
+                await asyncio.sleep(0.2)
             seconds = time.monotonic() - run_start
-            memory = [
-                ProcessMemory(f"server {server.number}", start, resident_kib(server.process.pid))
-                for server, start in zip(self.servers, memory_start, strict=True)
-            ]
-            died = [
-                f"server {server.number} exited during the run (status {server.process.returncode})"
-                for server in self.servers
-                if server.process.returncode is not None
-            ]
-        return self.report(memory, died, seconds, run_start)
-
-    def report(self, memory: list[ProcessMemory], died: list[str], seconds: float, run_start: float) -> int:
-        """Print the tables and write them to report.md; 1 when a must-be-zero row is not zero."""
-        options, ledger = self.options, self.ledger
-        summary = ledger.summarize()
-        lost_by_process: dict[str, int] = {}  # lost outside any fault, to channels of each server
+            memory: list[ProcessMemory] = []
+            died: list[str] = []  # the servers that exited during the run
+            for server, kib in zip(self.servers, memory_start, strict=True):
+                memory.append(ProcessMemory(f"server {server.number}", kib, resident_kib(server.process.pid)))
+                if (status := server.process.returncode) is not None:
+                    died.append(f"server {server.number} exited during the run (status {status})")
+        await asyncio.gather(*readers)  # the servers have exited: their last lines are in
+        # The report: the tables, printed and written to report.md; 1 when a must-be-zero row is not zero.
+        ledger, summary = self.ledger, self.ledger.summarize()
+        lost: dict[str, int] = {}  # lost outside any fault, to channels of each server
         for server in self.servers:
-            special = " and ".join(c["mode"] for c in server.channels if c["mode"] != "normal")
+            special = " and ".join(m for n in server.names if (m := self.channels[n][1]) != "normal")
             label = f"server {server.number}" + (f" (the {special} channel's process)" if special else "")
-            lost_by_process[label] = sum(summary.lost_outside_by_channel[name] for name in server.names)
+            lost[label] = sum(summary.lost_outside_by_channel[name] for name in server.names)
         heading = (
             f"Soak: {options.seconds:g} s of sends (seed {options.seed}), {options.servers} server "
             f"processes, {options.servers * options.channels} channels in {options.groups} groups, "
@@ -357,12 +303,9 @@ class Soak:
         )
         if json.loads(options.config):
             heading += f" Extra CONFIG: `{options.config}`."
+        examples, errors = ledger.error_examples, ledger.receive_errors
         table = summary_table(
-            summary,
-            memory=memory,
-            error_examples=ledger.error_examples,
-            receive_errors=ledger.receive_errors,
-            lost_outside_by_process=lost_by_process,
+            summary, memory=memory, error_examples=examples, receive_errors=errors, lost_by_process=lost
         )
         text = "\n\n".join([heading, table, faults_table(ledger.faults, run_start)])
         print(text)
@@ -414,8 +357,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def start_cluster(attempts: int = 2) -> Iterator[Nodes]:
-    """A 3-node cluster, stopped and deleted on exit; a second try when the first fails (a node's port
-    can be taken between ``stop_app`` and ``start_app`` while the cluster forms: eaddrinuse)."""
+    """A 3-node cluster, deleted on exit; tried again if it does not form (eaddrinuse during clustering)."""
     for attempt in range(1, attempts + 1):
         with Nodes("soak") as nodes:
             for _ in range(3):
@@ -443,12 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with start_cluster() as nodes:
             return asyncio.run(Soak(options, nodes).run())
-    except KeyboardInterrupt:
-        say("interrupted; everything was stopped")
-        return 130
-    except asyncio.CancelledError:
-        say("terminated; everything was stopped")
-        return 143
+    except (KeyboardInterrupt, asyncio.CancelledError) as stop:  # Ctrl-C; SIGTERM (see Soak.run)
+        interrupted = isinstance(stop, KeyboardInterrupt)
+        say(f"{'interrupted' if interrupted else 'terminated'}; everything was stopped")
+        return 130 if interrupted else 143
     except NodeError as error:
         say(f"a broker node failed: {error}")
         return 2
