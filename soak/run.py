@@ -68,7 +68,7 @@ class Server(NamedTuple):  # a soak.server subprocess, and its channels' names o
             self.process.stdin.close()
         try:
             await asyncio.wait_for(self.process.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not TimeoutError before Python 3.11
             say(f"server {self.number} did not stop within {timeout:g}s: killing it")
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
@@ -169,7 +169,7 @@ class Soak:
         async def send_one(message_id: int, call: Awaitable[None]) -> None:
             try:
                 await asyncio.wait_for(call, options.send_bound)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not TimeoutError before Python 3.11
                 text = "message %d: the send neither returned nor raised within %gs"
                 logging.getLogger("soak").error(text, message_id, options.send_bound)
             except Exception as error:
