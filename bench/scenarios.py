@@ -27,6 +27,7 @@ import contextlib
 import importlib
 import importlib.metadata
 import json
+import math
 import os
 import secrets
 import statistics
@@ -164,9 +165,14 @@ async def windowed(
 ) -> int:
     """``call(i)`` for i = 0, 1, ..., each its own task, at most ``window`` running, until ``n`` were
     started or ``seconds`` passed; how many were started. The first failure raises, once all ended."""
-    gate, running, failures = asyncio.Semaphore(window), set[asyncio.Future[None]](), []
     deadline = None if seconds is None else now() + seconds
     started = 0
+    if window == 1:  # one after another in this task, as a sender awaits its calls in turn
+        while started < n and (deadline is None or now() < deadline):
+            await call(started)
+            started += 1
+        return started
+    gate, running, failures = asyncio.Semaphore(window), set[asyncio.Future[None]](), []
 
     async def one(i: int) -> None:
         try:
@@ -196,13 +202,14 @@ class MessagesLost(Exception):
 
 
 class Collector:
-    """A receive() loop on each (layer, channel): counts arrivals by type, times the probes."""
+    """A receive() loop on each (layer, channel), counting every message that arrives (the phases
+    come one after the other: the warm-up, the throughput, the probes); the probes ("t") timed."""
 
     def __init__(self, receivers: list[tuple[Layer, str]]) -> None:
-        self.counts: dict[str, int] = {}
-        self.last_arrival = 0.0
+        self.arrived = 0
+        self.last_arrival = 0.0  # when the count waited for was reached
         self.probe_latencies: list[float] = []
-        self._wanted: tuple[str, int] | None = None
+        self._stamp_from, self._wanted = math.inf, math.inf
         self._reached = asyncio.Event()
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Retrieved at once: a failure once the measurement is over (the instance closed) is none.
@@ -210,40 +217,41 @@ class Collector:
         KEPT_UNTIL_EXIT.append([asyncio.ensure_future(self._receive_loop(*pair)) for pair in receivers])
 
     async def _receive_loop(self, layer: Layer, channel: str) -> None:
+        # As little as can be per message: the harness' own cost is part of every layer's figures.
         try:
             while True:
                 got = await layer.receive(channel)
-                self.last_arrival = arrived = now()
-                kind = str(got.get("type"))
-                if kind == PROBE:
-                    self.probe_latencies.append(arrived - float(got["t"]))
-                self.counts[kind] = self.counts.get(kind, 0) + 1
-                if self._wanted is not None and self.counts.get(self._wanted[0], 0) >= self._wanted[1]:
-                    self._reached.set()
+                self.arrived += 1
+                if self.arrived >= self._stamp_from:
+                    self.last_arrival = time.monotonic()
+                    if "t" in got:
+                        self.probe_latencies.append(self.last_arrival - got["t"])
+                    if self.arrived >= self._wanted:
+                        self._reached.set()
         except Exception as error:
             if not self._failure.done():
                 self._failure.set_exception(error)
 
-    async def until(self, kind: str, count: int) -> None:
-        """Wait until ``count`` messages of ``kind`` arrived in all. Raises MessagesLost when nothing
-        arrives for IDLE_LIMIT seconds meanwhile (RedisPubSubChannelLayer drops messages under load)."""
-        if self.counts.get(kind, 0) >= count:
+    async def until(self, count: int, probes: bool = False) -> None:
+        """Wait until ``count`` messages arrived in all (with ``probes``, each arrival meanwhile is
+        timed). Raises MessagesLost when nothing arrives for IDLE_LIMIT seconds meanwhile
+        (RedisPubSubChannelLayer drops messages under load)."""
+        if self.arrived >= count:  # all arrived already (a layer without I/O): they did just now
+            self.last_arrival = time.monotonic()
             return
-        self._wanted, waiter = (kind, count), asyncio.ensure_future(self._reached.wait())
         self._reached.clear()
+        self._stamp_from, self._wanted = (0 if probes else count), count
+        waiter = asyncio.ensure_future(self._reached.wait())
         try:
             while not waiter.done() and not self._failure.done():
-                seen = self.last_arrival
+                seen = self.arrived
                 either: set[asyncio.Future[Any]] = {waiter, self._failure}
                 await asyncio.wait(either, timeout=IDLE_LIMIT, return_when=asyncio.FIRST_COMPLETED)
-                if not waiter.done() and not self._failure.done() and self.last_arrival == seen:
-                    got = self.counts.get(kind, 0)
-                    raise MessagesLost(
-                        f"{got} of {count} {kind!r} messages arrived, then none for {IDLE_LIMIT:g} s"
-                    )
+                if not waiter.done() and not self._failure.done() and self.arrived == seen:
+                    raise MessagesLost(f"{seen} of {count} messages arrived, then none for {IDLE_LIMIT:g} s")
         finally:
             waiter.cancel()
-            self._wanted = None
+            self._stamp_from, self._wanted = math.inf, math.inf
         if self._failure.done():
             self._failure.result()  # raises the receive loop's error
 
@@ -253,7 +261,7 @@ class Collector:
 
 class ReceiverProcesses:
     """Receivers in processes of their own (``--role receiver``), steered by lines on their stdin:
-    ``until KIND COUNT`` answers ``{"last": t}`` once the process counts COUNT of KIND, ``latencies``
+    ``until COUNT [probes]`` answers ``{"last": t}`` once the process counts COUNT, ``latencies``
     answers ``{"latencies": [...]}``."""
 
     def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
@@ -294,8 +302,8 @@ class ReceiverProcesses:
     async def _ask_all(self, line: str) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self._ask(process, line) for process in self.processes)))
 
-    async def until(self, kind: str, count: int) -> None:
-        answers = await self._ask_all(f"until {kind} {count // len(self.processes)}")
+    async def until(self, count: int, probes: bool = False) -> None:
+        answers = await self._ask_all(f"until {count // len(self.processes)}{' probes' * probes}")
         self.last_arrival = max(answer["last"] for answer in answers)
 
     async def latencies(self) -> list[float]:
@@ -323,7 +331,7 @@ async def serve_as_receiver(opts: Options, group: str) -> None:
     while words := (await reader.readline()).decode().split():
         try:
             if words[0] == "until":
-                await collector.until(words[1], int(words[2]))
+                await collector.until(int(words[1]), probes=len(words) > 2)
                 say(last=collector.last_arrival)
             else:
                 say(latencies=collector.probe_latencies)
@@ -344,14 +352,14 @@ async def flow(
     """The throughput phase, then the probes. ``send`` sends one message; each arrives ``copies`` times."""
     payload = "x" * opts.size
     await send(message(WARM, 0, payload))
-    await arrivals.until(WARM, copies)
+    await arrivals.until(copies)
     start = now()
     sent = await windowed(opts.n, opts.window, lambda i: send(message(TIMED, i, payload)), opts.seconds)
-    await arrivals.until(TIMED, sent * copies)
+    await arrivals.until(copies + sent * copies)
     seconds = arrivals.last_arrival - start
     for k in range(opts.probes):
         await send(message(PROBE, k, payload))
-        await arrivals.until(PROBE, (k + 1) * copies)
+        await arrivals.until(copies + (sent + k + 1) * copies, probes=True)
     figures: dict[str, Any] = {
         "msgs_per_s": per_second(sent, seconds),
         "deliveries_per_s": per_second(sent * copies, seconds),
@@ -504,8 +512,8 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
     except SyncCallError as error:
         return {"error": str(error), "n": opts.n, "calls_ok": done}
     with contextlib.suppress(MessagesLost):
-        await collector.until(TIMED, opts.n)
-    received = collector.counts.get(TIMED, 0)
+        await collector.until(opts.n)
+    received = collector.arrived
     result: dict[str, Any] = {"calls_per_s": per_second(opts.n, seconds), "seconds": round(seconds, 3)}
     result.update(n=opts.n, received=received)
     if received != opts.n:
