@@ -203,13 +203,13 @@ class MessagesLost(Exception):
 
 class Collector:
     """A receive() loop on each (layer, channel), counting every message that arrives (the phases
-    come one after the other: the warm-up, the throughput, the probes); the probes ("t") timed."""
+    come one after the other: the warm-up, the throughput, the probes), timing the probes ("t")."""
 
     def __init__(self, receivers: list[tuple[Layer, str]]) -> None:
         self.arrived = 0
         self.last_arrival = 0.0  # when the count waited for was reached
         self.probe_latencies: list[float] = []
-        self._stamp_from, self._wanted = math.inf, math.inf
+        self._wanted = math.inf
         self._reached = asyncio.Event()
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Retrieved at once: a failure once the measurement is over (the instance closed) is none.
@@ -222,25 +222,23 @@ class Collector:
             while True:
                 got = await layer.receive(channel)
                 self.arrived += 1
-                if self.arrived >= self._stamp_from:
+                if "t" in got:
+                    self.probe_latencies.append(time.monotonic() - got["t"])
+                if self.arrived >= self._wanted:
                     self.last_arrival = time.monotonic()
-                    if "t" in got:
-                        self.probe_latencies.append(self.last_arrival - got["t"])
-                    if self.arrived >= self._wanted:
-                        self._reached.set()
+                    self._reached.set()
         except Exception as error:
             if not self._failure.done():
                 self._failure.set_exception(error)
 
-    async def until(self, count: int, probes: bool = False) -> None:
-        """Wait until ``count`` messages arrived in all (with ``probes``, each arrival meanwhile is
-        timed). Raises MessagesLost when nothing arrives for IDLE_LIMIT seconds meanwhile
-        (RedisPubSubChannelLayer drops messages under load)."""
+    async def until(self, count: int) -> None:
+        """Wait until ``count`` messages arrived in all. Raises MessagesLost when nothing arrives for
+        IDLE_LIMIT seconds meanwhile (RedisPubSubChannelLayer drops messages under load)."""
         if self.arrived >= count:  # all arrived already (a layer without I/O): they did just now
             self.last_arrival = time.monotonic()
             return
         self._reached.clear()
-        self._stamp_from, self._wanted = (0 if probes else count), count
+        self._wanted = count
         waiter = asyncio.ensure_future(self._reached.wait())
         try:
             while not waiter.done() and not self._failure.done():
@@ -251,7 +249,7 @@ class Collector:
                     raise MessagesLost(f"{seen} of {count} messages arrived, then none for {IDLE_LIMIT:g} s")
         finally:
             waiter.cancel()
-            self._stamp_from, self._wanted = math.inf, math.inf
+            self._wanted = math.inf
         if self._failure.done():
             self._failure.result()  # raises the receive loop's error
 
@@ -261,7 +259,7 @@ class Collector:
 
 class ReceiverProcesses:
     """Receivers in processes of their own (``--role receiver``), steered by lines on their stdin:
-    ``until COUNT [probes]`` answers ``{"last": t}`` once the process counts COUNT, ``latencies``
+    ``until COUNT`` answers ``{"last": t}`` once the process counts COUNT, ``latencies``
     answers ``{"latencies": [...]}``."""
 
     def __init__(self, processes: list[asyncio.subprocess.Process]) -> None:
@@ -302,8 +300,8 @@ class ReceiverProcesses:
     async def _ask_all(self, line: str) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self._ask(process, line) for process in self.processes)))
 
-    async def until(self, count: int, probes: bool = False) -> None:
-        answers = await self._ask_all(f"until {count // len(self.processes)}{' probes' * probes}")
+    async def until(self, count: int) -> None:
+        answers = await self._ask_all(f"until {count // len(self.processes)}")
         self.last_arrival = max(answer["last"] for answer in answers)
 
     async def latencies(self) -> list[float]:
@@ -331,7 +329,7 @@ async def serve_as_receiver(opts: Options, group: str) -> None:
     while words := (await reader.readline()).decode().split():
         try:
             if words[0] == "until":
-                await collector.until(int(words[1]), probes=len(words) > 2)
+                await collector.until(int(words[1]))
                 say(last=collector.last_arrival)
             else:
                 say(latencies=collector.probe_latencies)
@@ -359,7 +357,7 @@ async def flow(
     seconds = arrivals.last_arrival - start
     for k in range(opts.probes):
         await send(message(PROBE, k, payload))
-        await arrivals.until(copies + (sent + k + 1) * copies, probes=True)
+        await arrivals.until(copies + (sent + k + 1) * copies)
     figures: dict[str, Any] = {
         "msgs_per_s": per_second(sent, seconds),
         "deliveries_per_s": per_second(sent * copies, seconds),
