@@ -182,7 +182,7 @@ def settled_rss_kib() -> int | None:
 @pytest.mark.usefixtures("loop_kind")  # on asyncio and uvloop
 @pytest.mark.skipif(MALLOC_TRIM is None or resident_kib() is None, reason="needs glibc and /proc")
 async def test_resident_memory_returns_to_its_baseline_once_unread_messages_expire(
-    make_layer: LayerFactory,
+    make_layer: LayerFactory, broker: Broker
 ) -> None:
     """2,000 channels nobody reads and a sender that sends each a 16 KiB message, round after round:
     the process holds at most local_capacity of them (plus prefetch_count in flight), senders get
@@ -244,7 +244,12 @@ async def test_resident_memory_returns_to_its_baseline_once_unread_messages_expi
                 break
         sent_in = time.monotonic() - started
         # The router's messages expire after RSS_EXPIRY; the few the queue kept come then and expire too.
+        # Once the queue holds none (neither ready nor unacknowledged), none can come any more.
         await eventually(lambda: router.held == 0 and router.inbox_count == 0, "every message expired", 20)
+        while (await asyncio.to_thread(broker.queue, link.queue_name))["messages"]:
+            assert time.monotonic() - started < 60, "the queue never emptied"
+            await asyncio.sleep(0.1)
+        await eventually(lambda: router.held == 0 and router.inbox_count == 0, "the last ones expired", 20)
         freed_in = time.monotonic() - started - sent_in
     finally:
         sampling = False
