@@ -163,21 +163,6 @@ def cpu_now(processes: Sequence[psutil.Process | None]) -> float:
     return sum(cpu_seconds(process) or 0.0 for process in processes)
 
 
-def broker_process(port: int) -> psutil.Process | None:
-    """The process listening on ``port`` on this machine (the broker), if it may be seen."""
-    with contextlib.suppress(psutil.Error):
-        for connection in psutil.net_connections("tcp"):
-            address = connection.laddr
-            if (
-                connection.status == psutil.CONN_LISTEN
-                and address
-                and address.port == port
-                and connection.pid
-            ):
-                return psutil.Process(connection.pid)
-    return None
-
-
 def cpu_seconds(process: psutil.Process | None) -> float | None:
     """User and system CPU seconds of a process so far, or None."""
     with contextlib.suppress(psutil.Error, AttributeError):
@@ -189,7 +174,7 @@ def cpu_seconds(process: psutil.Process | None) -> float | None:
 async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:
     """One round of the load steps for one layer on one loop: a result per rate."""
     rng, results = random.Random(round_), []
-    broker = [process for process in [broker_process(layer.broker_port)] if process is not None]
+    broker = [process for process in [peers.broker_process(layer.broker_port)] if process is not None]
     async with servers(layer, loop) as running:
         ports, server_processes = [port for port, _ in running], [psutil.Process(pid) for _, pid in running]
         rooms = args.clients // args.room_size

@@ -13,6 +13,7 @@ per-channel capacity gets 100000, so that the timed sends never meet ChannelFull
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -22,6 +23,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
 
 from bench import scenarios
 from channels_rabbitmq import __version__
@@ -48,6 +52,7 @@ class LayerSpec:
     python: str = sys.executable
     shared_instance: bool = False
     version: str = ""
+    broker_port: int | None = None  # where its broker listens on this machine, for the broker's CPU
 
 
 def without_password(url: str) -> str:
@@ -63,6 +68,16 @@ def without_password(url: str) -> str:
 
 def amqp_port(url: str) -> int:
     return parse_amqp_url(url).port
+
+
+def broker_process(port: int | None) -> psutil.Process | None:
+    """The process listening on ``port`` on this machine (the broker), if it may be seen."""
+    with contextlib.suppress(psutil.Error):
+        for connection in psutil.net_connections("tcp") if port else ():
+            address = connection.laddr
+            if connection.status == psutil.CONN_LISTEN and address and address.port == port:
+                return psutil.Process(connection.pid) if connection.pid else None
+    return None
 
 
 def rabbitmq_problem(url: str) -> str | None:
@@ -150,6 +165,11 @@ def choose(amqp_url: str, redis_url: str, old_python: str = "") -> tuple[list[La
         [redis_url],
         100000,
     )
+    rabbitmq_port = redis_port = None
+    with contextlib.suppress(ValueError):  # a bad URL is reported as the reason its layer is skipped
+        rabbitmq_port = amqp_port(amqp_url)
+    with contextlib.suppress(ValueError):
+        redis_port = urlsplit(redis_url).port or 6379
     no_redis, no_old = (
         redis_problem(redis_url),
         "" if old_python else f"not asked for: --old-python or ${OLD_PYTHON_ENV}",
@@ -158,12 +178,14 @@ def choose(amqp_url: str, redis_url: str, old_python: str = "") -> tuple[list[La
         (LayerSpec("inmemory", "InMemoryChannelLayer", "channels.layers.InMemoryChannelLayer",
                    {"capacity": big}, shared_instance=True), None),
         (LayerSpec("redis", "RedisChannelLayer", "channels_redis.core.RedisChannelLayer",
-                   {"hosts": redis, "capacity": big}), no_redis),
+                   {"hosts": redis, "capacity": big}, broker_port=redis_port), no_redis),
         (LayerSpec("redis-pubsub", "RedisPubSubChannelLayer", "channels_redis.pubsub.RedisPubSubChannelLayer",
-                   {"hosts": redis}), no_redis),
+                   {"hosts": redis}, broker_port=redis_port), no_redis),
         # The capacity per channel, like the other layers' (the old release has no such key).
-        (LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, amqp | {"capacity": big}), None),
-        (LayerSpec(OLD_RELEASE, "channels_rabbitmq (PyPI)", RABBITMQ_CLASS, amqp, old_python), no_old),
+        (LayerSpec(OURS, "channels_rabbitmq (this project)", RABBITMQ_CLASS, amqp | {"capacity": big},
+                   broker_port=rabbitmq_port), None),
+        (LayerSpec(OLD_RELEASE, "channels_rabbitmq (PyPI)", RABBITMQ_CLASS, amqp, old_python,
+                   broker_port=rabbitmq_port), no_old),
     ]  # fmt: skip
     chosen, skipped = [], []
     for spec, reason in candidates:

@@ -36,7 +36,9 @@ InMemoryChannelLayer on the size axis only (it cannot reach another process, and
 its groups and channels on every call). Rounds are interleaved; each figure is the median over
 the rounds (the points of 10,000 groups or channels and more are measured once). Progress goes to
 stderr; the tables to stdout, in Markdown, with the machine and the command that reproduces the
-run. ``python -m bench e2e`` runs the end-to-end chat instead (bench/e2e.py).
+run. A third table per loop gives the CPU per unit of work of the timed phase: the benchmark
+process's, then its broker's (the process listening on the broker's port, when it may be seen).
+``python -m bench e2e`` runs the end-to-end chat instead (bench/e2e.py).
 
 Examples:
 
@@ -182,6 +184,8 @@ class Job:
         command += ["--timeout", str(settings.timeout), *self.options(settings)]
         if self.layer.shared_instance:
             command.append("--shared-instance")
+        if broker := layers.broker_process(self.layer.broker_port):
+            command += ["--broker-pid", str(broker.pid)]
         base = {
             "layer": self.layer.label,
             "scenario": self.scenario,
@@ -343,6 +347,27 @@ def scenario_tables(
     return figures, ratios
 
 
+#: What one unit of work is in each scenario, for the CPU table.
+CPU_UNITS = {"p2p": "message", "many": "message", "groups": "message", "fanout": "delivery"}
+CPU_UNITS.update(rtt="round trip", sync="call", storm="channel")
+
+
+def cpu_table(specs: list[LayerSpec], results: Results, settings: Settings, loop: str) -> list[str]:
+    """Markdown lines: per layer and scenario, µs of CPU per unit of work, the benchmark process's
+    (sender and receivers) and then its broker's, over the timed phase."""
+    scenarios = [scenario for scenario in SCENARIOS if scenario in settings.scenarios]
+    lines = ["| Layer | " + " | ".join(f"{name} (per {CPU_UNITS[name]})" for name in scenarios) + " |"]
+    lines.append("|---|" + "---:|" * len(scenarios))
+    for spec in specs:
+        cells = []
+        for scenario in scenarios:
+            runs = results.of(spec.key, scenario, loop)
+            process, broker = median(runs, "cpu_us"), median(runs, "broker_cpu_us")
+            cells.append(fmt_number(process) + ("" if broker is None else f" + {fmt_number(broker)}"))
+        lines.append("| " + " | ".join([spec.label, *cells]) + " |")
+    return lines
+
+
 def report(specs: list[LayerSpec], results: Results, settings: Settings, elapsed: float) -> list[str]:
     """Per loop the figures and the ratios, then the error notes."""
     mode = "quick (small N)" if settings.quick else "full N"
@@ -355,6 +380,8 @@ def report(specs: list[LayerSpec], results: Results, settings: Settings, elapsed
         lines += [f"{title}{mode}, {elapsed:.0f} s in all)", "", *figures, ""]
         if ours_measured:
             lines += [f"## This project ÷ peer on {loop} (ratio of medians)", "", *ratios, ""]
+        cpu = cpu_table(specs, results, settings, loop)
+        lines += [f"## CPU on {loop} (µs per unit of work: the benchmark process + its broker)", "", *cpu, ""]
     if not ours_measured:
         lines.append("- no ratio table: this project's layer was not measured")
     return lines + [f"[{number}] {note}" for number, note in enumerate(notes, 1)]

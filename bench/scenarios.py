@@ -16,7 +16,9 @@ with --seconds the sends stop at that time box too. The figure runs from the fir
 last arrival. Probes go one at a time, each once the previous one arrived everywhere: the
 one-way latency from the send call to the return of receive() (p50_us, p99_us, nearest rank).
 Every instance is warmed up first (a group_add and group_discard, then one message through the
-scenario's own path). A failure or a timeout gives an "error" key, never a traceback.
+scenario's own path). A failure or a timeout gives an "error" key, never a traceback. The timed
+phase's CPU per unit of work (delivery, round trip, call or channel) comes as cpu_us, this process's
+(every thread), and broker_cpu_us, that of the process --broker-pid names (/proc, on Linux).
 """
 
 from __future__ import annotations
@@ -97,6 +99,25 @@ def message(kind: str, i: int, payload: str) -> dict[str, Any]:
     if kind == PROBE:
         body["t"] = now()
     return body
+
+
+def cpu_now(broker_pid: int | None) -> tuple[float, float | None]:
+    """CPU seconds so far of this process (every thread) and of the broker's (from /proc), if known."""
+    broker = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if broker_pid:  # utime and stime: the 12th and 13th fields after the command's ")"
+            fields = Path(f"/proc/{broker_pid}/stat").read_text().rsplit(")", 1)[1].split()
+            broker = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.process_time(), broker
+
+
+def cpu_figures(start: tuple[float, float | None], broker_pid: int | None, units: int) -> dict[str, Any]:
+    """µs of CPU per unit of work since ``start`` (:func:`cpu_now`): this process's and the broker's."""
+    end, units = cpu_now(broker_pid), max(units, 1)
+    figures = {"cpu_us": round((end[0] - start[0]) / units * 1e6, 1)}
+    if start[1] is not None and end[1] is not None:
+        figures["broker_cpu_us"] = round((end[1] - start[1]) / units * 1e6, 1)
+    return figures
 
 
 def latency_figures(latencies: list[float]) -> dict[str, Any]:
@@ -351,10 +372,10 @@ async def flow(
     payload = "x" * opts.size
     await send(message(WARM, 0, payload))
     await arrivals.until(copies)
-    start = now()
+    start, cpu = now(), cpu_now(opts.broker_pid)
     sent = await windowed(opts.n, opts.window, lambda i: send(message(TIMED, i, payload)), opts.seconds)
     await arrivals.until(copies + sent * copies)
-    seconds = arrivals.last_arrival - start
+    seconds, cpu_used = arrivals.last_arrival - start, cpu_figures(cpu, opts.broker_pid, sent * copies)
     for k in range(opts.probes):
         await send(message(PROBE, k, payload))
         await arrivals.until(copies + (sent + k + 1) * copies)
@@ -362,7 +383,7 @@ async def flow(
         "msgs_per_s": per_second(sent, seconds),
         "deliveries_per_s": per_second(sent * copies, seconds),
     }
-    figures.update(seconds=round(seconds, 3), n=sent)
+    figures.update(seconds=round(seconds, 3), n=sent, **cpu_used)
     return {**figures, **latency_figures(await arrivals.latencies())}
 
 
@@ -456,10 +477,11 @@ async def scenario_rtt(opts: Options, pool: LayerPool) -> dict[str, Any]:
 
     await asyncio.wait_for(asyncio.gather(pong(1), ping(1)), WARM_TIMEOUT)
     samples.clear()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_now(opts.broker_pid)
     await asyncio.gather(pong(opts.n), ping(opts.n))
     seconds = time.perf_counter() - start
     figures = {"mean_us": round(statistics.fmean(samples) * 1e6), "seconds": round(seconds, 3), "n": opts.n}
+    figures.update(cpu_figures(cpu, opts.broker_pid, opts.n))
     return {**latency_figures(samples), **figures}
 
 
@@ -505,7 +527,7 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
     try:
         await asyncio.to_thread(warm_sender)  # this process ends with os._exit: never joined
         await asyncio.wait_for(receiver.receive(member), WARM_TIMEOUT)
-        collector = Collector([(receiver, member)])
+        collector, cpu = Collector([(receiver, member)]), cpu_now(opts.broker_pid)
         seconds = await asyncio.to_thread(timed_calls)
     except SyncCallError as error:
         return {"error": str(error), "n": opts.n, "calls_ok": done}
@@ -513,7 +535,7 @@ async def scenario_sync(opts: Options, pool: LayerPool) -> dict[str, Any]:
         await collector.until(opts.n)
     received = collector.arrived
     result: dict[str, Any] = {"calls_per_s": per_second(opts.n, seconds), "seconds": round(seconds, 3)}
-    result.update(n=opts.n, received=received)
+    result.update(n=opts.n, received=received, **cpu_figures(cpu, opts.broker_pid, opts.n))
     if received != opts.n:
         result["error"] = f"only {received} of {opts.n} group messages delivered"
     return result
@@ -531,9 +553,9 @@ async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
         await server.group_add(f"{prefix}.{i}", channels[i])
         latencies.append(time.perf_counter() - started)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_now(opts.broker_pid)
     await asyncio.gather(*(connect(i) for i in range(opts.n)))
-    seconds = time.perf_counter() - start
+    seconds, cpu_used = time.perf_counter() - start, cpu_figures(cpu, opts.broker_pid, opts.n)
     await sender.group_send(f"{prefix}.{opts.n - 1}", message(TIMED, opts.n - 1, "x"))
     await asyncio.wait_for(server.receive(channels[-1]), WARM_TIMEOUT)
     latencies.sort()
@@ -543,6 +565,7 @@ async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
         "p50_ms": round(p50 * 1e3, 2),
         "p99_ms": round(p99 * 1e3, 2),
         "n": opts.n,
+        **cpu_used,
     }
 
 
@@ -598,6 +621,7 @@ def parse_args(argv: list[str] | None) -> Options:
     add("--timeout", type=float, default=120.0, help="seconds for the whole scenario")
     add("--label", default="", help="name of the layer in the output")
     add("--loop", choices=LOOPS, default="asyncio", help="asyncio's own loop, or uvloop")
+    add("--broker-pid", type=int, help="the broker's process, for its CPU per unit of work (Linux)")
     add("--check", action="store_true", help="only import the layer class, print its version")
     add("--role", choices=("receiver",), help=argparse.SUPPRESS)
     add("--group", help=argparse.SUPPRESS)

@@ -217,7 +217,7 @@ def test_json_out_has_every_result(quick_run: BenchRun) -> None:
 def test_each_loop_has_its_own_figures_and_ratios(quick_run: BenchRun) -> None:
     headings = [line for line in quick_run.stdout.splitlines() if line.startswith("## ")]
     assert [heading.split(" on ")[1].split(" ")[0] for heading in headings] == [
-        loop for loop in LOOPS for _ in ("figures", "ratios")
+        loop for loop in LOOPS for _ in ("figures", "ratios", "CPU")
     ]
     for loop in LOOPS:
         ours = [
@@ -228,6 +228,17 @@ def test_each_loop_has_its_own_figures_and_ratios(quick_run: BenchRun) -> None:
         section = quick_run.stdout.split(f"## Channel layers side by side on {loop} ")[1]
         row = row_of(markdown_table(section, "Layer"), "Layer", THIS_PROJECT)
         assert row["p2p msgs/s"] == f"{ours[0]['msgs_per_s']:,}"
+        # The CPU of the timed phase: this process's and RabbitMQ's (the process on the AMQP port,
+        # whose pid only root sees when another user runs the broker, as a system service does).
+        assert ours[0]["cpu_us"] > 0
+        broker_seen = "broker_cpu_us" in ours[0]
+        assert broker_seen or os.geteuid() != 0
+        section = quick_run.stdout.split(f"## CPU on {loop} ")[1]
+        row = row_of(markdown_table(section, "Layer"), "Layer", THIS_PROJECT)
+        expected = f"{round(ours[0]['cpu_us']):,}"
+        if broker_seen:
+            expected += f" + {round(ours[0]['broker_cpu_us']):,}"
+        assert row["p2p (per message)"] == expected
 
 
 def test_help_names_the_layers_and_the_options() -> None:
