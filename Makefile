@@ -17,7 +17,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := src tests testbed bench example soak scripts/with-broker scripts/check-dist scripts/rabbitmq4 noxfile.py
+LINTED := src tests testbed bench example soak scripts/with-broker scripts/check-dist scripts/rabbitmq4 \
+	scripts/amqp-rtt-floor noxfile.py
 
 # Tests wait on the broker, servers and rabbitmqctl far more than they compute: 4 workers on 2 cores,
 # each with whole files (module fixtures: a cluster, a node) and a vhost of its own.

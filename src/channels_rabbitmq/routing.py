@@ -20,7 +20,9 @@ so every rule is a unit test without a broker.
   with ``group_expiry=None`` they never expire, and nothing about them is timed.
 - Every member of a group gets its own copy: the first buffered or handed-over copy
   is the decoded message, the others are decoded again from the body when read (with
-  ``decode``: the layer's serializer).
+  ``decode``: the layer's serializer). A copy handed to a waiting ``receive()`` of a
+  message whose values are all immutable (strings, numbers, bytes, booleans, None) is a
+  shallow copy instead: the same dict as decoding would give, at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from typing import Any, cast
 from .wire.serializers import decode_message
 
 Message = dict[str, Any]
+#: Value types that a member cannot change in place: a message holding only these is copied
+#: for another member with ``dict.copy()``.
+IMMUTABLE_VALUES = frozenset({str, int, float, bool, bytes, type(None)})
 
 #: What take() returns when there is nothing to read (compare with ``is``).
 EMPTY: Message = cast(Message, object())
@@ -196,6 +201,7 @@ class LocalRouter:
         copies = [0]
         expires_at = now + self.expiry
         payload: Any = message  # the first copy is the decoded message itself
+        flat = len(members) > 1 and all(type(value) in IMMUTABLE_VALUES for value in message.values())
         for channel in members:
             inbox = self._inboxes.get(channel)
             if inbox is None:
@@ -206,7 +212,10 @@ class LocalRouter:
                 while waiters:
                     waiter = waiters.pop(0)
                     if not waiter.done():
-                        waiter.set_result(payload if type(payload) is dict else self._decode(payload))
+                        if type(payload) is dict:
+                            waiter.set_result(payload)
+                        else:  # a new copy, made before any member could change the first one
+                            waiter.set_result(message.copy() if flat else self._decode(payload))
                         handed = True
                         break
                 if handed:

@@ -449,6 +449,41 @@ async def test_group_members_with_waiters_each_get_their_own_copy_without_holdin
     assert copies[2] == {"data": {"items": [1]}}
 
 
+async def test_waiting_members_of_a_flat_message_get_copies_without_decoding_again():
+    decoded = []
+
+    def counting_decode(body: bytes) -> dict:
+        decoded.append(body)
+        return decode_message(body)
+
+    router = LocalRouter(capacity=100, expiry=EXPIRY, group_expiry=GROUP_EXPIRY, decode=counting_decode)
+    waiters = {}
+    for channel in ("q!a", "q!b", "q!c"):
+        router.add_membership("room", channel, 0)
+        waiters[channel] = new_future()
+        router.add_waiter(channel, waiters[channel])
+    flat = {"type": "chat.message", "text": "hi", "n": 1, "x": 1.5, "ok": True, "none": None, "raw": b"\x00"}
+    message, body = group_message(flat)
+    router.deliver_to_group("room", message, body, 0)
+    copies = [waiter.result() for waiter in waiters.values()]
+    assert copies == [flat] * 3
+    assert len({id(copy) for copy in copies}) == 3
+    assert decoded == []  # every value is immutable: dict.copy() gives what decoding would
+    copies[0]["text"] = "changed"
+    assert copies[1] == flat
+    assert copies[2] == flat
+    # A value that a member could change in place (a list): each copy is decoded from the body.
+    for channel in waiters:
+        waiters[channel] = new_future()
+        router.add_waiter(channel, waiters[channel])
+    message, body = group_message({"type": "m", "items": [1]})
+    router.deliver_to_group("room", message, body, 0)
+    assert decoded == [body, body]
+    copies = [waiter.result() for waiter in waiters.values()]
+    copies[0]["items"].append(2)
+    assert copies[1] == {"type": "m", "items": [1]} == copies[2]
+
+
 async def test_group_message_mixes_handoffs_and_buffered_copies():
     router = make_router()
     for channel in ("q!a", "q!b", "q!c", "q!d"):
