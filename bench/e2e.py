@@ -160,15 +160,13 @@ async def wait_for(condition: Any, timeout: float) -> bool:
 
 
 def cpu_now(processes: Sequence[psutil.Process | None]) -> float:
-    return sum(cpu_seconds(process) or 0.0 for process in processes)
-
-
-def cpu_seconds(process: psutil.Process | None) -> float | None:
-    """User and system CPU seconds of a process so far, or None."""
-    with contextlib.suppress(psutil.Error, AttributeError):
-        times = process.cpu_times()  # type: ignore[union-attr]
-        return float(times.user + times.system)
-    return None
+    """User and system CPU seconds of these processes so far (0 for one that cannot be read)."""
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error, AttributeError):
+            times = process.cpu_times()  # type: ignore[union-attr]
+            total += times.user + times.system
+    return total
 
 
 async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -> list[dict[str, Any]]:
@@ -204,15 +202,11 @@ async def load(layer: Layer, loop: str, args: argparse.Namespace, round_: int) -
                 offered_for = time.monotonic() - started
                 await wait_for(lambda: len(by_step.get(step, ())) >= expected, DRAIN)  # noqa: B023
                 latencies = by_step.get(step, [])
-                delivered = max(len(latencies), 1)
+                arrived, delivered = len(latencies), max(len(latencies), 1)  # delivered: never 0 (a divisor)
                 servers_cpu, broker_cpu = cpu_now(server_processes) - cpu[0], cpu_now(broker) - cpu[1]
                 result = {"mode": "load", "layer": layer.name, "loop": loop, "round": round_, "rate": rate}
-                result |= {
-                    "offered_rate": total / offered_for,
-                    "expected": expected,
-                    "delivered": len(latencies),
-                }
-                result |= {"share": len(latencies) / expected if expected else 1.0}
+                result |= {"offered_rate": total / offered_for, "expected": expected, "delivered": arrived}
+                result |= {"share": arrived / expected if expected else 1.0}
                 result |= {"p50_ms": milliseconds(latencies, 0.5), "p99_ms": milliseconds(latencies, 0.99)}
                 result |= {"servers_cpu_us": servers_cpu / delivered * 1e6}
                 result |= {"broker_cpu_us": broker_cpu / delivered * 1e6 if broker else None}
@@ -297,16 +291,15 @@ def median(values: Sequence[float | None]) -> float | None:
 
 def knee(results: Sequence[dict[str, Any]]) -> float | None:
     """The highest rate of one round with everything delivered and p99 under KNEE_P99_MS."""
-    good = [
-        r["rate"]
-        for r in results
-        if r["share"] >= 1.0 and r["p99_ms"] is not None and r["p99_ms"] < KNEE_P99_MS
-    ]
-    return max(good) if good else None
+    complete = [r for r in results if r["share"] >= 1.0 and r["p99_ms"] is not None]
+    return max((r["rate"] for r in complete if r["p99_ms"] < KNEE_P99_MS), default=None)
 
 
-#: The columns of each table after the layer's name: (heading, what of a result, digits).
-LOAD_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], ...] = (
+#: A column of a table after the layer's name: (heading, what of a result, digits).
+Column = tuple[str, Callable[[dict[str, Any]], float | None], int]
+#: A table's rows: the values of its key columns, and the results of every round.
+Cells = dict[tuple[str, ...], list[dict[str, Any]]]
+LOAD_COLUMNS: tuple[Column, ...] = (
     ("delivered %", lambda r: r["share"] * 100, 2),
     ("p50 ms", lambda r: r["p50_ms"], 1),
     ("p99 ms", lambda r: r["p99_ms"], 1),
@@ -315,7 +308,7 @@ LOAD_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], .
     ("total µs/msg", total_cpu, 0),
     ("clients' core %", lambda r: r["clients_cpu_share"] * 100 if "clients_cpu_share" in r else None, 0),
 )
-STORM_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], ...] = (
+STORM_COLUMNS: tuple[Column, ...] = (
     ("connected", lambda r: r["connected"], 0),
     ("echoed", lambda r: r["echoed"], 0),
     ("all accepted s", lambda r: r["all_accepted_s"], 2),
@@ -324,12 +317,7 @@ STORM_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], int], 
 )
 
 
-def table(
-    heading: str,
-    keys: list[str],
-    cells: dict[tuple[str, ...], list[dict[str, Any]]],
-    columns: Sequence[tuple[str, Callable[[dict[str, Any]], float | None], int]],
-) -> list[str]:
+def table(heading: str, keys: list[str], cells: Cells, columns: Sequence[Column]) -> list[str]:
     """A Markdown table: a row per cell (its key's values first), the medians over its rounds."""
     names = [*keys, *(name for name, _, _ in columns)]
     lines = [heading, "", f"| {' | '.join(names)} |", "|" + "---|" * len(keys) + "---:|" * len(columns)]
@@ -345,7 +333,7 @@ def tables(results: list[dict[str, Any]], loops: Sequence[str]) -> list[str]:
     for loop in loops:
         load_runs = [r for r in results if r["mode"] == "load" and r["loop"] == loop]
         if load_runs:
-            cells: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            cells: Cells = {}
             for r in sorted(load_runs, key=lambda r: (names.index(r["layer"]), r["rate"])):
                 cells.setdefault((r["layer"], f"{r['rate']:,}"), []).append(r)
             heading = f"### Load, servers on {loop} (medians over rounds)"

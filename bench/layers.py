@@ -160,20 +160,15 @@ def check(spec: LayerSpec) -> str | None:
 def choose(amqp_url: str, redis_url: str, old_python: str = "") -> tuple[list[LayerSpec], list[str]]:
     """The layers that will be measured, with their versions (peers first, then this project and its
     PyPI release), and a line for each one skipped, with the reason."""
-    amqp, redis, big = (
-        {"host": amqp_url, "remote_capacity": 100000, "local_capacity": 10000},
-        [redis_url],
-        100000,
-    )
+    amqp = {"host": amqp_url, "remote_capacity": 100000, "local_capacity": 10000}
+    redis, big = [redis_url], 100000
     rabbitmq_port = redis_port = None
     with contextlib.suppress(ValueError):  # a bad URL is reported as the reason its layer is skipped
         rabbitmq_port = amqp_port(amqp_url)
     with contextlib.suppress(ValueError):
         redis_port = urlsplit(redis_url).port or 6379
-    no_redis, no_old = (
-        redis_problem(redis_url),
-        "" if old_python else f"not asked for: --old-python or ${OLD_PYTHON_ENV}",
-    )
+    no_redis = redis_problem(redis_url)
+    no_old = "" if old_python else f"not asked for: --old-python or ${OLD_PYTHON_ENV}"
     candidates = [
         (LayerSpec("inmemory", "InMemoryChannelLayer", "channels.layers.InMemoryChannelLayer",
                    {"capacity": big}, shared_instance=True), None),

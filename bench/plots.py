@@ -64,14 +64,9 @@ def draw_curve(panel: Axes, series: dict[str, Any], key: str, scale: float, labe
             medians.append(middle)
             below.append(middle - min(values))
             above.append(max(values) - middle)
-    style: dict[str, Any] = {"color": COLOURS.get(series["layer"], "tab:purple")}
-    style |= {"marker": MARKERS.get(series["layer"], "v")}
-    style |= {
-        "linestyle": LINE_STYLES.get(series["loop"], ":"),
-        "capsize": 3,
-        "markersize": 5,
-        "linewidth": 1.6,
-    }
+    layer, loop = series["layer"], series["loop"]
+    style: dict[str, Any] = {"color": COLOURS.get(layer, "tab:purple"), "marker": MARKERS.get(layer, "v")}
+    style |= {"linestyle": LINE_STYLES.get(loop, ":"), "capsize": 3, "markersize": 5, "linewidth": 1.6}
     if xs:
         panel.errorbar(xs, medians, yerr=[below, above], label=label, **style)
 
@@ -118,9 +113,8 @@ def draw_axis(document: dict[str, Any], axis: dict[str, Any], path: Path) -> Pat
     right.set_title("p99 latency, one message at a time (lower is better)", fontsize=10)
     quick = ", quick mode" if document["sweep"]["quick"] else ""
     figure.suptitle(f"{axis['title']}: {axis['what']}", fontsize=12)
-    note = (
-        f"{document['machine']}; RabbitMQ and Redis on the same machine; {rounds_note(document, axis)}{quick}"
-    )
+    note = f"{document['machine']}; RabbitMQ and Redis on the same machine; "
+    note += f"{rounds_note(document, axis)}{quick}"
     figure.text(0.5, 0.905, note, ha="center", fontsize=8.5, color="dimgray")
     handles, labels = left.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, frameon=False)
@@ -151,14 +145,10 @@ def draw_e2e(results: list[dict[str, Any]], path: Path, knee_p99_ms: float) -> P
             rates = sorted({r["rate"] for r in mine})
             if not rates:
                 continue
-            label = f"{name} ({loop})"
             cells = [[r for r in mine if r["rate"] == rate] for rate in rates]
-            latency.plot(
-                rates, [median([r["p99_ms"] for r in c]) for c in cells], style, color=colour, label=label
-            )
-            cpu.plot(
-                rates, [median([total_cpu(r) for r in c]) for c in cells], style, color=colour, label=label
-            )
+            for panel, read in ((latency, lambda r: r["p99_ms"]), (cpu, total_cpu)):
+                medians = [median([read(r) for r in cell]) for cell in cells]
+                panel.plot(rates, medians, style, color=colour, label=f"{name} ({loop})")
     latency.axhline(knee_p99_ms, color="gray", linewidth=0.8)
     latency.set(yscale="log", xlabel="messages per second", ylabel="p99 latency, ms (log)")
     cpu.set(xlabel="messages per second", ylabel="CPU µs per delivered message (servers + broker)")

@@ -186,12 +186,7 @@ class Job:
             command.append("--shared-instance")
         if broker := layers.broker_process(self.layer.broker_port):
             command += ["--broker-pid", str(broker.pid)]
-        base = {
-            "layer": self.layer.label,
-            "scenario": self.scenario,
-            "loop": self.loop,
-            "round": self.round_no,
-        }
+        base = dict(layer=self.layer.label, scenario=self.scenario, loop=self.loop, round=self.round_no)
         if self.axis is not None:
             base.update(axis=self.axis.name, x=self.x)
         return {**base, **self._spawn(command, settings, while_waiting)}
@@ -200,14 +195,9 @@ class Job:
         self, command: list[str], settings: Settings, while_waiting: Callable[[], None]
     ) -> dict[str, Any]:
         deadline = time.monotonic() + settings.timeout + KILL_GRACE
+        env, pipe = layers.config_environment(self.layer.config), subprocess.PIPE
         process = subprocess.Popen(
-            command,
-            cwd=REPOSITORY,
-            env=layers.config_environment(self.layer.config),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            command, cwd=REPOSITORY, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe, text=True
         )
         try:
             while True:
@@ -334,15 +324,11 @@ def scenario_tables(
         figures.append("| " + " | ".join(row) + " |")
     titles = [f"{column.title} ({'↑' if column.higher_is_better else '↓'} better)" for column in columns]
     ratios = ["| this project ÷ peer | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(columns)]
+    ours = [median(results.of(OURS, column.scenario, loop), column.key) for column in columns]
     for spec in specs:
         if spec.key != OURS:
-            cells = [
-                fmt_ratio(
-                    median(results.of(OURS, column.scenario, loop), column.key),
-                    median(results.of(spec.key, column.scenario, loop), column.key),
-                )
-                for column in columns
-            ]
+            theirs = [median(results.of(spec.key, column.scenario, loop), column.key) for column in columns]
+            cells = [fmt_ratio(mine, peer) for mine, peer in zip(ours, theirs, strict=True)]
             ratios.append("| " + " | ".join([f"vs {spec.label}", *cells]) + " |")
     return figures, ratios
 
@@ -407,11 +393,9 @@ def axes_document(
         document_axes.append({**asdict(axis), "series": all_series})
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {
-        **{
-            "machine": machine_facts().removeprefix("Machine: "),
-            "measured_at": when,
-            "elapsed_s": round(elapsed),
-        },
+        "machine": machine_facts().removeprefix("Machine: "),
+        "measured_at": when,
+        "elapsed_s": round(elapsed),
         "command": reproduce_command(settings),
         "sweep": {"rounds": settings.rounds, "quick": settings.quick, "loops": list(settings.loops)},
         "axes": document_axes,
@@ -518,13 +502,8 @@ def machine_facts() -> str:
 def reproduce_command(settings: Settings) -> str:
     """The command line of this run, with every setting spelled out (passwords hidden)."""
     python = os.path.relpath(sys.executable)
-    words = [
-        sys.executable if python.startswith("..") else python,
-        "-m",
-        "bench",
-        "--rounds",
-        str(settings.rounds),
-    ]
+    python = sys.executable if python.startswith("..") else python
+    words = [python, "-m", "bench", "--rounds", str(settings.rounds)]
     if settings.axes:
         words += ["--axes", *settings.axes]
     elif settings.scenarios != SCENARIOS:
@@ -550,8 +529,7 @@ class ProgressBar:
     """One line redrawn in place on a terminal (else not drawn), and a line per finished run."""
 
     def __init__(self, total: int, stream: TextIO) -> None:
-        self.total, self.done, self.stream, self.running = total, 0, stream, ""
-        self.live = stream.isatty()
+        self.total, self.done, self.stream, self.running, self.live = total, 0, stream, "", stream.isatty()
         self._started = time.monotonic()
 
     def elapsed(self) -> float:
@@ -565,13 +543,11 @@ class ProgressBar:
         if self.live:
             filled = BAR_WIDTH * self.done // self.total if self.total else BAR_WIDTH
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
-            self._overwrite(
-                f"[{bar}] {self.done}/{self.total} {format_elapsed(self.elapsed())} {self.running}"
-            )
+            line = f"[{bar}] {self.done}/{self.total} {format_elapsed(self.elapsed())} {self.running}"
+            self._overwrite(line)
 
     def finish(self, outcome: str) -> None:
-        self.done += 1
-        self.running = ""
+        self.done, self.running = self.done + 1, ""
         self._write_line(f"[{self.done}/{self.total} {format_elapsed(self.elapsed())}] {outcome}")
         self.redraw()
 
@@ -635,10 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close(interrupted)
         if json_out is not None:
             json_out.close()
-    if settings.axes:
-        lines = write_axes(specs, results, settings, progress.elapsed())
-    else:
-        lines = report(specs, results, settings, progress.elapsed())
+    lines = (write_axes if settings.axes else report)(specs, results, settings, progress.elapsed())
     lines += [f"- {skip}" for skip in skipped]
     if interrupted:
         lines.append(f"- interrupted: {results.count} of {len(jobs)} runs done")

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # Run by its path, from any virtualenv: the project's root (for testbed.measure, which needs only
 # the standard library) goes last on the path, after whatever that virtualenv has installed.
@@ -49,8 +49,7 @@ Layer = Any  # any object following the Channels layer API
 CONFIG_VARIABLE = "CHANNELS_RABBITMQ_BENCH_CONFIG"
 LOOPS = ("asyncio", "uvloop")
 SCENARIOS = ("p2p", "many", "groups", "fanout", "rtt", "sync", "storm")
-DEFAULT_N = {"p2p": 20000, "many": 20000, "groups": 20000, "fanout": 50, "rtt": 2000, "sync": 300}
-DEFAULT_N["storm"] = 10000
+DEFAULT_N = dict(p2p=20000, many=20000, groups=20000, fanout=50, rtt=2000, sync=300, storm=10000)
 #: Sends in flight; fanout's group_sends go one after the other unless told otherwise.
 DEFAULT_WINDOW = {"fanout": 1}
 WARM_GROUP = "bench.warm"
@@ -70,6 +69,7 @@ SCRIPT = str(Path(__file__).resolve())
 
 #: What to measure, as parsed by :func:`parse_args` (its config parsed as JSON, N and window filled in).
 Options = argparse.Namespace
+Send = Callable[[dict[str, Any]], Awaitable[None]]  # sends one message of a scenario
 
 
 def now() -> float:
@@ -137,8 +137,7 @@ def load_class(path: str) -> type:
     module_name, _, class_name = path.rpartition(".")
     if not module_name:
         raise ValueError(f"--layer must be a dotted path to a class, not {path!r}")
-    layer_class: type = getattr(importlib.import_module(module_name), class_name)
-    return layer_class
+    return cast(type, getattr(importlib.import_module(module_name), class_name))
 
 
 def package_version(path: str) -> str:
@@ -154,9 +153,7 @@ class LayerPool:
     """Builds the instances of one scenario (one shared instance for in-memory layers); closes each once."""
 
     def __init__(self, opts: Options) -> None:
-        self._cls = load_class(opts.layer)
-        self._config = opts.config
-        self._shared = opts.shared_instance
+        self._cls, self._config, self._shared = load_class(opts.layer), opts.config, opts.shared_instance
         self.instances: list[Layer] = []
 
     def make(self) -> Layer:
@@ -291,14 +288,9 @@ class ReceiverProcesses:
     async def start(cls, opts: Options, group: str) -> ReceiverProcesses:
         command = [sys.executable, SCRIPT, "--role", "receiver", "--layer", opts.layer]
         command += ["--group", group, "--members", str(opts.members), "--loop", opts.loop]
+        env, pipe = {**os.environ, CONFIG_VARIABLE: json.dumps(opts.config)}, asyncio.subprocess.PIPE
         spawned = [
-            await asyncio.create_subprocess_exec(
-                *command,
-                env={**os.environ, CONFIG_VARIABLE: json.dumps(opts.config)},
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                limit=1 << 24,
-            )
+            await asyncio.create_subprocess_exec(*command, env=env, stdin=pipe, stdout=pipe, limit=1 << 24)
             for _ in range(opts.receivers)
         ]
         KEPT_UNTIL_EXIT.append(spawned)
@@ -363,10 +355,7 @@ async def serve_as_receiver(opts: Options, group: str) -> None:
 
 
 async def flow(
-    opts: Options,
-    send: Callable[[dict[str, Any]], Awaitable[None]],
-    arrivals: Collector | ReceiverProcesses,
-    copies: int,
+    opts: Options, send: Send, arrivals: Collector | ReceiverProcesses, copies: int
 ) -> dict[str, Any]:
     """The throughput phase, then the probes. ``send`` sends one message; each arrives ``copies`` times."""
     payload = "x" * opts.size
@@ -379,11 +368,8 @@ async def flow(
     for k in range(opts.probes):
         await send(message(PROBE, k, payload))
         await arrivals.until(copies + (sent + k + 1) * copies)
-    figures: dict[str, Any] = {
-        "msgs_per_s": per_second(sent, seconds),
-        "deliveries_per_s": per_second(sent * copies, seconds),
-    }
-    figures.update(seconds=round(seconds, 3), n=sent, **cpu_used)
+    rates = {"msgs_per_s": per_second(sent, seconds), "deliveries_per_s": per_second(sent * copies, seconds)}
+    figures = {**rates, "seconds": round(seconds, 3), "n": sent, **cpu_used}
     return {**figures, **latency_figures(await arrivals.latencies())}
 
 
@@ -560,13 +546,8 @@ async def scenario_storm(opts: Options, pool: LayerPool) -> dict[str, Any]:
     await asyncio.wait_for(server.receive(channels[-1]), WARM_TIMEOUT)
     latencies.sort()
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-    return {
-        "seconds": round(seconds, 3),
-        "p50_ms": round(p50 * 1e3, 2),
-        "p99_ms": round(p99 * 1e3, 2),
-        "n": opts.n,
-        **cpu_used,
-    }
+    figures = {"seconds": round(seconds, 3), "p50_ms": round(p50 * 1e3, 2), "p99_ms": round(p99 * 1e3, 2)}
+    return {**figures, "n": opts.n, **cpu_used}
 
 
 RUNS: dict[str, Callable[[Options, LayerPool], Awaitable[dict[str, Any]]]] = {
