@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
 from channels.exceptions import ChannelFull, MessageTooLarge, StopConsumer
@@ -406,7 +407,12 @@ async def test_cancelled_receive_loses_nothing(make_layer: LayerFactory) -> None
                 await asyncio.sleep(0)
 
     sending = asyncio.ensure_future(send_all())
+    deadline = time.monotonic() + 60  # a lost message fails the test instead of spinning for ever
     while len(received) < total:
+        assert time.monotonic() < deadline, (
+            f"{len(received)} of {total} received after 60 s; the sender is "
+            f"{'done' if sending.done() else 'still sending'}; stats: {receiver.stats()}"
+        )
         task = asyncio.ensure_future(receiver.receive(channel))
         await asyncio.sleep(0)  # give it a chance to get a message, then cancel it mid-way
         task.cancel()

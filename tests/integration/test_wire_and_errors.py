@@ -10,11 +10,12 @@ import time
 import msgpack
 import pytest
 
+from channels_rabbitmq.amqp.connection import AmqpConnection, BufferedAmqpConnection
 from channels_rabbitmq.core import RabbitmqChannelLayer
 from channels_rabbitmq.exceptions import BrokerConnectionError
 from channels_rabbitmq.link.channel_plan import PUBLISH_CHANNEL
 from channels_rabbitmq.wire import NO_PROPERTIES, channel_properties
-from tests.conftest import Broker, LayerFactory, link_of
+from tests.conftest import Broker, LayerFactory, link_of, loop_kind_of
 
 pytestmark = pytest.mark.usefixtures("loop_kind")  # each async test on asyncio's loop and on uvloop
 
@@ -48,6 +49,20 @@ async def test_undecodable_and_malformed_bodies_are_dropped_and_delivery_goes_on
         record for record in caplog.records if "dropped a message from the wire" in record.getMessage()
     ]
     assert 1 <= len(dropped) <= 2  # logged, and rate-limited
+
+
+async def test_asyncio_loops_read_into_a_buffer_of_the_connection_and_uvloop_into_its_own(
+    make_layer: LayerFactory,
+) -> None:
+    layer = make_layer()
+    channel = await layer.new_channel()
+    await layer.send(channel, {"type": "m", "body": "x" * 70_000})  # larger than one frame
+    assert (await layer.receive(channel))["body"] == "x" * 70_000
+    connection = link_of(layer).publisher.supervisor.connection
+    assert isinstance(connection, AmqpConnection)
+    buffered = isinstance(connection, asyncio.BufferedProtocol)
+    assert buffered == (loop_kind_of(asyncio.get_running_loop()) == "asyncio")
+    assert buffered == isinstance(connection, BufferedAmqpConnection)
 
 
 async def test_wrong_password_raises_a_clear_error_without_the_password(broker: Broker) -> None:

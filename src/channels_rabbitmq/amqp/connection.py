@@ -3,8 +3,10 @@
 - Writes are coalesced: whatever a loop iteration queues goes out in one ``write()``.
 - Requests and publish confirms are kept per channel by :mod:`.channels`; no lock is
   held while waiting for either.
-- Bytes are read into one buffer per connection (a buffered protocol): asyncio's loop would
-  otherwise allocate 256 KiB for every read, about 14 µs each here, however few bytes came.
+- On asyncio's own loops, bytes are read into one buffer per connection
+  (:class:`BufferedAmqpConnection`, a buffered protocol): asyncio would otherwise allocate 256 KiB
+  for every read, about 14 µs each here, however few bytes came. uvloop reads into a buffer of its
+  own already, and gets the plain protocol.
 - Deliveries go straight to a callback from :meth:`AmqpConnection.data_received`: no task per
   message.
 - Heartbeats are sent when the connection is otherwise quiet, and a broker that stays
@@ -70,7 +72,7 @@ class StreamTransport(Protocol):
 READ_BUFFER_SIZE = 256 * 1024
 
 
-class AmqpConnection(asyncio.BufferedProtocol):
+class AmqpConnection(asyncio.Protocol):
     """One open AMQP connection. Open it with :func:`.opening.connect`."""
 
     def __init__(
@@ -110,9 +112,6 @@ class AmqpConnection(asyncio.BufferedProtocol):
         self._writer = CoalescingWriter(self._loop, machine.take_outgoing, self._write)
         self._gate = PublishGate()
         self._allocated_channels: set[int] = set()  # see allocate_channel_id()
-        # Where the loop reads into (get_buffer). Anonymous memory: a page costs nothing until a
-        # read reaches it (a bytearray would be written through when made).
-        self._read_buffer = memoryview(mmap.mmap(-1, READ_BUFFER_SIZE))
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -130,15 +129,8 @@ class AmqpConnection(asyncio.BufferedProtocol):
         tune_transport(transport)
         self._flush()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._read_buffer[:nbytes].tobytes())
-
     def data_received(self, data: bytes) -> None:
-        """Bytes from the broker (what :meth:`buffer_updated` read): parse them, then hand on what
-        they complete."""
+        """Bytes from the broker: parse them, then hand on what they complete."""
         self._last_received = self._loop.time()
         try:
             events = self.machine.receive_data(data)
@@ -525,6 +517,23 @@ class AmqpConnection(asyncio.BufferedProtocol):
                     reply_text=getattr(error, "reply_text", None),
                 )
             )
+
+
+class BufferedAmqpConnection(AmqpConnection, asyncio.BufferedProtocol):
+    """An :class:`AmqpConnection` that the loop reads into one buffer of its own (asyncio's
+    loops; see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Anonymous memory: a page costs nothing until a read reaches it (a bytearray would be
+        # written through when made, 256 KiB of resident memory per connection).
+        self._read_buffer = memoryview(mmap.mmap(-1, READ_BUFFER_SIZE))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_buffer[:nbytes].tobytes())
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .connection import AmqpConnection, BlockedHandler, DeliveryHandler, LostHandler
+from .connection import AmqpConnection, BlockedHandler, BufferedAmqpConnection, DeliveryHandler, LostHandler
 from .errors import ConnectionFailed, HandshakeTimeout, TlsFailed, Unreachable
 from .protocol import AmqpProtocol, Credentials
 
@@ -48,7 +48,9 @@ async def connect(
         max_body_size=max_body_size,
     )
     loop = asyncio.get_running_loop()
-    connection = AmqpConnection(
+    # asyncio's own loops (not uvloop's) allocate per read unless the protocol gives a buffer.
+    buffered = isinstance(loop, asyncio.BaseEventLoop)
+    connection = (BufferedAmqpConnection if buffered else AmqpConnection)(
         machine,
         description,
         host=host,
